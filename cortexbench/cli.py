@@ -1,0 +1,95 @@
+"""The ``cortexbench`` console script and what every ``python -m cortexbench.X`` shares.
+
+``cortexbench`` with no argument lists the commands; ``cortexbench X ...`` runs ``python -m cortexbench.X``.
+``run_main`` is the only place that catches ``CortexbenchError``: it prints one line to stderr and
+returns the error's exit code (2 for bad input, 1 for a failure, 130 for Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from cortexbench.errors import CortexbenchError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    # name: (module, one line)
+    "stream": ("cortexbench.stream", "the image stream over Ray workers: cached vs cold vs LRU, per-image latency"),
+    "single": ("cortexbench.single", "the single-device sweep: models x batch sizes x devices x backend"),
+    "models": ("cortexbench.models.__main__", "list models; export them with random weights to model_dir"),
+    "images": ("cortexbench.images.__main__", "make a synthetic ImageNet-like set, or fetch one from a URL list"),
+}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that exits 2 with one line (no usage dump) on a bad flag."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def run_main(body: Callable[[], int], prog: str) -> int:
+    """Run a command body; turn a CortexbenchError or Ctrl-C into one line and an exit code."""
+    try:
+        return body()
+    except CortexbenchError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+def add_common_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by single and stream; each overrides its config.json key (see overrides_from)."""
+    p.add_argument("--config", metavar="PATH", help="config file (default: ./config.json)")
+    p.add_argument("--models", metavar="A,B", help="models or groups (imagenet, small, all) [models]")
+    p.add_argument("--backend", metavar="NAME", help="mxnet, torch, onnxruntime or auto [backend]")
+    p.add_argument("--precision", metavar="P", help="fp32 or fp16 [precision]")
+    p.add_argument("--result-dir", metavar="DIR", help="where results go [result_dir]")
+    p.add_argument("--model-dir", metavar="DIR", help="model files [model_dir]")
+    p.add_argument("--img-dir", metavar="DIR", help="images, searched recursively [img_dir]")
+    p.add_argument("--seed", type=int, metavar="N", help="random seed [seed]")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+COMMON_KEYS = {"models": "models", "backend": "backend", "precision": "precision", "result_dir": "result_dir",
+               "model_dir": "model_dir", "img_dir": "img_dir", "seed": "seed"}
+
+
+def overrides_from(args: argparse.Namespace, keys: dict[str, str]) -> dict[str, Any]:
+    """Map parsed flags (attribute -> dotted config key) to overrides; flags not given are left out."""
+    out: dict[str, Any] = {}
+    for attr, key in keys.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``cortexbench [COMMAND] [ARGS]``: list the commands, or run one."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print("usage: cortexbench COMMAND [ARGS]   (or: python -m cortexbench.COMMAND [ARGS])\n\ncommands:")
+        for name, (_, line) in COMMANDS.items():
+            print(f"  {name:<8} {line}")
+        print("\n'cortexbench COMMAND --help' shows a command's flags; docs/usage.md has examples.")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        from cortexbench.errors import did_you_mean
+
+        print(f"cortexbench: error: unknown command '{name}'{did_you_mean(name, COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

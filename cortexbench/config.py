@@ -1,0 +1,374 @@
+"""Configuration: frozen dataclasses loaded once from ``config.json``; command-line flags override.
+
+The original keys keep their meanings: ``models``, ``img_dir``, ``result_dir``, ``model_dir``,
+``gpu_num``, ``batchsize`` and ``times``.  Everything newer sits beside them (``backend``, ``precision``,
+``seed``) or in the sections ``single``, ``stream`` and ``images``.  ``cpu_fallback`` holds values that
+replace the file's when a run has no GPU, so that the embedded default finishes in about a minute on a
+laptop; flags given on the command line always win.  docs/config.md lists every key with its default.
+
+Loading order, each step overriding the one before: dataclass defaults < config.json < ``cpu_fallback``
+(only without a GPU) < command-line flags.  ``Config.sources`` says where each value came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+from cortexbench.errors import ConfigError, did_you_mean
+
+BackendName = Literal["auto", "mxnet", "torch", "onnxruntime"]
+Precision = Literal["fp32", "fp16"]
+BalancerName = Literal["round-robin", "least-outstanding", "p2c", "affinity"]
+DispatchName = Literal["auto", "actor", "grouped", "compiled"]
+RecordsFormat = Literal["csv.gz", "none"]
+
+DEFAULT_CONFIG = Path("config.json")
+
+
+@dataclass(frozen=True)
+class SingleConfig:
+    """``python -m cortexbench.single``: the per-device sweep."""
+
+    devices: tuple[str, ...] = ("auto",)
+    warmup_runs: int = 3
+    min_runs: int = 5
+    max_seconds: float = 10.0
+    target_rel_spread: float = 0.02
+    profile_ops: bool = False
+    train: bool = False
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """``python -m cortexbench.stream``: the image stream over many workers."""
+
+    modes: tuple[str, ...] = ("cached", "cold")
+    balancer: BalancerName = "least-outstanding"
+    concurrency: int = 64
+    rate: float | None = None
+    duration_s: float | None = None
+    warmup: int = 200
+    popularity: str = "uniform"
+    model_weights: tuple[float, ...] = ()
+    cpu_workers: int = 0
+    address: str | None = None
+    metrics_port: int = 8000
+    linger_s: float = 0.0
+    dispatch: DispatchName = "auto"
+    drivers: int = 0
+    max_group: int = 32
+    lanes: int = 0
+    retries: int = 2
+    image_pool: int = 256
+    drain_timeout_s: float = 10.0
+    cold_drop_cache: bool = False
+    records: RecordsFormat = "csv.gz"
+
+
+@dataclass(frozen=True)
+class ImagesConfig:
+    """How many synthetic images to make when ``img_dir`` is missing."""
+
+    synth_count: int = 500
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration of one invocation.  Never mutated: use ``dataclasses.replace``."""
+
+    models: tuple[str, ...] = ("imagenet",)
+    img_dir: Path = Path("data/images")
+    result_dir: Path = Path("results")
+    model_dir: Path = Path("data/models")
+    gpu_num: int | Literal["auto"] = "auto"
+    batchsize: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    times: int = 100_000
+    backend: BackendName = "auto"
+    precision: Precision = "fp32"
+    seed: int = 0
+    single: SingleConfig = field(default_factory=SingleConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
+    cpu_fallback: Mapping[str, Any] = field(default_factory=dict)
+    # Not keys of the file: where each dotted key's value came from, and the file that was read.
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+    path: Path | None = field(default=None, compare=False)
+
+    def source(self, key: str) -> str:
+        """'default', 'file', 'cpu_fallback' or 'flag' for a dotted key such as 'stream.rate'."""
+        return self.sources.get(key, "default")
+
+    def from_flag(self, key: str) -> bool:
+        return self.source(key) == "flag"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The effective values as plain JSON types (for results.json)."""
+        out = _to_plain(self)
+        out.pop("sources", None)
+        out.pop("path", None)
+        return out
+
+
+_NOT_KEYS = {"sources", "path"}
+
+
+def keys_of(cls: type) -> list[str]:
+    """Every valid dotted key of a config dataclass, for error messages and docs."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.name in _NOT_KEYS:
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += [f"{f.name}.{k}" for k in keys_of(hints[f.name])]
+        else:
+            out.append(f.name)
+    return out
+
+
+def load_config(
+    path: Path | str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    has_gpu: bool | None = None,
+) -> Config:
+    """Read config.json (or ``path``), apply ``cpu_fallback`` when ``has_gpu`` is False, then ``overrides``.
+
+    ``overrides`` maps dotted keys (``"stream.rate"``) to values from the command line.  When ``path`` is
+    None, ``./config.json`` is read if it exists and the built-in defaults are used if it does not.
+    Raises ConfigError with one line naming the key and the nearest valid choice.
+    """
+    explicit = path is not None
+    file_path = Path(path) if path is not None else DEFAULT_CONFIG
+    raw: dict[str, Any] = {}
+    if file_path.exists():
+        try:
+            raw = json.loads(file_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{file_path}: not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{file_path}: the top level must be a JSON object")
+    elif explicit:
+        raise ConfigError(f"--config {file_path}: no such file")
+    base_dir = file_path.resolve().parent if file_path.exists() else Path.cwd()
+
+    flat: dict[str, tuple[Any, str]] = {}
+    _flatten(raw, "", flat, "file", str(file_path))
+    fallback = raw.get("cpu_fallback", {})
+    if has_gpu is False and fallback:
+        if not isinstance(fallback, dict):
+            raise ConfigError(f"{file_path}: 'cpu_fallback' must be an object of keys to use without a GPU")
+        fb: dict[str, tuple[Any, str]] = {}
+        _flatten(fallback, "", fb, "cpu_fallback", f"{file_path} (cpu_fallback)")
+        flat.update(fb)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            flat[key] = (value, "flag")
+
+    nested: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    valid = keys_of(Config) + ["cpu_fallback"]
+    for key, (value, origin) in flat.items():
+        if key.startswith("cpu_fallback"):
+            continue
+        if key not in valid:
+            where = "flag" if origin == "flag" else str(file_path)
+            raise ConfigError(f"{where}: unknown key '{key}'{did_you_mean(key, valid)}")
+        parts = key.split(".")
+        node = nested
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+        sources[key] = origin
+    cfg = _build(Config, nested, "", base_dir)
+    cfg = dataclasses.replace(cfg, cpu_fallback=dict(fallback) if isinstance(fallback, dict) else {},
+                              sources=sources, path=file_path if file_path.exists() else None)
+    _check_semantics(cfg)
+    return cfg
+
+
+def _flatten(obj: Mapping[str, Any], prefix: str, out: dict[str, tuple[Any, str]], origin: str, where: str) -> None:
+    sections = {"single", "stream", "images"}
+    for k, v in obj.items():
+        if not isinstance(k, str):
+            raise ConfigError(f"{where}: keys must be strings")
+        key = f"{prefix}{k}"
+        if k == "cpu_fallback" and not prefix:
+            continue
+        if not prefix and k in sections:
+            if not isinstance(v, dict):
+                raise ConfigError(f"{where}: '{k}' must be an object (a section of keys)")
+            _flatten(v, f"{k}.", out, origin, where)
+        else:
+            out[key] = (v, origin)
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str, base_dir: Path) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in _NOT_KEYS or f.name == "cpu_fallback" or f.name not in values:
+            continue
+        tp = hints[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, values[f.name], f"{key}.", base_dir)
+        else:
+            kwargs[f.name] = _coerce(values[f.name], tp, key, base_dir)
+    return cls(**kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is tuple:
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    if tp is Path:
+        return "a path (string)"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, base_dir: Path) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted (lists to tuples, paths)."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in get_args(tp):
+            try:
+                return _coerce(value, arg, key, base_dir)
+            except ConfigError:
+                continue
+        raise ConfigError(f"'{key}' must be {_type_name(tp)}, not {json.dumps(value)}")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value in choices:
+            return value
+        hint = did_you_mean(str(value), [str(c) for c in choices]) if isinstance(value, str) else ""
+        raise ConfigError(f"'{key}' must be {_type_name(tp)}, not {json.dumps(value)}{hint}")
+    if origin is tuple:
+        (item,) = get_args(tp)[:1]
+        if isinstance(value, str) and item is not str:
+            value = [v for v in value.split(",") if v.strip()]
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return tuple(_coerce(v, item, key, base_dir) for v in value)
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"'{key}' must be null")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{key}' must be true or false, not {json.dumps(value)}")
+    if tp is int:
+        if isinstance(value, str):
+            try:
+                value = int(value.replace("_", ""))
+            except ValueError:
+                pass
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{key}' must be an integer, not {json.dumps(value)}")
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"'{key}' must be a number, not {json.dumps(value)}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"'{key}' must be a string, not {json.dumps(value)}")
+    if tp is Path:
+        if isinstance(value, (str, Path)) and str(value):
+            p = Path(value).expanduser()
+            return p if p.is_absolute() else (base_dir / p)
+        raise ConfigError(f"'{key}' must be a path (a string), not {json.dumps(value)}")
+    if origin in (dict, Mapping) or tp is Mapping:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"'{key}' must be an object")
+    raise ConfigError(f"'{key}': unsupported type {tp}")
+
+
+def _check_semantics(cfg: Config) -> None:
+    """Range and cross-field checks, after types are right."""
+    from cortexbench.models.registry import expand_model_names
+
+    expand_model_names(cfg.models, key="models")
+    _positive(cfg.times, "times")
+    if isinstance(cfg.gpu_num, int) and cfg.gpu_num < 0:
+        raise ConfigError(f"'gpu_num' must be 'auto' or 0 or more, not {cfg.gpu_num}")
+    if not cfg.batchsize:
+        raise ConfigError("'batchsize' must name at least one batch size")
+    for b in cfg.batchsize:
+        _positive(b, "batchsize")
+    s = cfg.single
+    _positive(s.min_runs, "single.min_runs")
+    if s.warmup_runs < 0:
+        raise ConfigError(f"'single.warmup_runs' must be 0 or more, not {s.warmup_runs}")
+    if s.max_seconds <= 0:
+        raise ConfigError(f"'single.max_seconds' must be more than 0, not {s.max_seconds}")
+    if not 0 < s.target_rel_spread < 1:
+        raise ConfigError(f"'single.target_rel_spread' must be between 0 and 1, not {s.target_rel_spread}")
+    for d in s.devices:
+        if d != "auto" and d != "cpu" and not (d.startswith("gpu:") and d[4:].isdigit()):
+            raise ConfigError(f"'single.devices': '{d}' is not a device{did_you_mean(d, ['auto', 'cpu', 'gpu:0'])}")
+    st = cfg.stream
+    from cortexbench.residency import parse_mode
+    from cortexbench.schedule import parse_popularity
+
+    if not st.modes:
+        raise ConfigError("'stream.modes' must name at least one mode (cached, cold, lru:K)")
+    for m in st.modes:
+        parse_mode(m, key="stream.modes")
+    parse_popularity(st.popularity, key="stream.popularity")
+    _positive(st.concurrency, "stream.concurrency")
+    if st.rate is not None and st.rate <= 0:
+        raise ConfigError(f"'stream.rate' must be more than 0 images/s, not {st.rate}")
+    if st.duration_s is not None and st.duration_s <= 0:
+        raise ConfigError(f"'stream.duration_s' must be more than 0 seconds, not {st.duration_s}")
+    for name in ("warmup", "cpu_workers", "drivers", "lanes", "retries"):
+        if getattr(st, name) < 0:
+            raise ConfigError(f"'stream.{name}' must be 0 or more, not {getattr(st, name)}")
+    _positive(st.max_group, "stream.max_group")
+    _positive(st.image_pool, "stream.image_pool")
+    if not 0 <= st.metrics_port <= 65535:
+        raise ConfigError(f"'stream.metrics_port' must be a port number (0 to 65535; 0 turns metrics off), not {st.metrics_port}")
+    if st.model_weights and any(w < 0 for w in st.model_weights):
+        raise ConfigError("'stream.model_weights' must be 0 or more each")
+    _positive(cfg.images.synth_count, "images.synth_count")
+
+
+def _positive(v: float, key: str) -> None:
+    if v <= 0:
+        raise ConfigError(f"'{key}' must be 1 or more, not {v}")
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (tuple, list)):
+        return [_to_plain(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj

@@ -1,0 +1,81 @@
+"""The one exception tree of cortexbench.
+
+Every error a user can cause or fix is one of these; each message says what is wrong and what to do.
+Only the command-line layer (``cortexbench.cli.run_main``) catches them: it prints one line and exits
+with the error's ``exit_code``.  Everything else raises and lets them travel.
+
+::
+
+    CortexbenchError                    exit 1   (runtime failure)
+    ├── UsageError                      exit 2   (bad input: fix the command or the files)
+    │   ├── ConfigError                          unknown / mistyped key, bad value, missing directory
+    │   ├── ModelNotFoundError                   unknown model name, or no file for it in model_dir
+    │   ├── ModelFileError                       a model file that is corrupt or of the wrong model
+    │   ├── DatasetError                         empty img_dir, unreadable image set
+    │   ├── DeviceError                          a device asked for that this machine does not have
+    │   └── BackendUnavailableError              a backend whose extra is not installed
+    ├── WorkerError                              a worker failed in a way retries could not hide
+    └── Interrupted                     exit 130 (Ctrl-C; partial results were written)
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class CortexbenchError(Exception):
+    """Base of every error cortexbench raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(CortexbenchError):
+    """The user's input is wrong; the message says how to fix it."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """config.json or a command-line flag is wrong."""
+
+
+class ModelNotFoundError(UsageError):
+    """A model name that is not registered, or whose file is not in model_dir."""
+
+
+class ModelFileError(UsageError):
+    """A model file exists but cannot be loaded (corrupt, truncated, wrong model)."""
+
+
+class DatasetError(UsageError):
+    """The image set cannot be used (empty directory, nothing decodes)."""
+
+
+class DeviceError(UsageError):
+    """A device was asked for that this machine does not have."""
+
+
+class BackendUnavailableError(UsageError):
+    """A backend whose Python package is not installed."""
+
+
+class WorkerError(CortexbenchError):
+    """A worker failed and the failure could not be retried away."""
+
+
+class Interrupted(CortexbenchError):
+    """The user pressed Ctrl-C; what was measured so far has been written."""
+
+    exit_code = 130
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the nearest choice, or a list of valid choices when none is near."""
+    options = sorted(set(choices))
+    near = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
+    if near:
+        return f" (did you mean '{near[0]}'?)"
+    if len(options) <= 12:
+        return f" (valid: {', '.join(options)})"
+    return ""

@@ -1,0 +1,208 @@
+"""The one small interface every backend implements, and what is shared between backends.
+
+A backend turns a ``ModelSpec`` into files in ``model_dir`` (``export``) and loads those files onto a
+device (``load``) as a ``LoadedModel`` that predicts one batch at a time.  Loading is always a real read
+from disk: the stream's cold mode measures exactly that.
+
+Devices are written ``cpu`` or ``gpu:N``.  Inputs and outputs are host numpy arrays; ``predict`` includes
+the host-to-device copy, the computation, the copy back and the device synchronisation, so its wall time
+is the inference time of the batch.
+
+File layout (the same for random-init exports and for real weights a user puts there)::
+
+    model_dir/
+      manifest.json                      name, backend, input shape, parameter count, bytes, source
+      mxnet/<model>-symbol.json          MXNet symbol
+      mxnet/<model>-0000.params          MXNet parameters
+      torch/<model>.safetensors          torch state dict (torchvision's names where torchvision has the model)
+      onnx/<model>.onnx                  ONNX graph + weights, exported from torch (or MXNet without torch)
+      null/null.json                     the null model (a few bytes, so cold mode still reads a file)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+from cortexbench.errors import ModelFileError, ModelNotFoundError
+from cortexbench.models.registry import ModelSpec
+
+BackendId = Literal["mxnet", "torch", "onnxruntime"]
+BACKEND_IDS: tuple[BackendId, ...] = ("mxnet", "torch", "onnxruntime")
+
+# Operator types that --profile-ops reports; every backend maps its own operator names onto these.
+OP_TYPES = ("convolution", "activation", "pooling", "batch_norm", "normalization", "dense", "concat",
+            "elementwise", "softmax", "dropout", "reshape", "copy", "other")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a model: numeric precision, how many concurrent lanes (CUDA streams) will call it,
+    and whether to capture CUDA graphs (torch on GPU only; ignored elsewhere)."""
+
+    precision: Literal["fp32", "fp16"] = "fp32"
+    lanes: int = 1
+    cuda_graphs: bool = False
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What ``Backend.export`` wrote (or found already there)."""
+
+    name: str
+    backend: BackendId
+    files: tuple[Path, ...]
+    input_shape: tuple[int, ...]
+    param_count: int
+    size_bytes: int
+    source: Literal["random-init", "user"]  # 'user': files were already there and were left alone
+    seed: int | None
+    export_s: float
+
+
+@runtime_checkable
+class LoadedModel(Protocol):
+    """A model on a device, ready to predict."""
+
+    spec: ModelSpec
+    device: str
+    param_count: int
+    size_bytes: int
+
+    def predict(self, batch: np.ndarray, lane: int = 0) -> np.ndarray:
+        """Run one batch (N, *input_shape) float32 on the device; return (N, num_classes) float32 on the host.
+        ``lane`` picks the CUDA stream (0 .. options.lanes-1); lanes may call concurrently from threads."""
+        ...
+
+    def close(self) -> None:
+        """Free the model's device memory.  The model must not be used afterwards."""
+        ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One framework: MXNet, torch or ONNX Runtime."""
+
+    name: BackendId
+
+    def devices(self) -> list[str]:
+        """Devices this backend can use on this machine: 'cpu' and 'gpu:N' for each GPU it sees."""
+        ...
+
+    def supports(self, spec: ModelSpec) -> bool:
+        ...
+
+    def model_files(self, spec: ModelSpec, model_dir: Path) -> list[Path]:
+        """The files ``load`` reads for ``spec`` (they may not exist yet)."""
+        ...
+
+    def export(self, spec: ModelSpec, model_dir: Path, seed: int, *, force: bool = False) -> ExportResult:
+        """Build ``spec`` with deterministic random weights and write it to ``model_dir``.
+        Files already there are kept (they may be real weights) unless ``force``."""
+        ...
+
+    def load(self, spec: ModelSpec, model_dir: Path, device: str, options: LoadOptions = LoadOptions()) -> LoadedModel:
+        """Read the model's files from disk and put the model on ``device``.
+        Raises ModelNotFoundError (no file) or ModelFileError (unreadable file)."""
+        ...
+
+    def profile_ops(self, model: LoadedModel, batch: np.ndarray, runs: int) -> dict[str, float]:
+        """Seconds per batch spent in each operator type (keys from OP_TYPES), from the backend's own
+        profiler, averaged over ``runs`` predictions."""
+        ...
+
+    def train_step_s(self, spec: ModelSpec, device: str, batch_size: int, steps: int, seed: int) -> float:
+        """Mean seconds of one training step (forward, backward, SGD update) at ``batch_size``
+        for a small (trainable) model; raises NotImplementedError where the backend cannot train."""
+        ...
+
+
+def seed_for(name: str, seed: int) -> int:
+    """A per-model seed, stable across runs and machines."""
+    import zlib
+
+    return (zlib.crc32(name.encode()) ^ (seed * 2654435761)) & 0x7FFFFFFF
+
+
+def require_files(spec: ModelSpec, files: list[Path], backend: str) -> None:
+    """Raise ModelNotFoundError naming the missing file and the command that makes it."""
+    for f in files:
+        if not f.exists():
+            raise ModelNotFoundError(
+                f"model '{spec.name}' ({backend}): {f} is missing; make it with "
+                f"'python -m cortexbench.models export --models {spec.name} --backend {backend} "
+                f"--model-dir {f.parent.parent}'")
+
+
+def corrupt(spec: ModelSpec, path: Path, backend: str, why: object) -> ModelFileError:
+    first = str(why).strip().splitlines()[0][:160] if str(why).strip() else type(why).__name__
+    return ModelFileError(
+        f"model '{spec.name}' ({backend}): cannot load {path}: {first}; re-export it with "
+        f"'python -m cortexbench.models export --models {spec.name} --backend {backend} --force'")
+
+
+def files_size(files: list[Path] | tuple[Path, ...]) -> int:
+    return sum(f.stat().st_size for f in files if f.exists())
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """'cpu' -> ('cpu', 0); 'gpu:3' -> ('gpu', 3)."""
+    if device == "cpu":
+        return "cpu", 0
+    if device.startswith("gpu:") and device[4:].isdigit():
+        return "gpu", int(device[4:])
+    raise ValueError(f"not a device: {device!r} (use 'cpu' or 'gpu:N')")
+
+
+# --- the null model: the same in every backend --------------------------------------------------
+
+
+@dataclass
+class NullModel:
+    """Returns zeros at once, or after ``spec.service_s`` (a sleep, so lanes overlap as on a GPU)."""
+
+    spec: ModelSpec
+    device: str
+    path: Path
+    param_count: int = 0
+    size_bytes: int = 0
+    closed: bool = field(default=False)
+
+    def predict(self, batch: np.ndarray, lane: int = 0) -> np.ndarray:
+        if self.spec.service_s > 0:
+            time.sleep(self.spec.service_s)
+        return np.zeros((len(batch), 1), dtype=np.float32)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def null_file(model_dir: Path) -> Path:
+    return model_dir / "null" / "null.json"
+
+
+def export_null(model_dir: Path) -> Path:
+    path = null_file(model_dir)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"model": "null", "params": 0}) + "\n")
+    return path
+
+
+def load_null(spec: ModelSpec, model_dir: Path, device: str) -> NullModel:
+    path = null_file(model_dir)
+    try:
+        data = path.read_bytes()  # a real read, like every other model
+    except FileNotFoundError:
+        raise ModelNotFoundError(
+            f"model 'null': {path} is missing; make it with 'python -m cortexbench.models export --models null'") from None
+    try:
+        json.loads(data)
+    except ValueError as e:
+        raise corrupt(spec, path, "null", e) from None
+    return NullModel(spec, device, path, size_bytes=len(data))
