@@ -57,7 +57,7 @@ _SPECS: tuple[ModelSpec, ...] = (
     ModelSpec("inception_v3", "imagenet", (3, 299, 299), 1000, "Inception v3 with batch norm, 299x299 input",
               mxnet_zoo="inceptionv3", torchvision="inception_v3"),
     ModelSpec("resnet152", "imagenet", (3, 224, 224), 1000, "ResNet-152 (v1.5: stride on the 3x3 convolution)",
-              mxnet_zoo="resnet152_v1b", torchvision="resnet152"),
+              torchvision="resnet152"),
     ModelSpec("resnext101_64x4d", "imagenet", (3, 224, 224), 1000, "ResNeXt-101 64x4d",
               torchvision="resnext101_64x4d"),
     ModelSpec("mlp2", "small", (2,), 2, "2 inputs -> 16 -> 16 -> 2, ReLU (tabular-style input)", trainable=True),
