@@ -12,6 +12,7 @@ with the error's ``exit_code``.  Everything else raises and lets them travel.
     │   ├── ModelNotFoundError                   unknown model name, or no file for it in model_dir
     │   ├── ModelFileError                       a model file that is corrupt or of the wrong model
     │   ├── DatasetError                         empty img_dir, unreadable image set
+    │   │   └── ImageDecodeError                 one image file that does not decode (counted mid-run)
     │   ├── DeviceError                          a device asked for that this machine does not have
     │   └── BackendUnavailableError              a backend whose extra is not installed
     ├── WorkerError                              a worker failed in a way retries could not hide
@@ -50,6 +51,10 @@ class ModelFileError(UsageError):
 
 class DatasetError(UsageError):
     """The image set cannot be used (empty directory, nothing decodes)."""
+
+
+class ImageDecodeError(DatasetError):
+    """One image file that cannot be read or decoded; mid-run it is counted as an input error, not fatal."""
 
 
 class DeviceError(UsageError):
