@@ -1,0 +1,89 @@
+"""``python -m cortexbench.images``: make a synthetic ImageNet-like set, fetch one from a URL list, or
+summarise a directory of images.
+
+    python -m cortexbench.images synth --count 500 --out data/images [--seed 0] [--workers N]
+    python -m cortexbench.images fetch --urls fall11_urls.txt --out data/images --count 1000
+    python -m cortexbench.images info data/images
+
+Summaries go to stdout, the progress bar to stderr (``--quiet`` turns it off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cortexbench.cli import ArgumentParser, run_main
+
+PROG = "python -m cortexbench.images"
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog=PROG, description="Image sets for cortexbench: synthesise, fetch, inspect.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{synth,fetch,info}")
+
+    s = sub.add_parser("synth", help="write a synthetic ImageNet-like JPEG set (resumable)",
+                       description="Write DIR/<nnnn>/img_<index>.jpg from sample photos; files already there are kept.")
+    s.add_argument("--count", type=int, required=True, metavar="N", help="how many images the set has")
+    s.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to write them")
+    s.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    s.add_argument("--workers", type=int, default=None, metavar="W", help="processes (default: CPU count)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    f = sub.add_parser("fetch", help="download images from an ImageNet-style URL list (id<TAB>url)",
+                       description="Download until DIR holds N images of the list; resumable; Ctrl-C keeps what is done.")
+    f.add_argument("--urls", type=Path, required=True, metavar="FILE", help="the URL list, one 'id<TAB>url' per line")
+    f.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to write DIR/<id>.jpg")
+    f.add_argument("--count", type=int, required=True, metavar="N", help="how many good images to end with")
+    f.add_argument("--concurrency", type=int, default=32, metavar="C", help="requests at a time (default 32)")
+    f.add_argument("--timeout", type=float, default=10.0, metavar="S", help="seconds per attempt (default 10)")
+    f.add_argument("--retries", type=int, default=2, metavar="R", help="retries on time-outs, 5xx (default 2)")
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    i = sub.add_parser("info", help="count, size and decode every image of a directory",
+                       description="Decode every .jpg/.jpeg/.png under DIR and summarise the set.")
+    i.add_argument("dir", type=Path, metavar="DIR")
+    return p
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from cortexbench.images.synth import synthesize
+
+    summary = synthesize(args.out, args.count, seed=args.seed, workers=args.workers, progress=not args.quiet)
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from cortexbench.images.fetch import fetch
+
+    summary = fetch(args.urls, args.out, args.count, concurrency=args.concurrency, timeout_s=args.timeout,
+                    retries=args.retries, progress=not args.quiet)
+    print("\n".join(summary.lines()))
+    if summary.interrupted:
+        print(f"{PROG} fetch: interrupted; finished files were kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from cortexbench.images.dataset import scan
+
+    print("\n".join(scan(args.dir).lines()))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; returns the exit code (2 for bad input, 130 after Ctrl-C)."""
+    try:
+        args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as e:  # --help, or a bad flag (already reported in one line)
+        return 0 if e.code is None else e.code if isinstance(e.code, int) else 2
+    body = {"synth": _synth, "fetch": _fetch, "info": _info}[args.command]
+    return run_main(lambda: body(args), f"{PROG} {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
