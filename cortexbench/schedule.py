@@ -1,11 +1,32 @@
-"""The seeded image stream: arrival times, model choices and image ids, replayable for every mode."""
+"""The seeded image stream: arrival times, model choices and image ids, replayable for every mode.
+
+``make_schedule`` draws the whole stream up front, so every residency mode (cached, cold, lru:K) replays
+exactly the same work: same arguments, same schedule.  Item ``k`` of a schedule is "send image
+``image_idx[k]`` to model ``models[model_idx[k]]`` at ``send_at_s[k]`` seconds after the start" (open loop)
+or "as soon as a slot is free" (closed loop, ``send_at_s`` is None).
+
+Randomness: one ``PCG64(seed)`` bit generator, split into three independent streams with ``jumped()``:
+model choices, image ids, and arrival gaps.  Each stream is read in item order, so a shorter schedule is a
+prefix of a longer one with the same seed, and the model sequence does not depend on the rate.
+
+Warm-up items come first (global items ``0 .. warmup-1``) and are extra: ``len(schedule) == warmup +
+counted``.  In the open loop they sit at the start of the timeline; ``duration_s`` bounds the counted
+part, which starts at the last warm-up arrival (0 without warm-up).
+
+Sharding (several drivers): ``shard(i, n)`` takes items ``i, i+n, i+2n, ...``, so a Poisson stream split
+across shards stays one Poisson process; global item ids and send times are kept.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from cortexbench.errors import ConfigError
+import numpy as np
+
+from cortexbench.errors import ConfigError, DatasetError
 
 
 @dataclass(frozen=True)
@@ -32,3 +53,181 @@ def parse_popularity(text: str, key: str = "popularity") -> Popularity:
             return Popularity("zipf", value)
         raise ConfigError(f"'{key}': '{text}' needs an exponent above 0, as in 'zipf:1.1'")
     raise ConfigError(f"'{key}': unknown popularity '{text}' (valid: uniform, zipf:S)")
+
+
+@dataclass(frozen=True, eq=False)
+class Schedule:
+    """The stream as columns of equal length n (read-only numpy arrays); see the module docstring."""
+
+    models: tuple[str, ...]
+    item: np.ndarray  # int64, global index 0..n-1 (kept when sharding)
+    model_idx: np.ndarray  # int16 (int32 beyond 32767 models), index into models
+    image_idx: np.ndarray  # int32, index into the image list
+    send_at_s: np.ndarray | None  # float64 seconds from the start, nondecreasing; None in the closed loop
+    warmup: int  # global items 0..warmup-1 are warm-up, not counted
+    rate: float | None  # images/s of the open loop; None in the closed loop
+    seed: int
+    popularity: str  # 'uniform', 'zipf:S' or 'weights'
+
+    def __post_init__(self) -> None:
+        n = len(self.item)
+        cols = [self.model_idx, self.image_idx] + ([self.send_at_s] if self.send_at_s is not None else [])
+        if any(len(c) != n for c in cols):
+            raise ValueError("Schedule: item, model_idx, image_idx and send_at_s must have the same length")
+        for c in [self.item, *cols]:
+            c.setflags(write=False)
+
+    def __len__(self) -> int:
+        return len(self.item)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Schedule):
+            return NotImplemented
+        same_times = (self.send_at_s is None and other.send_at_s is None) or (
+            self.send_at_s is not None and other.send_at_s is not None
+            and np.array_equal(self.send_at_s, other.send_at_s))
+        return (self.models == other.models and self.warmup == other.warmup and self.rate == other.rate
+                and self.seed == other.seed and self.popularity == other.popularity and same_times
+                and np.array_equal(self.item, other.item) and np.array_equal(self.model_idx, other.model_idx)
+                and np.array_equal(self.image_idx, other.image_idx))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        loop = f"open loop at {self.rate:g}/s" if self.rate is not None else "closed loop"
+        return (f"Schedule({len(self)} items, warmup={self.warmup}, {len(self.models)} models, {loop}, "
+                f"popularity={self.popularity}, seed={self.seed})")
+
+    @property
+    def open_loop(self) -> bool:
+        return self.send_at_s is not None
+
+    def is_warmup(self, item: Any) -> Any:
+        """True where a global item id (scalar or array) is a warm-up item."""
+        return np.asarray(item) < self.warmup
+
+    def counted(self) -> int:
+        """How many items of this schedule (or shard) are measured, i.e. not warm-up."""
+        return int(np.count_nonzero(self.item >= self.warmup))
+
+    def duration_s(self) -> float | None:
+        """Send time of the last item (open loop), None in the closed loop."""
+        if self.send_at_s is None:
+            return None
+        return float(self.send_at_s[-1]) if len(self.send_at_s) else 0.0
+
+    def shard(self, i: int, n_shards: int) -> Schedule:
+        """Items i, i+n_shards, ...: one of ``n_shards`` interleaved parts with global ids and times kept."""
+        if n_shards < 1 or not 0 <= i < n_shards:
+            raise ValueError(f"shard {i} of {n_shards}: need 0 <= i < n_shards")
+        sl = slice(i, None, n_shards)
+        return Schedule(
+            models=self.models, item=self.item[sl], model_idx=self.model_idx[sl], image_idx=self.image_idx[sl],
+            send_at_s=None if self.send_at_s is None else self.send_at_s[sl], warmup=self.warmup,
+            rate=self.rate, seed=self.seed, popularity=self.popularity)
+
+
+def _weights(n_models: int, popularity: Popularity | str, weights: Sequence[float]) -> tuple[np.ndarray, str]:
+    """Normalised probabilities of each model, and the popularity's name for the record."""
+    pop = parse_popularity(popularity) if isinstance(popularity, str) else popularity
+    if len(weights):
+        if pop.kind != "uniform":
+            raise ConfigError(f"'stream.model_weights' and 'stream.popularity' = '{pop}' both set: give one of them")
+        if len(weights) != n_models:
+            raise ConfigError(f"'stream.model_weights' has {len(weights)} weights for {n_models} models: "
+                              "give one weight per model, in the order of 'models'")
+        w = np.asarray(weights, dtype=np.float64)
+        if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+            raise ConfigError("'stream.model_weights' must be 0 or more each, with at least one above 0")
+        return w / w.sum(), "weights"
+    if pop.kind == "zipf":
+        w = 1.0 / np.arange(1, n_models + 1, dtype=np.float64) ** pop.s
+        return w / w.sum(), str(pop)
+    return np.full(n_models, 1.0 / n_models), "uniform"
+
+
+def _choose(rng: np.random.Generator, p: np.ndarray, n: int) -> np.ndarray:
+    """n model indices drawn with probabilities p (inverse CDF; zero-weight models are never drawn)."""
+    dtype = np.int16 if len(p) <= np.iinfo(np.int16).max else np.int32
+    if len(p) == 1:
+        return np.zeros(n, dtype=dtype)
+    cdf = np.cumsum(p)
+    cdf /= cdf[-1]
+    idx = np.searchsorted(cdf, rng.random(n), side="right")
+    return np.minimum(idx, len(p) - 1).astype(dtype)
+
+
+def _arrivals(rng: np.random.Generator, rate: float, n_max: int, warmup: int, duration_s: float | None) -> np.ndarray:
+    """Poisson arrival times from 0: up to n_max, cut ``duration_s`` after the last warm-up arrival."""
+    if duration_s is None:
+        gaps = rng.standard_exponential(n_max) / rate
+        return np.concatenate(([0.0], np.cumsum(gaps[:-1]))) if n_max else np.zeros(0)
+    # Draw in chunks (the stream is read in order, so chunking does not change the values).
+    expected = warmup + rate * duration_s
+    chunk = min(n_max, int(expected + 6 * math.sqrt(expected) + 64))
+    times = np.zeros(0)
+    last = 0.0
+    while len(times) < n_max:
+        k = min(chunk, n_max - len(times))
+        gaps = rng.standard_exponential(k) / rate
+        if len(times) == 0:
+            new = np.concatenate(([0.0], np.cumsum(gaps[:-1])))
+        else:
+            new = last + np.cumsum(gaps)
+        times = np.concatenate((times, new))
+        last = float(times[-1])
+        if len(times) > warmup:
+            end = (times[warmup - 1] if warmup else 0.0) + duration_s
+            if last >= end:
+                cut = int(np.searchsorted(times, end, side="left"))
+                return times[:max(cut, warmup)]
+    return times
+
+
+def make_schedule(*, count: int, models: Sequence[str], n_images: int, popularity: Popularity | str = "uniform",
+                  weights: Sequence[float] = (), rate: float | None = None, duration_s: float | None = None,
+                  warmup: int = 0, seed: int = 0) -> Schedule:
+    """The seeded stream of ``warmup + count`` items (fewer in the open loop when ``duration_s`` ends it).
+
+    ``popularity`` is 'uniform' or 'zipf:S' (P(rank k) proportional to 1/k^S, ranks in the order ``models``
+    are given); ``weights`` (one per model) replaces it.  ``rate`` (images/s) makes an open loop of Poisson
+    arrivals; without it the loop is closed (``send_at_s`` is None, and a ``duration_s`` is the driver's to
+    enforce).  Same arguments give an identical schedule.
+    """
+    models = tuple(models)
+    if not models:
+        raise ConfigError("'models' is empty: name at least one model to send images to")
+    if count < 1:
+        raise ConfigError(f"'times' must be 1 or more images, not {count}")
+    if warmup < 0:
+        raise ConfigError(f"'stream.warmup' must be 0 or more, not {warmup}")
+    if n_images < 1:
+        raise DatasetError("no images to send: the image set is empty (check 'img_dir')")
+    if rate is not None and not (rate > 0 and math.isfinite(rate)):
+        raise ConfigError(f"'stream.rate' must be more than 0 images/s, not {rate}")
+    if duration_s is not None and not duration_s > 0:
+        raise ConfigError(f"'stream.duration_s' must be more than 0 seconds, not {duration_s}")
+    p, pop_name = _weights(len(models), popularity, weights)
+
+    bits = np.random.PCG64(seed)
+    rng_model = np.random.Generator(bits)
+    rng_image = np.random.Generator(bits.jumped(1))
+    rng_time = np.random.Generator(bits.jumped(2))
+    n = warmup + count
+    send_at = None
+    if rate is not None:
+        send_at = _arrivals(rng_time, float(rate), n, warmup, duration_s)
+        n = len(send_at)
+    model_idx = _choose(rng_model, p, n)
+    image_idx = rng_image.integers(0, n_images, n, dtype=np.int64).astype(np.int32)
+    return Schedule(models=models, item=np.arange(n, dtype=np.int64), model_idx=model_idx, image_idx=image_idx,
+                    send_at_s=send_at, warmup=warmup, rate=None if rate is None else float(rate),
+                    seed=seed, popularity=pop_name)
+
+
+def model_shares(schedule: Schedule) -> dict[str, float]:
+    """Fraction of the counted (non-warm-up) items that go to each model, for every model of the schedule."""
+    counted = schedule.model_idx[schedule.item >= schedule.warmup]
+    counts = np.bincount(counted, minlength=len(schedule.models))
+    total = int(counts.sum())
+    return {m: (int(c) / total if total else 0.0) for m, c in zip(schedule.models, counts.tolist(), strict=True)}

@@ -1,0 +1,219 @@
+"""Balancing policies: fairness, their defining properties, dead workers, and affinity's LRU benefit."""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+
+import numpy as np
+import pytest
+
+from cortexbench.balancer import (
+    Affinity,
+    Balancer,
+    LeastOutstanding,
+    PowerOfTwo,
+    RoundRobin,
+    default_replicas,
+    imbalance,
+    make_balancer,
+)
+from cortexbench.errors import ConfigError, WorkerError
+from cortexbench.residency import Lru
+
+NAMES = ("round-robin", "least-outstanding", "p2c", "affinity")
+
+
+def test_make_balancer_names_and_errors():
+    for name in NAMES:
+        b = make_balancer(name, n_workers=4, n_models=8)
+        assert b.name == name and isinstance(b, Balancer)
+    with pytest.raises(ConfigError, match="did you mean 'least-outstanding'"):
+        make_balancer("least_outstanding", 4, 8)
+    with pytest.raises(ConfigError, match="no workers"):
+        make_balancer("p2c", 0, 8)
+
+
+def test_imbalance():
+    assert imbalance([5, 5, 5]) == 0.0
+    assert imbalance([2, 4, 6]) == pytest.approx(0.5)
+    assert imbalance([]) == 0.0 and imbalance([0, 0]) == 0.0
+
+
+@pytest.mark.parametrize("cls", [RoundRobin, LeastOutstanding])
+def test_equal_loads_spread_exactly_evenly(cls):
+    b = cls()
+    counts = [0] * 6
+    for k in range(6000):
+        counts[b.pick(k % 3, [2] * 6, [True] * 6)] += 1
+    assert counts == [1000] * 6
+    # with a dead worker the rest still share exactly evenly
+    alive = [True, True, False, True, True, True]
+    counts = [0] * 6
+    for k in range(5000):
+        counts[b.pick(k % 3, [0] * 6, alive)] += 1
+    assert counts == [1000, 1000, 0, 1000, 1000, 1000]
+
+
+def test_least_outstanding_even_in_a_closed_loop():
+    b = LeastOutstanding()
+    out = [0] * 5
+    counts = [0] * 5
+    rng = random.Random(0)
+    inflight = []
+    for _ in range(20_000):
+        if len(inflight) >= 12:  # finish a random image in flight
+            w = inflight.pop(rng.randrange(len(inflight)))
+            out[w] -= 1
+        w = b.pick(0, out, [True] * 5)
+        out[w] += 1
+        counts[w] += 1
+        inflight.append(w)
+    assert imbalance(counts) < 0.02
+
+
+def test_least_outstanding_never_picks_a_busier_worker():
+    b = LeastOutstanding()
+    rng = np.random.default_rng(1)
+    for _ in range(3000):
+        n = int(rng.integers(1, 12))
+        out = rng.integers(0, 4, n)
+        alive = rng.random(n) < 0.7
+        if not alive.any():
+            alive[rng.integers(n)] = True
+        # lists and numpy arrays are both accepted
+        args = (out, alive) if rng.random() < 0.5 else (out.tolist(), alive.tolist())
+        w = b.pick(0, *args)
+        assert alive[w]
+        assert out[w] == out[alive].min()
+
+
+def test_p2c_never_picks_the_busier_of_its_two_samples():
+    b = PowerOfTwo(seed=3)
+    rng = np.random.default_rng(2)
+    for _ in range(3000):
+        n = int(rng.integers(2, 12))
+        out = rng.integers(0, 5, n).tolist()
+        alive = (rng.random(n) < 0.8).tolist()
+        if sum(alive) < 2:
+            alive = [True] * n
+        w = b.pick(0, out, alive)
+        a, c = b.last_pair
+        assert a != c and alive[a] and alive[c]
+        assert w in (a, c)
+        assert out[w] == min(out[a], out[c])
+
+
+def test_p2c_is_even_and_better_than_random():
+    n, balls = 10, 20_000
+    b = PowerOfTwo(seed=0)
+    two = [0] * n
+    for _ in range(balls):
+        two[b.pick(0, two, [True] * n)] += 1  # balls into bins: load = balls so far
+    rnd = np.bincount(np.random.default_rng(0).integers(0, n, balls), minlength=n)
+    assert imbalance(two) < 0.01
+    assert max(two) - min(two) < (rnd.max() - rnd.min()) / 3
+    # equal loads: ties are random, so counts are roughly even
+    counts = [0] * n
+    for _ in range(balls):
+        counts[b.pick(0, [1] * n, [True] * n)] += 1
+    assert imbalance(counts) < 0.1
+    # seeded: the same seed gives the same picks
+    b1, b2 = PowerOfTwo(seed=5), PowerOfTwo(seed=5)
+    assert [b1.pick(0, [0] * 7, [True] * 7) for _ in range(50)] == [b2.pick(0, [0] * 7, [True] * 7) for _ in range(50)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dead_workers_never_picked_and_all_dead_raises(name):
+    b = make_balancer(name, n_workers=6, n_models=4, seed=1)
+    rng = np.random.default_rng(4)
+    for k in range(2000):
+        alive = rng.random(6) < 0.5
+        if not alive.any():
+            continue
+        out = rng.integers(0, 10, 6)
+        assert alive[b.pick(k % 4, out, alive)]
+    with pytest.raises(WorkerError, match="no live worker"):
+        b.pick(0, [0] * 6, [False] * 6)
+
+
+def test_affinity_homes_are_spread_and_stable():
+    a = Affinity(n_models=8, n_workers=4, seed=0, lru_capacity=2)
+    assert a.replicas == 1
+    homes = [a.homes(m) for m in range(8)]
+    assert np.bincount([h[0] for h in homes], minlength=4).tolist() == [2, 2, 2, 2]
+    assert homes == [Affinity(8, 4, seed=0, lru_capacity=2).homes(m) for m in range(8)]
+    a2 = Affinity(n_models=6, n_workers=8, replicas=3, seed=1)
+    for m in range(6):
+        assert len(set(a2.homes(m))) == 3
+    assert max(np.bincount([w for m in range(6) for w in a2.homes(m)], minlength=8)) <= 3
+    assert default_replicas(4, 8, 2) == 1 and default_replicas(8, 8, 2) == 2 and default_replicas(4, 8) == 1
+    assert default_replicas(4, 2, 8) == 4
+
+
+def test_affinity_uses_homes_unless_overloaded():
+    a = Affinity(n_models=8, n_workers=4, replicas=2, spill_at=4, seed=2)
+    for m in range(8):
+        homes = a.homes(m)
+        assert len(homes) == 2
+        out = [3, 3, 3, 3]
+        picks = [a.pick(m, out, [True] * 4) for _ in range(10)]
+        assert sorted(picks) == sorted(list(homes) * 5)  # equal loads: both homes in turn, never another worker
+        others = [w for w in range(4) if w not in homes]
+        out = [0] * 4
+        for w in homes:
+            out[w] = 3  # busier, but by less than spill_at: stays home
+        assert a.pick(m, out, [True] * 4) in homes
+        out[homes[0]] = 5
+        assert a.pick(m, out, [True] * 4) == homes[1]  # the less loaded home
+        out = [0] * 4
+        for w in homes:
+            out[w] = 4  # every home spill_at above the least loaded: spill there
+        out[others[0]] = 1
+        assert a.pick(m, out, [True] * 4) == others[1]
+    assert a.spills == 8
+
+
+def test_affinity_replaces_a_dead_home():
+    a = Affinity(n_models=8, n_workers=4, seed=0)
+    m = 0
+    home = a.homes(m)[0]
+    alive = [True] * 4
+    alive[home] = False
+    w = a.pick(m, [0] * 4, alive)
+    assert w != home
+    assert {a.pick(m, [0] * 4, alive) for _ in range(20)} == {w}  # the same substitute every time
+
+
+def _simulate(balancer, n_models=8, n_workers=4, capacity=2, n=20_000, concurrency=8, seed=0):
+    """Closed loop with equal-speed workers: hit ratio of per-worker LRU caches and images per worker."""
+    rng = random.Random(seed)
+    caches = [Lru(capacity) for _ in range(n_workers)]
+    queues = [deque() for _ in range(n_workers)]
+    out = [0] * n_workers
+    counts = [0] * n_workers
+    alive = [True] * n_workers
+    sent = 0
+    while sent < n:
+        while sum(out) < concurrency and sent < n:
+            m = rng.randrange(n_models)
+            w = balancer.pick(m, out, alive)
+            out[w] += 1
+            counts[w] += 1
+            queues[w].append(m)
+            sent += 1
+        for w in range(n_workers):  # every busy worker finishes one image per tick
+            if queues[w]:
+                caches[w].access(queues[w].popleft())
+                out[w] -= 1
+    hits = sum(c.hits for c in caches)
+    return hits / sum(c.hits + c.misses for c in caches), counts
+
+
+def test_affinity_raises_lru_hit_ratio_over_round_robin():
+    rr_hit, _ = _simulate(make_balancer("round-robin", 4, 8))
+    af_hit, af_counts = _simulate(make_balancer("affinity", 4, 8, lru_capacity=2))
+    assert rr_hit < 0.35  # each worker sees all 8 models through a cache of 2: about 1/4
+    assert af_hit > 0.75
+    assert af_hit > rr_hit + 0.4
+    assert imbalance(af_counts) < 0.2  # spilling keeps the load reasonably even
