@@ -1,0 +1,436 @@
+"""Prometheus metrics of the stream test: plain mergeable counts, served by a custom Collector.
+
+At 20,000 images/s across driver shards, one ``prometheus_client`` ``observe()`` per image costs too much,
+so every shard keeps a ``MetricsState`` (dicts of ints and ``BucketCounts``, picklable, updated a whole
+column of results at a time with numpy) and the coordinator merges the shards' states and hands the merged
+one to a ``MetricsServer``, which renders it on each scrape of ``/metrics``::
+
+    state = MetricsState(run_id="r1", mode="cached", backend="torch")
+    state.record_images("cached", model_idx, worker_idx, outcome_idx, latency_s,
+                        models=MODELS, workers=WORKERS, outcomes=("ok", "error"))
+    with MetricsServer(8000) as server:       # or MetricsServer(0).start() -> the ephemeral port
+        server.update(MetricsState.merged(shard_states))
+
+docs/metrics.md lists every metric with its labels, units and example PromQL.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import socket
+import threading
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+import numpy as np
+from numpy.typing import ArrayLike
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
+from prometheus_client.utils import floatToGoString
+
+from cortexbench.errors import ConfigError
+
+# Upper bounds (seconds) of the histogram buckets, about 3 per decade from 50 us to 30 s; +Inf is implicit.
+BUCKETS_S: tuple[float, ...] = (
+    50e-6, 100e-6, 250e-6, 500e-6,
+    1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3,
+    1.0, 2.5, 5.0, 10.0, 30.0,
+)
+_BOUNDS = np.asarray(BUCKETS_S, dtype=np.float64)
+_LE = [floatToGoString(b) for b in BUCKETS_S] + ["+Inf"]
+
+# The parts of one image's latency (label ``stage`` of cortexbench_stage_seconds); docs/metrics.md says
+# what each measures.  send_delay and transport are measured by the driver, the rest inside the worker.
+STAGES: tuple[str, ...] = ("send_delay", "transport", "queue", "read", "decode", "load", "infer", "free")
+
+# The outcome of an image that succeeded; other outcome names are the stream's failure kinds.
+OK = "ok"
+
+# Every metric family this module exposes (the names Prometheus sees, before _bucket/_sum/_count).
+METRIC_NAMES: tuple[str, ...] = (
+    "cortexbench_image_latency_seconds", "cortexbench_stage_seconds", "cortexbench_images_total",
+    "cortexbench_model_loads_total", "cortexbench_cache_hits_total", "cortexbench_inflight",
+    "cortexbench_device_memory_bytes", "cortexbench_run_info", "cortexbench_run_progress_ratio",
+)
+
+
+class BucketCounts:
+    """One histogram: counts per bucket of BUCKETS_S (plus +Inf), the sum and the count of observations.
+
+    ``counts`` is non-cumulative here (bucket i holds values in (BUCKETS_S[i-1], BUCKETS_S[i]]); ``cumulative()``
+    gives what Prometheus shows.  NaN values mean "not measured" and are skipped.
+    """
+
+    __slots__ = ("count", "counts", "sum_s")
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(len(BUCKETS_S) + 1, dtype=np.int64)
+        self.sum_s = 0.0
+        self.count = 0
+
+    def observe_many(self, values_s: np.ndarray | Sequence[float]) -> None:
+        """Add many values (seconds); a value equal to a bound lands in that bound's bucket (``le``)."""
+        v = np.asarray(values_s, dtype=np.float64).ravel()
+        v = v[~np.isnan(v)]
+        if v.size == 0:
+            return
+        idx = np.searchsorted(_BOUNDS, v, side="left")
+        self.counts += np.bincount(idx, minlength=len(self.counts)).astype(np.int64)
+        self.sum_s += float(v.sum())
+        self.count += int(v.size)
+
+    def observe(self, value_s: float) -> None:
+        """Add one value (seconds)."""
+        if math.isnan(value_s):
+            return
+        self.counts[int(np.searchsorted(_BOUNDS, value_s, side="left"))] += 1
+        self.sum_s += float(value_s)
+        self.count += 1
+
+    def add_counts(self, counts: np.ndarray, sum_s: float, count: int | None = None) -> None:
+        """Add pre-binned non-cumulative counts (length len(BUCKETS_S)+1), their sum and (if known) total."""
+        self.counts += counts
+        self.sum_s += float(sum_s)
+        self.count += int(counts.sum()) if count is None else int(count)
+
+    def merge(self, other: BucketCounts) -> BucketCounts:
+        """Add ``other`` into this one; returns self."""
+        self.counts += other.counts
+        self.sum_s += other.sum_s
+        self.count += other.count
+        return self
+
+    def cumulative(self) -> list[int]:
+        """Counts per ``le`` bound as Prometheus shows them, the last one (+Inf) being ``count``."""
+        return np.cumsum(self.counts).tolist()
+
+    def copy(self) -> BucketCounts:
+        out = BucketCounts()
+        out.counts = self.counts.copy()
+        out.sum_s = self.sum_s
+        out.count = self.count
+        return out
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, BucketCounts):
+            return NotImplemented
+        return (self.count == other.count and self.sum_s == other.sum_s
+                and bool(np.array_equal(self.counts, other.counts)))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __getstate__(self) -> tuple[np.ndarray, float, int]:
+        return self.counts, self.sum_s, self.count
+
+    def __setstate__(self, state: tuple[np.ndarray, float, int]) -> None:
+        self.counts, self.sum_s, self.count = state
+
+    def __repr__(self) -> str:
+        return f"BucketCounts(count={self.count}, sum_s={self.sum_s:.6g})"
+
+
+def _codes(values: ArrayLike, table: Sequence[str] | None, what: str) -> tuple[np.ndarray, list[str]]:
+    """Integer codes and their name table: ``values`` are codes into ``table``, or names when table is None."""
+    if table is None:
+        names, inv = np.unique(np.asarray(values).astype(str), return_inverse=True)
+        return inv.ravel().astype(np.int64), [str(n) for n in names]
+    codes = np.asarray(values, dtype=np.int64).ravel()
+    if codes.size and (codes.min() < 0 or codes.max() >= len(table)):
+        raise ValueError(f"{what} codes must be in 0..{len(table) - 1}")
+    return codes, list(table)
+
+
+@dataclass
+class MetricsState:
+    """Everything /metrics shows, as plain data: picklable, and mergeable across driver shards.
+
+    Counters and histograms add on ``merge``; gauges (``inflight``, ``device_memory_bytes``) take the other
+    state's values for its workers, since shards own disjoint workers.  The run fields (``run_id``, ``mode``,
+    ``backend``, ``progress_ratio``) are the coordinator's: ``merge`` takes the other's when it has them.
+    """
+
+    latency: dict[tuple[str, str, str], BucketCounts] = field(default_factory=dict)   # (mode, model, worker)
+    stage: dict[tuple[str, str], BucketCounts] = field(default_factory=dict)          # (mode, stage)
+    images: dict[tuple[str, str, str, str], int] = field(default_factory=dict)        # (mode, model, worker, outcome)
+    model_loads: dict[str, int] = field(default_factory=dict)                         # worker
+    cache_hits: dict[str, int] = field(default_factory=dict)                          # worker
+    inflight: dict[str, int] = field(default_factory=dict)                            # worker (gauge)
+    device_memory_bytes: dict[str, int] = field(default_factory=dict)                 # worker (gauge)
+    run_id: str = ""
+    mode: str = ""
+    backend: str = ""
+    progress_ratio: float | None = None
+
+    # -- updates ---------------------------------------------------------------------------------------
+
+    def record_images(
+        self,
+        mode: str,
+        model: ArrayLike,
+        worker: ArrayLike,
+        outcome: ArrayLike,
+        latency_s: ArrayLike,
+        *,
+        models: Sequence[str] | None = None,
+        workers: Sequence[str] | None = None,
+        outcomes: Sequence[str] | None = None,
+        timed_outcomes: Collection[str] = (OK,),
+    ) -> None:
+        """Count a column of finished images of one mode and add their latencies, vectorised.
+
+        ``model``, ``worker`` and ``outcome`` are equal-length arrays of integer codes into ``models``,
+        ``workers`` and ``outcomes``, or arrays of names when that table is None.  Every image is counted
+        in ``images``; only those whose outcome is in ``timed_outcomes`` (and whose latency is not NaN)
+        go into the latency histogram, so that fast failures do not pull the percentiles down.
+        """
+        m, m_names = _codes(model, models, "model")
+        w, w_names = _codes(worker, workers, "worker")
+        o, o_names = _codes(outcome, outcomes, "outcome")
+        lat = np.asarray(latency_s, dtype=np.float64).ravel()
+        if not m.size == w.size == o.size == lat.size:
+            raise ValueError(f"record_images: columns differ in length ({m.size}, {w.size}, {o.size}, {lat.size})")
+        if lat.size == 0:
+            return
+        nw, no = max(len(w_names), 1), max(len(o_names), 1)
+        mw = m * nw + w
+        keys, counts = np.unique(mw * no + o, return_counts=True)
+        for key, n in zip(keys.tolist(), counts.tolist(), strict=True):
+            k = (mode, m_names[key // (nw * no)], w_names[key // no % nw], o_names[key % no])
+            self.images[k] = self.images.get(k, 0) + n
+
+        timed = np.array([name in timed_outcomes for name in o_names] or [False])
+        sel = timed[o] & ~np.isnan(lat)
+        if not sel.any():
+            return
+        mw, lat = mw[sel], lat[sel]
+        uniq, inv = np.unique(mw, return_inverse=True)
+        inv = inv.ravel()
+        nb = len(BUCKETS_S) + 1
+        binned = np.bincount(inv * nb + np.searchsorted(_BOUNDS, lat, side="left"),
+                             minlength=uniq.size * nb).reshape(uniq.size, nb)
+        sums = np.bincount(inv, weights=lat, minlength=uniq.size).tolist()
+        ns = np.bincount(inv, minlength=uniq.size).tolist()
+        for i, key in enumerate(uniq.tolist()):
+            k3 = (mode, m_names[key // nw], w_names[key % nw])
+            h = self.latency.get(k3)
+            if h is None:
+                h = self.latency[k3] = BucketCounts()
+            h.add_counts(binned[i], sums[i], ns[i])
+
+    def record_group(self, mode: str, model: str, worker: str, latency_s: np.ndarray | Sequence[float],
+                     outcome: str = OK, *, timed: bool | None = None) -> None:
+        """Count images of one (mode, model, worker, outcome) and add their latencies (when ``timed``,
+        which defaults to outcome == 'ok')."""
+        lat = np.asarray(latency_s, dtype=np.float64).ravel()
+        if lat.size == 0:
+            return
+        k = (mode, model, worker, outcome)
+        self.images[k] = self.images.get(k, 0) + int(lat.size)
+        if (timed if timed is not None else outcome == OK) and not np.isnan(lat).all():
+            self.latency.setdefault((mode, model, worker), BucketCounts()).observe_many(lat)
+
+    def record_stages(self, mode: str, stages_s: Mapping[str, np.ndarray | Sequence[float]]) -> None:
+        """Add per-image stage times (seconds) by stage name; NaN means the stage did not happen."""
+        for name, values in stages_s.items():
+            if name not in STAGES:
+                raise ValueError(f"unknown stage '{name}' (valid: {', '.join(STAGES)})")
+            v = np.asarray(values, dtype=np.float64).ravel()
+            v = v[~np.isnan(v)]
+            if v.size:
+                self.stage.setdefault((mode, name), BucketCounts()).observe_many(v)
+
+    def add_model_loads(self, worker: str, n: int = 1) -> None:
+        self.model_loads[worker] = self.model_loads.get(worker, 0) + int(n)
+
+    def add_cache_hits(self, worker: str, n: int = 1) -> None:
+        self.cache_hits[worker] = self.cache_hits.get(worker, 0) + int(n)
+
+    def set_inflight(self, worker: str, n: int) -> None:
+        self.inflight[worker] = int(n)
+
+    def set_device_memory(self, worker: str, size_bytes: int) -> None:
+        self.device_memory_bytes[worker] = int(size_bytes)
+
+    # -- merging ---------------------------------------------------------------------------------------
+
+    def merge(self, other: MetricsState) -> MetricsState:
+        """Add ``other`` (another shard's state) into this one; returns self.  ``other`` is not changed."""
+        for k, h in other.latency.items():
+            mine = self.latency.get(k)
+            self.latency[k] = h.copy() if mine is None else mine.merge(h)
+        for ks, h in other.stage.items():
+            mine = self.stage.get(ks)
+            self.stage[ks] = h.copy() if mine is None else mine.merge(h)
+        for counter_self, counter_other in ((self.images, other.images), (self.model_loads, other.model_loads),
+                                            (self.cache_hits, other.cache_hits)):
+            for kc, n in counter_other.items():
+                counter_self[kc] = counter_self.get(kc, 0) + n
+        self.inflight.update(other.inflight)
+        self.device_memory_bytes.update(other.device_memory_bytes)
+        self.run_id = other.run_id or self.run_id
+        self.mode = other.mode or self.mode
+        self.backend = other.backend or self.backend
+        if other.progress_ratio is not None:
+            self.progress_ratio = other.progress_ratio
+        return self
+
+    @classmethod
+    def merged(cls, states: Iterable[MetricsState]) -> MetricsState:
+        """A new state holding the sum of ``states`` (none of them is changed)."""
+        out = cls()
+        for s in states:
+            out.merge(s)
+        return out
+
+    def copy(self) -> MetricsState:
+        """A deep copy (about 1 ms for 3 modes x 8 models x 8 workers)."""
+        return MetricsState(run_id=self.run_id, mode=self.mode, backend=self.backend,
+                            progress_ratio=self.progress_ratio).merge(self)
+
+    @property
+    def images_total(self) -> int:
+        """All images counted, every outcome."""
+        return sum(self.images.values())
+
+    # -- rendering -------------------------------------------------------------------------------------
+
+    def families(self) -> list[Metric]:
+        """The metric families of this state, as prometheus_client renders them."""
+        lat = HistogramMetricFamily("cortexbench_image_latency_seconds",
+                                    "Per-image latency from scheduled send to result, by mode, model, worker",
+                                    labels=("mode", "model", "worker"))
+        for k, h in sorted(self.latency.items()):
+            lat.add_metric(list(k), list(zip(_LE, h.cumulative(), strict=True)), h.sum_s)
+        stage = HistogramMetricFamily("cortexbench_stage_seconds",
+                                      "Time of each stage of an image (see docs/metrics.md), by mode and stage",
+                                      labels=("mode", "stage"))
+        for ks, h in sorted(self.stage.items()):
+            stage.add_metric(list(ks), list(zip(_LE, h.cumulative(), strict=True)), h.sum_s)
+        images = CounterMetricFamily("cortexbench_images", "Images finished, by mode, model, worker and outcome",
+                                     labels=("mode", "model", "worker", "outcome"))
+        for ki, n in sorted(self.images.items()):
+            images.add_metric(list(ki), n)
+        loads = CounterMetricFamily("cortexbench_model_loads", "Models loaded onto a device, by worker",
+                                    labels=("worker",))
+        for w, n in sorted(self.model_loads.items()):
+            loads.add_metric([w], n)
+        hits = CounterMetricFamily("cortexbench_cache_hits", "Images whose model was already resident, by worker",
+                                   labels=("worker",))
+        for w, n in sorted(self.cache_hits.items()):
+            hits.add_metric([w], n)
+        inflight = GaugeMetricFamily("cortexbench_inflight", "Images sent to the worker and not yet answered",
+                                     labels=("worker",))
+        for w, n in sorted(self.inflight.items()):
+            inflight.add_metric([w], n)
+        mem = GaugeMetricFamily("cortexbench_device_memory_bytes",
+                                "Device memory in use by the worker's models, bytes", labels=("worker",))
+        for w, n in sorted(self.device_memory_bytes.items()):
+            mem.add_metric([w], n)
+        info = GaugeMetricFamily("cortexbench_run_info", "The run: id, mode being run, backend (always 1)",
+                                 labels=("run_id", "mode", "backend"))
+        if self.run_id or self.mode or self.backend:
+            info.add_metric([self.run_id, self.mode, self.backend], 1)
+        progress = GaugeMetricFamily("cortexbench_run_progress_ratio",
+                                     "Fraction of the run's images done, 0 to 1")
+        if self.progress_ratio is not None:
+            progress.add_metric([], self.progress_ratio)
+        return [lat, stage, images, loads, hits, inflight, mem, info, progress]
+
+
+class _StateCollector:
+    """A prometheus_client Collector rendering whatever state the server holds at scrape time."""
+
+    def __init__(self, server: MetricsServer) -> None:
+        self._server = server
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._server.state.families()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """Serves requests without logging each one to stderr."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class MetricsServer:
+    """Serves ``/metrics`` of the latest ``MetricsState`` on ``host:port`` from a private registry, with
+    prometheus_client's threaded WSGI server and exposition (its content negotiation and gzip included)."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+        self.port = port
+        self.host = host
+        self._lock = threading.Lock()
+        self._state = MetricsState()
+        self._httpd: Any = None
+        self._thread: threading.Thread | None = None
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_StateCollector(self))  # type: ignore[arg-type]
+
+    @property
+    def state(self) -> MetricsState:
+        with self._lock:
+            return self._state
+
+    def start(self) -> int:
+        """Start serving; returns the bound port (an ephemeral one when port is 0)."""
+        if self._httpd is not None:
+            return int(self._httpd.server_port)
+        try:
+            family = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+            server_cls = type("MetricsHTTPServer", (ThreadingWSGIServer,), {"address_family": family})
+            httpd = make_server(self.host, self.port, make_wsgi_app(self.registry), server_cls,
+                                handler_class=_QuietHandler)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ConfigError(f"metrics port {self.port} is in use; pick another with --metrics-port "
+                                  "or 0 to turn metrics off") from None
+            raise ConfigError(f"cannot serve metrics on {self.host}:{self.port}: {e.strerror or e}; "
+                              "pick another --metrics-port or 0 to turn metrics off") from None
+        # A short poll interval so that stop() returns within about 50 ms.
+        thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                  name="cortexbench-metrics", daemon=True)
+        thread.start()
+        self._httpd, self._thread = httpd, thread
+        self.port = int(httpd.server_port)
+        return self.port
+
+    def update(self, state: MetricsState, *, copy: bool = True) -> None:
+        """Show ``state`` from now on.  By default a copy is kept, so the caller may keep changing its own;
+        ``copy=False`` hands the object over (the caller must not change it afterwards)."""
+        snapshot = state.copy() if copy else state
+        with self._lock:
+            self._state = snapshot
+
+    def stop(self) -> None:
+        """Stop serving and close the socket (so the port can be bound again); safe to call twice."""
+        httpd, thread = self._httpd, self._thread
+        self._httpd = self._thread = None
+        if httpd is None:
+            return
+        httpd.shutdown()
+        httpd.server_close()
+        if thread is not None:
+            thread.join(timeout=5.0)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/metrics"
+
+    def __enter__(self) -> MetricsServer:
+        self.start()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
