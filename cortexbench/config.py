@@ -63,7 +63,7 @@ class StreamConfig:
     linger_s: float = 0.0
     dispatch: DispatchName = "auto"
     drivers: int = 0
-    max_group: int = 32
+    max_group: int = 0  # 0 = auto: the worker's lanes (more would make images wait for groupmates)
     lanes: int = 0
     retries: int = 2
     image_pool: int = 256
@@ -171,11 +171,13 @@ def load_config(
         flat.update(fb)
     for key, value in (overrides or {}).items():
         if value is not None:
+            if key in ("img_dir", "result_dir", "model_dir") and isinstance(value, (str, Path)) and str(value):
+                value = str(Path(value).expanduser().absolute())  # a flag's path is relative to the cwd
             flat[key] = (value, "flag")
 
     nested: dict[str, Any] = {}
     sources: dict[str, str] = {}
-    valid = keys_of(Config) + ["cpu_fallback"]
+    valid = [*keys_of(Config), "cpu_fallback"]
     for key, (value, origin) in flat.items():
         if key.startswith("cpu_fallback"):
             continue
@@ -345,10 +347,9 @@ def _check_semantics(cfg: Config) -> None:
         raise ConfigError(f"'stream.rate' must be more than 0 images/s, not {st.rate}")
     if st.duration_s is not None and st.duration_s <= 0:
         raise ConfigError(f"'stream.duration_s' must be more than 0 seconds, not {st.duration_s}")
-    for name in ("warmup", "cpu_workers", "drivers", "lanes", "retries"):
+    for name in ("warmup", "cpu_workers", "drivers", "lanes", "retries", "max_group"):
         if getattr(st, name) < 0:
             raise ConfigError(f"'stream.{name}' must be 0 or more, not {getattr(st, name)}")
-    _positive(st.max_group, "stream.max_group")
     _positive(st.image_pool, "stream.image_pool")
     if not 0 <= st.metrics_port <= 65535:
         raise ConfigError(f"'stream.metrics_port' must be a port number (0 to 65535; 0 turns metrics off), not {st.metrics_port}")

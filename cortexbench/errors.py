@@ -16,6 +16,7 @@ with the error's ``exit_code``.  Everything else raises and lets them travel.
     │   ├── DeviceError                          a device asked for that this machine does not have
     │   └── BackendUnavailableError              a backend whose extra is not installed
     ├── WorkerError                              a worker failed in a way retries could not hide
+    │   └── WorkerLostError                      a worker process died (its images are retried elsewhere)
     └── Interrupted                     exit 130 (Ctrl-C; partial results were written)
 """
 
@@ -67,6 +68,10 @@ class BackendUnavailableError(UsageError):
 
 class WorkerError(CortexbenchError):
     """A worker failed and the failure could not be retried away."""
+
+
+class WorkerLostError(WorkerError):
+    """A worker's process died; the driver retries its images on other workers."""
 
 
 class Interrupted(CortexbenchError):
