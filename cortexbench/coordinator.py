@@ -1,0 +1,332 @@
+"""The stream run from start to end: plan the workers, run each mode, merge, write the results.
+
+``run_stream(cfg)`` is what ``python -m cortexbench.stream`` does after parsing its flags:
+
+1. join or start Ray; one worker per GPU (``gpu_num``), else CPU workers (``stream.cpu_workers``);
+2. make missing model files and, for the embedded default, a small synthetic image set;
+3. one seeded schedule, replayed for every mode (``stream.modes``);
+4. per mode: set the workers' residency, drive the schedule (in this process, or through ``--drivers N``
+   shard actors), fold progress into the live line and the Prometheus metrics;
+5. merge shards' ledgers and histograms, summarise, write ``result_dir/<run-id>/``.
+
+Ctrl-C stops dispatching, drains in-flight images for ``stream.drain_timeout_s``, writes the partial
+results (``complete: false``) and exits 130 with a one-line summary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from cortexbench import cluster, machine
+from cortexbench.balancer import make_balancer
+from cortexbench.config import Config
+from cortexbench.driver import Driver, DriverOptions, DriverResult
+from cortexbench.errors import DeviceError, Interrupted
+from cortexbench.images.dataset import ensure_images
+from cortexbench.ledger import Ledger
+from cortexbench.live import LiveView
+from cortexbench.metrics import MetricsServer
+from cortexbench.models.backends import get_backend, resolve_backend
+from cortexbench.models.export import ensure_models
+from cortexbench.models.registry import expand_model_names
+from cortexbench.report import stream_plots, stream_report
+from cortexbench.report.stream_summary import compare_modes, histograms, summarize_mode
+from cortexbench.residency import parse_mode
+from cortexbench.results import envelope, new_run_dir, write_json, write_text
+from cortexbench.schedule import Schedule, make_schedule
+from cortexbench.stats import HistogramSet
+from cortexbench.worker import WorkerSpec
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """The reconciled run: flags, config, the cluster's resources."""
+
+    cfg: Config
+    backend: str
+    models: tuple[str, ...]
+    images: tuple[str, ...]
+    workers: tuple[WorkerSpec, ...]
+    gpu: bool
+    cpus_each: float
+    threads_each: int
+    dispatch: str
+    drivers: int
+    max_group: int
+    depth: int
+    schedule: Schedule
+
+
+def plan_stream(cfg: Config, resources: dict[str, float], *, quiet: bool = False) -> StreamPlan:
+    st = cfg.stream
+    cpus = int(resources.get("CPU", os.cpu_count() or 1))
+    have_gpus = int(resources.get("GPU", 0))
+    if cfg.gpu_num == "auto":
+        n_gpu = have_gpus
+    else:
+        n_gpu = int(cfg.gpu_num)
+        if n_gpu > have_gpus:
+            raise DeviceError(f"--gpus {n_gpu}: the {'cluster' if st.address else 'machine'} has "
+                              f"{have_gpus} GPU(s); use --gpus {have_gpus} or --gpus 0 for CPU workers")
+    gpu = n_gpu > 0
+    n_workers = n_gpu if gpu else (st.cpu_workers or max(1, min(8, cpus // 2)))
+    cpus_each = max(1.0, (cpus - 1) / n_workers) if not gpu else max(1.0, min(2.0, (cpus - 1) / n_workers))
+    cpus_each = float(math.floor(cpus_each)) if cpus_each >= 1 else cpus_each
+    threads_each = max(1, int(cpus_each))
+    models = expand_model_names(cfg.models)
+    if cfg.backend == "auto":
+        backend = "torch" if gpu else resolve_backend("auto", ["cpu"])
+    else:
+        backend = resolve_backend(cfg.backend)
+    model_dir = cfg.model_dir
+    if not cfg.from_flag("model_dir"):
+        ensure_models(models, backend, model_dir, seed=cfg.seed, progress=not quiet)
+    images = ensure_images(cfg.img_dir, cfg.images.synth_count, seed=cfg.images.seed,
+                           create=not cfg.from_flag("img_dir"), progress=not quiet)
+    lanes = st.lanes or (8 if gpu else 1)
+    workers = tuple(
+        WorkerSpec(name=f"{'gpu' if gpu else 'cpu'}{i}", device="gpu:0" if gpu else "cpu", backend=backend,
+                   model_dir=str(model_dir), models=models, images=tuple(str(p) for p in images), lanes=lanes,
+                   precision=cfg.precision, cuda_graphs=gpu and backend == "torch", image_pool=st.image_pool,
+                   drop_cache=st.cold_drop_cache)
+        for i in range(n_workers))
+    dispatch = st.dispatch if st.dispatch != "auto" else ("compiled" if gpu else "grouped")
+    drivers = st.drivers or (1 if n_workers <= 2 else max(1, min(n_workers // 2, cpus // 4)))
+    drivers = min(drivers, n_workers)
+    max_group = 1 if dispatch == "actor" else (st.max_group or lanes)
+    depth = st.concurrency if dispatch == "actor" else 4
+    schedule = make_schedule(count=cfg.times, models=models, n_images=len(images), popularity=st.popularity,
+                             weights=st.model_weights, rate=st.rate, duration_s=st.duration_s,
+                             warmup=st.warmup, seed=cfg.seed)
+    return StreamPlan(cfg, backend, models, tuple(str(p) for p in images), workers, gpu, cpus_each,
+                      threads_each, dispatch, drivers, max_group, depth, schedule)
+
+
+@dataclass
+class ModeRun:
+    result: DriverResult
+    hists: HistogramSet
+    summary: dict[str, Any]
+
+
+class StreamRun:
+    """Runs every mode of a plan on a worker pool; keeps what was measured for the results."""
+
+    def __init__(self, plan: StreamPlan, pool: cluster.WorkerPool, live: LiveView) -> None:
+        self.plan = plan
+        self.pool = pool
+        self.live = live
+        self.modes: dict[str, ModeRun] = {}
+        self.interrupted = False
+        self._stop_current: Any = None
+        self.setup_s: dict[str, list[dict[str, float]]] = {}
+
+    def options(self, mode: str, shards: int) -> DriverOptions:
+        st = self.plan.cfg.stream
+        conc = None if st.rate is not None else max(1, st.concurrency // shards)
+        return DriverOptions(mode=mode, concurrency=conc, max_group=self.plan.max_group, depth=self.plan.depth,
+                             retries=st.retries, duration_s=st.duration_s, drain_timeout_s=st.drain_timeout_s)
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+        if self._stop_current is not None:
+            self._stop_current()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGINT, self._on_sigint)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # not the main thread (tests): interrupt() is called directly
+        try:
+            for mode in self.plan.cfg.stream.modes:
+                if self.interrupted:
+                    break
+                await self.run_mode(mode)
+        finally:
+            try:
+                loop.remove_signal_handler(signal.SIGINT)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass
+
+    def _on_sigint(self) -> None:
+        print("\nstopping: draining in-flight images (Ctrl-C again to abort at once)", file=sys.stderr)
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGINT)
+        self.interrupt()
+
+    async def run_mode(self, mode: str) -> None:
+        plan = self.plan
+        sched = plan.schedule
+        self.live.start_mode(mode, len(sched), sched.warmup)
+        loop = asyncio.get_running_loop()
+        self.setup_s[mode] = await loop.run_in_executor(None, self.pool.set_mode, mode)
+        lru = parse_mode(mode).capacity or None
+        names = tuple(self.pool.names)
+        if plan.drivers <= 1:
+            handles = cluster.make_handles(self.pool.actors, names, mode, plan.dispatch, plan.depth)
+            for h in handles:
+                await h.start()
+            balancer = make_balancer(plan.cfg.stream.balancer, len(handles), len(plan.models), seed=plan.cfg.seed,
+                                     lru_capacity=lru)
+            driver = Driver(sched, handles, balancer, self.options(mode, 1), on_progress=self.live.fold)
+            self._stop_current = driver.stop
+            try:
+                result = await driver.run()
+            finally:
+                self._stop_current = None
+                for h in handles:
+                    await h.close()
+            hists = histograms(result.ledger, sched.warmup)
+        else:
+            result, hists = await self._run_shards(mode, lru)
+        self.live.close_mode()
+        summary = summarize_mode(mode, result.ledger, hists, warmup=sched.warmup, sent=result.sent,
+                                 not_sent=result.not_sent, retries=result.retries, cancelled=result.cancelled,
+                                 duration_s=plan.cfg.stream.duration_s,
+                                 worker_states={k: vars(v) for k, v in result.states.items()})
+        summary["setup_s"] = self.setup_s.get(mode)
+        summary["worker_losses"] = result.worker_losses
+        result.ledger.check_complete(result.sent)
+        self.modes[mode] = ModeRun(result, hists, summary)
+
+    async def _run_shards(self, mode: str, lru: int | None) -> tuple[DriverResult, HistogramSet]:
+        plan = self.plan
+        n = plan.drivers
+        shards = cluster.start_shards(n)
+        start_wall = time.time() + 1.0
+        names = tuple(self.pool.names)
+        refs = []
+        for i, shard in enumerate(shards):
+            ids = tuple(range(i, len(names), n))
+            sp = cluster.ShardPlan(plan.schedule.shard(i, n), tuple(self.pool.actors[j] for j in ids),
+                                   tuple(names[j] for j in ids), ids, names, self.options(mode, n),
+                                   plan.cfg.stream.balancer, plan.cfg.seed + i, lru, plan.dispatch, start_wall)
+            refs.append(cluster.shard_run(shard, sp))
+        self._stop_current = lambda: [cluster.shard_stop(s) for s in shards]
+        try:
+            pending = set(refs)
+            while pending:
+                _done, _ = await asyncio.wait([asyncio.ensure_future(_await(r)) for r in pending], timeout=0.5)
+                pending = {r for r in pending if not _ready(r)}
+                takes = await asyncio.gather(*[_await(cluster.shard_take(s)) for s in shards])
+                for progress, rows in takes:
+                    if progress is not None:
+                        self.live.fold(progress, rows)
+            results: list[DriverResult] = [await _await(r) for r in refs]
+        finally:
+            self._stop_current = None
+            for s in shards:
+                cluster.ray.kill(s)
+        ledger = Ledger.merge([r.ledger for r in results])
+        hists = HistogramSet()
+        for r in results:
+            hists.merge(r.hists if r.hists is not None else histograms(r.ledger, plan.schedule.warmup))
+        merged = DriverResult(mode, ledger, sum(r.sent for r in results), sum(r.not_sent for r in results),
+                              min(r.started_s for r in results), max(r.finished_s for r in results),
+                              sum(r.retries for r in results), sum(r.cancelled for r in results),
+                              any(r.stopped_early for r in results),
+                              {k: v for r in results for k, v in r.states.items()},
+                              {k: v for r in results for k, v in r.worker_losses.items()})
+        return merged, hists
+
+
+async def _await(ref: Any) -> Any:
+    try:
+        return await ref
+    except Exception as e:
+        raise cluster.unwrap(e) from None
+
+
+def _ready(ref: Any) -> bool:
+    ready, _ = cluster.ray.wait([ref], timeout=0)
+    return bool(ready)
+
+
+def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = None) -> Path:
+    """Run the stream test as configured; return the run directory."""
+    started = time.time()
+    resources = cluster.init_ray(cfg.stream.address, None if cfg.stream.address else os.cpu_count())
+    try:
+        plan = plan_stream(cfg, resources, quiet=quiet)
+        run_dir = new_run_dir(cfg.result_dir, "stream")
+        server = MetricsServer(cfg.stream.metrics_port) if cfg.stream.metrics_port else None
+        port = server.start() if server is not None else None
+        say = (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr))
+        where = f"{len(plan.workers)} {'GPU' if plan.gpu else 'CPU'} worker(s)"
+        say(f"stream: {len(plan.schedule)} images ({plan.schedule.warmup} warm-up), {len(plan.models)} models, "
+            f"{where}, backend {plan.backend}, dispatch {plan.dispatch}, drivers {plan.drivers}"
+            + (f", metrics on http://127.0.0.1:{port}/metrics" if port else ""))
+        say(f"starting {where} (loading frameworks) ...")
+        pool = cluster.start_workers(plan.workers, gpu=plan.gpu, cpus_each=plan.cpus_each,
+                                     threads_each=plan.threads_each)
+        live = LiveView(plan.models, pool.names, server=server, run_id=run_dir.name, backend=plan.backend,
+                        quiet=quiet)
+        run = StreamRun(plan, pool, live)
+        try:
+            asyncio.run(run.run())
+        except KeyboardInterrupt:
+            run.interrupted = True
+        finally:
+            live.close_mode()
+        results = _results(plan, pool, run, port, started)
+        _write(run_dir, results, run)
+        if not quiet:
+            print(stream_report.console_summary(results))
+            print(f"results: {run_dir}")
+        if server is not None:
+            if cfg.stream.linger_s > 0 and not run.interrupted:
+                say(f"metrics stay up for {cfg.stream.linger_s:g} s (--linger)")
+                time.sleep(cfg.stream.linger_s)
+            server.stop()
+        pool.close()
+        if run.interrupted:
+            done = sum(m.result.sent for m in run.modes.values())
+            raise Interrupted(f"interrupted: {done} images sent and accounted for; partial results in {run_dir}")
+        return run_dir
+    finally:
+        cluster.shutdown_ray()
+
+
+def _results(plan: StreamPlan, pool: cluster.WorkerPool, run: StreamRun, port: int | None,
+             started: float) -> dict[str, Any]:
+    cfg = plan.cfg
+    modes = {m: r.summary for m, r in run.modes.items()}
+    body = {
+        "modes": modes,
+        "comparison": compare_modes(modes),
+        "workers": [{"name": s.name, "device": s.device, "node": i.get("node"), "pid": i.get("pid")}
+                    for s, i in zip(pool.specs, pool.infos, strict=True)],
+        "run": {"dispatch": plan.dispatch, "drivers": plan.drivers, "balancer": cfg.stream.balancer,
+                "loop": "open" if cfg.stream.rate is not None else "closed",
+                "concurrency": cfg.stream.concurrency, "rate": cfg.stream.rate, "images": cfg.times,
+                "warmup": cfg.stream.warmup, "popularity": cfg.stream.popularity, "metrics_port": port,
+                "backend": plan.backend, "lanes": plan.workers[0].lanes, "max_group": plan.max_group,
+                "depth": plan.depth, "image_files": len(plan.images), "models": list(plan.models),
+                "interrupted": run.interrupted},
+    }
+    return envelope("stream", replace(cfg).to_dict(), machine.machine_info(), body,
+                    complete=not run.interrupted and len(run.modes) == len(cfg.stream.modes),
+                    started_at=started, finished_at=time.time())
+
+
+def _write(run_dir: Path, results: dict[str, Any], run: StreamRun) -> None:
+    ledgers = {m: r.result.ledger for m, r in run.modes.items()}
+    if run.plan.cfg.stream.records != "none":
+        for mode, ledger in ledgers.items():
+            ledger.save_csv_gz(run_dir / f"records-{mode.replace(':', '')}.csv.gz")
+    write_json(run_dir / "results.json", results)
+    write_text(run_dir / "report.md", stream_report.render_markdown(results))
+    if ledgers:
+        stream_plots.plot_all(results, ledgers, run_dir, run.plan.schedule.warmup)
+
+
+def backend_devices(name: str) -> list[str]:
+    return get_backend(name).devices()

@@ -1,0 +1,440 @@
+"""The stream driver: replays a seeded schedule through a balancer onto worker handles, one mode at a time.
+
+Plain asyncio; it talks to workers only through ``WorkerHandle`` (Ray actors, compiled graphs and unit-test
+fakes all implement it), so it imports no Ray.
+
+One image's life::
+
+    dispatcher ──(scheduled time)──> Balancer.pick ──> pending[w] ──> sender[w] ──group──> handle.call
+                                                                                     │
+    ledger row (ok | failed kind) <── results (stage times from the worker) <────────┘
+
+- Open loop (``rate``): each image has a scheduled send time from one Poisson process; latency is counted
+  from that time, so a slow system cannot hide its queueing (MLPerf LoadGen's Server scenario).
+- Closed loop (``concurrency``): C images in flight; an image is scheduled when a slot frees.
+- A sender per worker takes up to ``max_group`` pending images per call and keeps up to ``depth`` calls in
+  flight, so the transport's round trip does not serialise the device.  With ``max_group=1`` every image
+  is its own call (the plain actor path).
+- ``send_delay`` (sent - scheduled) is recorded for every image; the share sent more than 1 ms late is
+  reported, so an overloaded driver shows instead of flattering the result.
+- A worker that dies (``WorkerLostError``): its images are retried on live workers up to ``retries``
+  times, then counted as failed (``worker_died``); the worker rejoins when its handle has recovered.
+- ``stop()`` (Ctrl-C, or the duration is up): dispatching stops, in-flight calls get ``drain_timeout_s``,
+  the rest are cancelled and counted as ``cancelled``.  Every image sent ends in the ledger as ok or failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from cortexbench.balancer import Balancer
+from cortexbench.errors import WorkerError, WorkerLostError
+from cortexbench.ledger import OUTCOMES, WORKER_STAGES, Ledger
+from cortexbench.schedule import Schedule
+from cortexbench.worker import RequestGroup, ResultGroup, WorkerState
+
+WORKER_DIED, CANCELLED = OUTCOMES.index("worker_died"), OUTCOMES.index("cancelled")
+LATE_S = 1e-3
+
+
+class WorkerHandle(Protocol):
+    """How the driver reaches one worker."""
+
+    name: str
+
+    async def call(self, group: RequestGroup) -> tuple[ResultGroup, float]:
+        """Run a group; return the results and the driver-clock time they were received.
+        Raises WorkerLostError when the worker died (its images may be retried elsewhere)."""
+        ...
+
+    async def recover(self) -> None:
+        """Wait until a lost worker is back and set up again; raise WorkerError if it cannot be."""
+        ...
+
+
+@dataclass
+class DriverOptions:
+    mode: str
+    concurrency: int | None = 64  # closed loop when rate is None
+    max_group: int = 1
+    depth: int = 64
+    retries: int = 2
+    duration_s: float | None = None
+    drain_timeout_s: float = 10.0
+    fold_interval_s: float = 0.5
+    spin_s: float = 0.001  # open loop: wake this early and yield until due (asyncio timers are ms-coarse)
+
+
+@dataclass
+class Progress:
+    """A snapshot for the live line and the metrics: counts so far and the rows since the last fold."""
+
+    mode: str
+    scheduled: int
+    sent: int
+    done: int
+    failed: int
+    elapsed_s: float
+    new_rows: Ledger
+    outstanding: list[int]
+    states: dict[str, WorkerState]
+
+
+@dataclass
+class DriverResult:
+    mode: str
+    ledger: Ledger
+    sent: int
+    not_sent: int
+    started_s: float
+    finished_s: float
+    retries: int
+    cancelled: int
+    stopped_early: bool
+    states: dict[str, WorkerState] = field(default_factory=dict)
+    worker_losses: dict[str, int] = field(default_factory=dict)
+    hists: Any = None  # a shard's HistogramSet of its own ledger (stats.HistogramSet)
+    error: str | None = None  # why the run could not go on (every worker gone), if so
+
+
+class Driver:
+    """Runs one mode of one schedule (or one shard of it) over ``handles``."""
+
+    def __init__(self, schedule: Schedule, handles: Sequence[WorkerHandle], balancer: Balancer,
+                 options: DriverOptions, *, clock: Callable[[], float] = time.monotonic,
+                 on_progress: Callable[[Progress], None] | None = None, start_at: float | None = None,
+                 worker_ids: Sequence[int] | None = None, worker_names: Sequence[str] | None = None) -> None:
+        self.schedule = schedule
+        self.handles = list(handles)
+        self.balancer = balancer
+        self.opt = options
+        self.clock = clock
+        self.on_progress = on_progress
+        self.start_at = start_at
+        n, nw = len(schedule), len(handles)
+        self.model_idx = np.asarray(schedule.model_idx, np.int64)
+        self.image_idx = np.asarray(schedule.image_idx, np.int64)
+        self.scheduled_s = np.full(n, np.nan)
+        self.sent_s = np.full(n, np.nan)
+        self.attempts = np.zeros(n, np.int64)
+        self.worker_of = np.full(n, -1, np.int64)
+        self.outstanding = np.zeros(nw, np.int64)
+        self.alive = np.ones(nw, bool)
+        self.pending: list[deque[int]] = [deque() for _ in range(nw)]
+        self.wake = [asyncio.Event() for _ in range(nw)]
+        self.calls_inflight = [0] * nw
+        self.worker_ids = np.asarray(worker_ids if worker_ids is not None else range(nw), np.int16)
+        names = tuple(worker_names) if worker_names is not None else tuple(h.name for h in handles)
+        self.ledger = Ledger(capacity=max(n, 1), models=schedule.models, workers=names)
+        self.states: dict[str, WorkerState] = {}
+        self.losses: dict[str, int] = {}
+        self.n_sent = self.n_done = self.n_failed = self.n_retries = self.n_cancelled = 0
+        self.dispatched = 0
+        self._stop = asyncio.Event()
+        self._dispatch_done = asyncio.Event()
+        self._all_done = asyncio.Event()
+        self._closed_loop = False
+        self._free_slots = 0
+        self._slot_ev = asyncio.Event()
+        self._alive_ev = asyncio.Event()
+        self._parked: deque[int] = deque()  # images to retry while no worker is alive
+        self._gone = 0
+        self.error: str | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._calls: dict[asyncio.Task[None], list[int]] = {}
+        self._folded = 0
+        self._t0 = 0.0
+
+    # --- control ----------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop dispatching; what is in flight drains (bounded), the rest is cancelled and counted."""
+        self._stop.set()
+        self._slot_ev.set()
+        self._alive_ev.set()
+
+    def _spawn(self, coro: object) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def run(self) -> DriverResult:
+        loop_t = self.clock()
+        if self.start_at is not None and self.start_at > loop_t:
+            await asyncio.sleep(self.start_at - loop_t)
+        self._t0 = self.clock()
+        if self.opt.concurrency is not None and self.schedule.send_at_s is None:
+            self._closed_loop = True
+            self._free_slots = self.opt.concurrency
+        senders = [self._spawn(self._sender(w)) for w in range(len(self.handles))]
+        folder = self._spawn(self._fold_loop())
+        dispatcher = self._spawn(self._dispatch())
+        stopped_early = False
+        try:
+            await dispatcher
+            stopped_early = self._stop.is_set()
+            await self._drain()
+        finally:
+            for t in [*senders, folder, *self._tasks]:
+                t.cancel()
+            await asyncio.gather(*senders, folder, *list(self._tasks), return_exceptions=True)
+        self._fold()
+        not_sent = len(self.schedule) - self.n_sent
+        return DriverResult(self.opt.mode, self.ledger, self.n_sent, not_sent, self._t0, self.clock(),
+                            self.n_retries, self.n_cancelled, stopped_early, dict(self.states), dict(self.losses),
+                            error=self.error)
+
+    async def _drain(self) -> None:
+        """Wait for every image sent; once stop() is called, only ``drain_timeout_s``, then cancel."""
+        if not self._stop.is_set():
+            await _first(self._all_done.wait(), self._stop.wait())
+        if self._all_done.is_set():
+            return
+        for w, q in enumerate(self.pending):  # stopping: images not yet sent stay unsent
+            retried = [p for p in q if self.attempts[p] > 0]  # ...but a retry was sent once: it failed
+            self.outstanding[w] -= len(q)
+            q.clear()
+            self._record_failed(retried, WORKER_DIED, self.clock())
+        parked = list(self._parked)
+        self._parked.clear()
+        self._record_failed(parked, WORKER_DIED, self.clock())
+        self._check_all_done()
+        if not self._all_done.is_set():
+            try:
+                await asyncio.wait_for(self._all_done.wait(), timeout=self.opt.drain_timeout_s)
+            except asyncio.TimeoutError:
+                self._cancel_rest()
+
+    def _cancel_rest(self) -> None:
+        now = self.clock()
+        for task, positions in list(self._calls.items()):
+            task.cancel()
+            self._record_failed(positions, CANCELLED, now)
+            self.n_cancelled += len(positions)
+        self._calls.clear()
+
+    # --- dispatch -----------------------------------------------------------------------------------
+
+    async def _dispatch(self) -> None:
+        sched = self.schedule
+        n = len(sched)
+        send_at = sched.send_at_s
+        deadline = self._t0 + self.opt.duration_s if self.opt.duration_s else None
+        clock = self.clock
+        spin = self.opt.spin_s
+        for pos in range(n):
+            if self._stop.is_set():
+                break
+            if send_at is not None:
+                due = self._t0 + float(send_at[pos])
+                if due - clock() > spin:
+                    await _sleep_until(due - spin, clock, self._stop)
+                while clock() < due and not self._stop.is_set():
+                    await asyncio.sleep(0)  # the last stretch: asyncio's timers are too coarse
+                if self._stop.is_set():
+                    break
+                scheduled = due
+            else:
+                while self._free_slots <= 0 and not self._stop.is_set():
+                    self._slot_ev.clear()
+                    await self._slot_ev.wait()
+                if self._stop.is_set():
+                    break
+                self._free_slots -= 1
+                scheduled = clock()
+            if deadline is not None and scheduled >= deadline:
+                self.stop()
+                break
+            while not self.alive.any() and not self._stop.is_set():
+                self._alive_ev.clear()
+                await self._alive_ev.wait()
+            if self._stop.is_set():
+                break
+            self._assign(pos, scheduled)
+        self._dispatch_done.set()
+        self._check_all_done()
+
+    def _assign(self, pos: int, scheduled: float) -> None:
+        w = self.balancer.pick(int(self.model_idx[pos]), self.outstanding, self.alive)
+        if np.isnan(self.scheduled_s[pos]):
+            self.scheduled_s[pos] = scheduled
+            self.dispatched += 1
+        self.worker_of[pos] = w
+        self.outstanding[w] += 1
+        self.pending[w].append(pos)
+        self.wake[w].set()
+
+    async def _sender(self, w: int) -> None:
+        pending, wake = self.pending[w], self.wake[w]
+        max_group, depth = self.opt.max_group, self.opt.depth
+        while True:
+            while not pending or self.calls_inflight[w] >= depth or not self.alive[w]:
+                wake.clear()
+                await wake.wait()
+            take = min(max_group, len(pending))
+            positions = [pending.popleft() for _ in range(take)]
+            now = self.clock()
+            first = self.attempts[positions] == 0
+            self.sent_s[positions] = now
+            self.attempts[positions] += 1
+            self.n_sent += int(first.sum())
+            self.calls_inflight[w] += 1
+            task = self._spawn(self._call(w, positions))
+            self._calls[task] = positions
+
+    async def _call(self, w: int, positions: list[int]) -> None:
+        handle = self.handles[w]
+        group = RequestGroup.of(self.schedule.item[positions], self.model_idx[positions], self.image_idx[positions])
+        try:
+            result, received = await handle.call(group)
+        except WorkerLostError:
+            self._calls.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+            self.calls_inflight[w] -= 1
+            self._worker_lost(w, positions)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # an unexpected transport error: count the images as failed, keep going
+            self._calls.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+            self.calls_inflight[w] -= 1
+            self.outstanding[w] -= len(positions)
+            self._record_failed(positions, OUTCOMES.index("error"), self.clock(), str(e))
+            self._release(len(positions))
+            return
+        self._calls.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+        self.calls_inflight[w] -= 1
+        self.outstanding[w] -= len(positions)
+        self.states[handle.name] = result.state
+        rows = result.rows
+        pos = np.asarray(positions, np.int64)
+        outcome = rows[:, 1].astype(np.int8)
+        self.ledger.add_many(
+            item=self.schedule.item[pos], model_idx=self.model_idx[pos], image_idx=self.image_idx[pos],
+            worker=np.full(len(pos), self.worker_ids[w], np.int16), outcome=outcome, attempts=self.attempts[pos],
+            hit=rows[:, 2].astype(np.int8), scheduled_s=self.scheduled_s[pos] - self._t0,
+            sent_s=self.sent_s[pos] - self._t0, done_s=np.full(len(pos), received - self._t0),
+            stages=rows[:, 3:3 + len(WORKER_STAGES)])
+        failed = int((outcome != 0).sum())
+        self.n_failed += failed
+        self.n_done += len(pos) - failed
+        self._release(len(pos))
+        self.wake[w].set()
+        self._check_all_done()
+
+    def _release(self, n: int) -> None:
+        if self._closed_loop:
+            self._free_slots += n
+            self._slot_ev.set()
+
+    def _check_all_done(self) -> None:
+        if (self._dispatch_done.is_set() and self.n_done + self.n_failed >= self.n_sent and not any(self.pending)
+                and not self._parked):
+            self._all_done.set()
+
+    def _record_failed(self, positions: list[int], outcome: int, now: float, _msg: str = "") -> None:
+        pos = np.asarray(positions, np.int64)
+        n = len(pos)
+        if not n:
+            return
+        self.ledger.add_many(
+            item=self.schedule.item[pos], model_idx=self.model_idx[pos], image_idx=self.image_idx[pos],
+            worker=self.worker_ids[np.maximum(self.worker_of[pos], 0)], outcome=np.full(n, outcome, np.int8),
+            attempts=self.attempts[pos], hit=np.full(n, -1, np.int8), scheduled_s=self.scheduled_s[pos] - self._t0,
+            sent_s=self.sent_s[pos] - self._t0, done_s=np.full(n, now - self._t0),
+            stages=np.full((n, len(WORKER_STAGES)), np.nan))
+        self.n_failed += n
+        self._check_all_done()
+
+    # --- faults -------------------------------------------------------------------------------------
+
+    def _worker_lost(self, w: int, positions: list[int]) -> None:
+        name = self.handles[w].name
+        self.losses[name] = self.losses.get(name, 0) + 1
+        if self.alive[w]:
+            self.alive[w] = False
+            self._spawn(self._recover(w))
+        self.outstanding[w] -= len(positions)
+        retry = [p for p in positions if self.attempts[p] <= self.opt.retries]
+        give_up = [p for p in positions if self.attempts[p] > self.opt.retries]
+        if give_up:
+            self._record_failed(give_up, WORKER_DIED, self.clock())
+            self._release(len(give_up))
+        # the worker's queued images go elsewhere too
+        queued = list(self.pending[w])
+        self.pending[w].clear()
+        self.outstanding[w] -= len(queued)
+        self.n_retries += len(retry)
+        self._reassign([*retry, *queued])
+
+    def _reassign(self, positions: list[int]) -> None:
+        """Send images again through the balancer; park them while no worker is alive."""
+        for p in positions:
+            if self.alive.any():
+                self._assign(p, float(self.scheduled_s[p]))
+            else:
+                self._parked.append(p)
+
+    async def _recover(self, w: int) -> None:
+        try:
+            await self.handles[w].recover()
+        except WorkerError as e:
+            self._gone += 1  # stays dead; the others carry on
+            if self._gone >= len(self.handles):
+                self.error = f"every worker is gone (last: {e})"
+                parked = list(self._parked)
+                self._parked.clear()
+                self._record_failed(parked, WORKER_DIED, self.clock())
+                self._release(len(parked))
+                self.stop()
+            return
+        self.alive[w] = True
+        self._alive_ev.set()
+        self.wake[w].set()
+        parked = list(self._parked)
+        self._parked.clear()
+        self._reassign(parked)
+
+    # --- progress -----------------------------------------------------------------------------------
+
+    async def _fold_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.opt.fold_interval_s)
+            self._fold()
+
+    def _fold(self) -> None:
+        if self.on_progress is None:
+            return
+        new = self.ledger.slice(self._folded, len(self.ledger))
+        self._folded = len(self.ledger)
+        self.on_progress(Progress(self.opt.mode, self.dispatched, self.n_sent, self.n_done, self.n_failed,
+                                  self.clock() - self._t0, new, self.outstanding.tolist(), dict(self.states)))
+
+
+async def _first(*aws: object) -> None:
+    """Wait for the first of several awaitables; cancel the others."""
+    tasks = [asyncio.ensure_future(a) for a in aws]  # type: ignore[call-overload]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _sleep_until(t: float, clock: Callable[[], float], stop: asyncio.Event) -> None:
+    delay = t - clock()
+    if delay <= 0:
+        return
+    if stop.is_set():
+        return
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=delay)
+    except asyncio.TimeoutError:
+        pass

@@ -1,0 +1,83 @@
+"""``python -m cortexbench.stream``: the image stream over one Ray worker per GPU (or CPU workers).
+
+The command line only; ``cortexbench.coordinator`` runs it.  Every flag overrides its config.json key
+(shown in brackets in ``--help``); docs/usage.md explains the modes, balancers and loops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from cortexbench import machine
+from cortexbench.cli import COMMON_KEYS, ArgumentParser, add_common_flags, overrides_from, run_main
+from cortexbench.config import load_config
+
+PROG = "python -m cortexbench.stream"
+STREAM_KEYS = {
+    **COMMON_KEYS, "gpus": "gpu_num", "images": "times", "cpu_workers": "stream.cpu_workers",
+    "mode": "stream.modes", "weights": "stream.model_weights", "balancer": "stream.balancer",
+    "concurrency": "stream.concurrency", "rate": "stream.rate", "address": "stream.address",
+    "metrics_port": "stream.metrics_port", "duration": "stream.duration_s", "linger": "stream.linger_s",
+    "warmup": "stream.warmup", "popularity": "stream.popularity", "dispatch": "stream.dispatch",
+    "drivers": "stream.drivers", "max_group": "stream.max_group", "lanes": "stream.lanes",
+    "retries": "stream.retries", "image_pool": "stream.image_pool", "drain_timeout": "stream.drain_timeout_s",
+    "cold_drop_cache": "stream.cold_drop_cache", "records": "stream.records",
+}
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        prog=PROG,
+        description="Per-image latency and throughput of a stream of images over many workers, with models "
+                    "cached on the workers, loaded cold for every image, or kept in an LRU of K.",
+        epilog=f"examples:\n  {PROG}\n  {PROG} --gpus 8 --mode cached,cold,lru:2\n"
+               f"  {PROG} --rate 2000 --duration 60 --balancer p2c\n  {PROG} --address auto --gpus 16",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_flags(p)
+    a = p.add_argument
+    a("--gpus", type=int, metavar="N", help="GPU workers, one per GPU; 0 = CPU workers [gpu_num]")
+    a("--cpu-workers", type=int, metavar="N", help="CPU workers when there is no GPU [stream.cpu_workers]")
+    a("--mode", metavar="M,M", help="cached, cold, lru:K; several run one after another [stream.modes]")
+    a("--images", type=int, metavar="N", help="images in the stream [times]")
+    a("--weights", metavar="W,W", help="one weight per model, instead of --popularity [stream.model_weights]")
+    a("--popularity", metavar="P", help="uniform or zipf:S [stream.popularity]")
+    a("--balancer", metavar="B", help="round-robin, least-outstanding, p2c, affinity [stream.balancer]")
+    a("--concurrency", type=int, metavar="C", help="closed loop: images in flight [stream.concurrency]")
+    a("--rate", type=float, metavar="R", help="open loop: Poisson arrivals, images/s [stream.rate]")
+    a("--duration", type=float, metavar="S", help="stop after S seconds [stream.duration_s]")
+    a("--warmup", type=int, metavar="N", help="images sent first and not counted [stream.warmup]")
+    a("--address", metavar="ADDR", help="join this Ray cluster ('auto' for the local one) [stream.address]")
+    a("--metrics-port", type=int, metavar="PORT", help="Prometheus port on 127.0.0.1; 0 = off [stream.metrics_port]")
+    a("--linger", type=float, metavar="S", help="keep /metrics up S seconds after the run [stream.linger_s]")
+    a("--dispatch", metavar="D", help="actor, grouped, compiled or auto [stream.dispatch]")
+    a("--drivers", type=int, metavar="N", help="load-generator shards; 0 = auto [stream.drivers]")
+    a("--max-group", type=int, metavar="N", help="images per worker call (grouped, compiled) [stream.max_group]")
+    a("--lanes", type=int, metavar="N", help="images in flight inside a worker; 0 = auto [stream.lanes]")
+    a("--retries", type=int, metavar="N", help="retries of an image whose worker died [stream.retries]")
+    a("--image-pool", type=int, metavar="N", help="decoded inputs held per worker (cached, lru) [stream.image_pool]")
+    a("--drain-timeout", type=float, metavar="S", help="wait for in-flight images on stop [stream.drain_timeout_s]")
+    a("--cold-drop-cache", action="store_const", const=True,
+      help="cold mode: drop files from the page cache before reading them [stream.cold_drop_cache]")
+    a("--records", metavar="F", help="per-image records: csv.gz or none [stream.records]")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def body() -> int:
+        from cortexbench.coordinator import run_stream
+
+        overrides = overrides_from(args, STREAM_KEYS)
+        no_gpu = not machine.gpus() and args.address is None and not (args.gpus or 0) > 0
+        cfg = load_config(args.config, overrides, has_gpu=not no_gpu)
+        run_stream(cfg, quiet=args.quiet, argv=list(sys.argv if argv is None else argv))
+        return 0
+
+    return run_main(body, PROG)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
