@@ -8,7 +8,10 @@
   ``grouped``: one actor call carries up to ``max_group`` images, each still run and timed on its own;
   ``compiled``: a Ray Compiled Graph per worker (``CompiledHandle``), several executions in flight, each
   carrying a group; the graph is driven from a thread owned by the handle (Ray's synchronous compiled
-  graph calls are several times faster than its asyncio ones).
+  graph calls are several times faster than its asyncio ones).  Ray's compiled-graph reader waits by
+  spinning: a worker with a graph set up burns most of a core while idle, and so does the handle's
+  thread while it waits for a result; leave cores for them (measured by ``bench/dispatch.py``).
+  Groups cross Ray as bytes on every path (see ``WorkerActor``).
 - ``ShardActor`` runs a ``Driver`` on a slice of the schedule and a share of the workers (``--drivers N``);
   the coordinator collects their new ledger rows while they run and merges ledgers and histograms at the end.
 - ``RayAdapter`` is the one class that calls ``.remote()``.
@@ -37,6 +40,11 @@ from cortexbench.schedule import Schedule
 from cortexbench.worker import ModelWorker, RequestGroup, ResultGroup, WorkerSpec, WorkerState
 
 _LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+# Calls one worker actor runs at once (its Ray threads).  More in flight wait in Ray's queue before the
+# worker sees them, so their wait shows as transport, not as the worker's queue stage: drivers keep at
+# most this many calls in flight per worker (the actor path's depth).
+CALLS_PER_WORKER = 128
+GET_TIMEOUT_S = 3600.0  # a compiled graph's result: a group of cold loads of large models can take long
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> dict[str, float]:
@@ -92,10 +100,17 @@ def get(refs: Any, timeout_s: float | None = None) -> Any:
 
 
 class WorkerActor:
-    """A ModelWorker in a Ray actor (async: inference runs on the worker's lane threads)."""
+    """A ModelWorker in a threaded Ray actor: each call runs ``ModelWorker.run`` on one of Ray's threads
+    for the actor (up to ``CALLS_PER_WORKER`` at once), which takes a free lane itself and leaves the rest
+    of a group to the worker's lane threads.  A threaded actor costs about half the CPU per call of an
+    asyncio actor, whose every call crosses to its event loop and back.
+
+    Groups travel as bytes both ways (``RequestGroup.to_bytes``, ``ResultGroup.to_bytes``): Ray passes
+    bytes through as they are, while a numpy array or a dataclass costs a pickling round of several
+    times the whole call on a compiled graph."""
 
     def __init__(self, spec: WorkerSpec, threads: int) -> None:
-        if threads > 0:
+        if threads > 0 and spec.backend == "torch":
             try:
                 import torch
 
@@ -110,11 +125,13 @@ class WorkerActor:
     def set_mode(self, mode: str) -> dict[str, float]:
         return self.worker.set_mode(mode)
 
-    async def infer(self, group: RequestGroup) -> ResultGroup:
-        return await asyncio.wrap_future(self.worker.submit(group))
+    def infer(self, data: bytes) -> bytes:
+        """One group (the actor and grouped paths)."""
+        return self.worker.run_bytes(data)
 
-    def execute(self, group: RequestGroup) -> ResultGroup:
-        return self.worker.run(group)
+    def execute(self, data: bytes) -> bytes:
+        """One group (the compiled path: a compiled graph's execution thread calls this)."""
+        return self.worker.run_bytes(data)
 
     def state(self) -> WorkerState:
         return self.worker.state()
@@ -179,7 +196,7 @@ def start_workers(specs: Sequence[WorkerSpec], *, gpu: bool, cpus_each: float, t
     for i, spec in enumerate(specs):
         opts: dict[str, Any] = {
             "num_cpus": cpus_each, "num_gpus": 1 if gpu else 0, "max_restarts": max_restarts,
-            "max_task_retries": 0, "max_concurrency": 1000, "name": None,
+            "max_task_retries": 0, "max_concurrency": CALLS_PER_WORKER, "name": None,
             "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg,
                                                                     placement_group_bundle_index=i),
             "runtime_env": {"env_vars": env},
@@ -207,10 +224,10 @@ class ActorHandle:
 
     async def call(self, group: RequestGroup) -> tuple[ResultGroup, float]:
         try:
-            result = await ADAPTER.call(self.actor, "infer", group)
+            data = await ADAPTER.call(self.actor, "infer", group.to_bytes())
         except _LOST as e:
             raise WorkerLostError(f"worker {self.name} died: {type(e).__name__}") from None
-        return result, time.monotonic()
+        return ResultGroup.from_bytes(data), time.monotonic()
 
     async def recover(self) -> None:
         await _recover(self.actor, self.name, self.mode)
@@ -219,14 +236,25 @@ class ActorHandle:
         pass
 
 
-async def _recover(actor: Any, name: str, mode: str, timeout_s: float = 120.0) -> None:
-    """Wait for Ray to restart a worker, then set its mode again."""
+async def _recover(actor: Any, name: str, mode: str, timeout_s: float = 120.0, dead_s: float = 2.0) -> None:
+    """Wait for Ray to restart a worker, then set its mode again.  A restarting actor answers
+    ActorUnavailableError (or takes the call once it is back); one dead for good (no restarts left, or
+    killed for good) answers ActorDiedError at once: after ``dead_s`` of those, give up."""
     deadline = time.monotonic() + timeout_s
+    died_since: float | None = None
     while time.monotonic() < deadline:
         try:
             await asyncio.wait_for(ADAPTER.call(actor, "set_mode", mode), timeout=timeout_s)
             return
+        except ray.exceptions.ActorDiedError:
+            now = time.monotonic()
+            died_since = now if died_since is None else died_since
+            if now - died_since >= dead_s:
+                raise WorkerError(f"worker {name} is dead for good (no restarts left); the run goes on "
+                                  f"without it") from None
+            await asyncio.sleep(0.2)
         except (*_LOST, asyncio.TimeoutError):
+            died_since = None
             await asyncio.sleep(0.2)  # restarting: poll again
         except ray.exceptions.RayTaskError as e:
             raise WorkerError(f"worker {name} restarted but cannot set up: {unwrap(e)}") from None
@@ -234,14 +262,26 @@ async def _recover(actor: Any, name: str, mode: str, timeout_s: float = 120.0) -
 
 
 class CompiledHandle:
-    """A Ray Compiled Graph to one worker, driven by a thread this handle owns; ``depth`` executions in flight."""
+    """A Ray Compiled Graph to one worker with ``depth`` executions in flight, for an asyncio driver.
+
+    Ray's synchronous graph calls are several times faster than its asyncio ones, but ``ref.get()``
+    blocks, and a graph must not be used by two threads at once.  So a thread of the handle (the pump)
+    waits for the results, in order, and hands each to the event loop; whoever uses the graph holds
+    ``_graph_lock``: the pump from the moment it has an execution in flight until it has none.  When the
+    pump is idle, ``call`` submits on the event loop's own thread (``execute`` does not block while
+    fewer than ``depth`` are in flight), so a call at low load crosses threads once, not twice; under
+    load the pump submits the queued groups between its waits."""
 
     def __init__(self, name: str, actor: Any, mode: str, depth: int = 4) -> None:
         self.name = name
         self.actor = actor
         self.mode = mode
         self.depth = depth
-        self._q: queue.SimpleQueue[tuple[RequestGroup, asyncio.Future[Any]] | None] = queue.SimpleQueue()
+        # (execution already submitted, or None) | (group bytes to submit, or None) | the caller's future
+        self._q: queue.SimpleQueue[tuple[Any, bytes | None, asyncio.Future[Any]] | None] = queue.SimpleQueue()
+        self._graph_lock = threading.Lock()
+        self._inflight = 0  # executions handed out and not yet answered (event loop side)
+        self._failed: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._dag: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -253,55 +293,80 @@ class CompiledHandle:
         with InputNode() as inp:
             dag = self.actor.execute.bind(inp)
         self._dag = dag.experimental_compile(_max_inflight_executions=self.depth)
+        self._q = queue.SimpleQueue()
+        self._inflight = 0
+        self._failed = None
         self._thread = threading.Thread(target=self._pump, name=f"cgraph-{self.name}", daemon=True)
         self._thread.start()
 
     async def call(self, group: RequestGroup) -> tuple[ResultGroup, float]:
+        if self._failed is not None:
+            raise self._failed
         assert self._loop is not None
         fut: asyncio.Future[Any] = self._loop.create_future()
-        self._q.put((group, fut))
+        data = group.to_bytes()
+        if self._inflight < self.depth and self._graph_lock.acquire(blocking=False):
+            try:  # the pump is idle: submit here, it waits for the result
+                ref = self._dag.execute(data)
+            except Exception as e:
+                raise WorkerLostError(f"worker {self.name} died: {type(e).__name__}") from None
+            finally:
+                self._graph_lock.release()
+            self._q.put((ref, None, fut))
+        else:
+            self._q.put((None, data, fut))
+        self._inflight += 1
         return await fut
 
     def _pump(self) -> None:
-        loop, dag = self._loop, self._dag
+        loop, dag, q, depth = self._loop, self._dag, self._q, self.depth
         assert loop is not None
         inflight: deque[tuple[Any, asyncio.Future[Any]]] = deque()
         clock = time.monotonic
-        while True:
-            try:
-                while len(inflight) < self.depth:
-                    item = self._q.get() if not inflight else self._q.get_nowait()
-                    if item is None:
-                        self._fail(inflight, None)
-                        return
-                    inflight.append((dag.execute(item[0]), item[1]))
-            except queue.Empty:
-                pass
-            ref, fut = inflight.popleft()
-            try:
-                result = ref.get()
-            except Exception as e:
-                inflight.appendleft((ref, fut))
-                self._fail(inflight, e)
-                return
-            loop.call_soon_threadsafe(_resolve, fut, (result, clock()))
+        err: BaseException | None = None
+        try:
+            while (item := q.get()) is not None:
+                with self._graph_lock:
+                    inflight.append((item[0] if item[0] is not None else dag.execute(item[1]), item[2]))
+                    while inflight:
+                        while len(inflight) < depth:
+                            try:
+                                item = q.get_nowait()
+                            except queue.Empty:
+                                break
+                            if item is None:
+                                return
+                            inflight.append((item[0] if item[0] is not None else dag.execute(item[1]), item[2]))
+                        ref, fut = inflight[0]
+                        data = ref.get(timeout=GET_TIMEOUT_S)
+                        inflight.popleft()  # only now: if the get raised, _fail answers this one too
+                        loop.call_soon_threadsafe(self._answer, fut, (ResultGroup.from_bytes(data), clock()))
+        except Exception as e:
+            err = WorkerLostError(f"worker {self.name} died: {type(e).__name__}")
+        finally:
+            loop.call_soon_threadsafe(self._fail, q, [f for _, f in inflight], err or WorkerError("closed"))
 
-    def _fail(self, inflight: deque[tuple[Any, asyncio.Future[Any]]], e: BaseException | None) -> None:
-        assert self._loop is not None
-        err = WorkerLostError(f"worker {self.name} died: {type(e).__name__}") if e else WorkerError("closed")
-        pending = [f for _, f in inflight]
+    def _answer(self, fut: asyncio.Future[Any], value: Any) -> None:
+        self._inflight -= 1
+        if not fut.done():
+            fut.set_result(value)
+
+    def _fail(self, q: queue.SimpleQueue[Any], futures: list[asyncio.Future[Any]], err: BaseException) -> None:
+        """On the event loop: fail what was in flight or queued; later calls fail at once until ``recover``."""
+        if q is self._q:
+            self._failed = err
         while True:
             try:
-                item = self._q.get_nowait()
+                item = q.get_nowait()
             except queue.Empty:
                 break
             if item is not None:
-                pending.append(item[1])
-        for f in pending:
-            self._loop.call_soon_threadsafe(_reject, f, err)
+                futures.append(item[2])
+        for f in futures:
+            _reject(f, err)
 
     async def recover(self) -> None:
-        self._teardown()
+        await asyncio.get_running_loop().run_in_executor(None, self._teardown)
         await _recover(self.actor, self.name, self.mode)
         await self.start()
 
@@ -319,11 +384,6 @@ class CompiledHandle:
 
     async def close(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._teardown)
-
-
-def _resolve(fut: asyncio.Future[Any], value: Any) -> None:
-    if not fut.done():
-        fut.set_result(value)
 
 
 def _reject(fut: asyncio.Future[Any], err: BaseException) -> None:

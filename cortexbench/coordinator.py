@@ -29,13 +29,13 @@ from cortexbench import cluster, machine
 from cortexbench.balancer import make_balancer
 from cortexbench.config import Config
 from cortexbench.driver import Driver, DriverOptions, DriverResult
-from cortexbench.errors import DeviceError, Interrupted
+from cortexbench.errors import DeviceError, Interrupted, ModelNotFoundError, WorkerError
 from cortexbench.images.dataset import ensure_images
 from cortexbench.ledger import Ledger
 from cortexbench.live import LiveView
 from cortexbench.metrics import MetricsServer
 from cortexbench.models.backends import get_backend, resolve_backend
-from cortexbench.models.export import ensure_models
+from cortexbench.models.export import ensure_models, missing_models
 from cortexbench.models.registry import expand_model_names
 from cortexbench.report import stream_plots, stream_report
 from cortexbench.report.stream_summary import compare_modes, histograms, summarize_mode
@@ -44,6 +44,10 @@ from cortexbench.results import envelope, new_run_dir, write_json, write_text
 from cortexbench.schedule import Schedule, make_schedule
 from cortexbench.stats import HistogramSet
 from cortexbench.worker import WorkerSpec
+
+# A worker call not answered within this fails its images as 'timeout' (a hung worker cannot hang the run);
+# far above a group of cold loads of the largest models from a slow disk.
+CALL_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -74,8 +78,9 @@ def plan_stream(cfg: Config, resources: dict[str, float], *, quiet: bool = False
     else:
         n_gpu = int(cfg.gpu_num)
         if n_gpu > have_gpus:
+            fix = f"--gpus {have_gpus} or " if have_gpus else ""
             raise DeviceError(f"--gpus {n_gpu}: the {'cluster' if st.address else 'machine'} has "
-                              f"{have_gpus} GPU(s); use --gpus {have_gpus} or --gpus 0 for CPU workers")
+                              f"{have_gpus} GPU(s); use {fix}--gpus 0 for CPU workers")
     gpu = n_gpu > 0
     n_workers = n_gpu if gpu else (st.cpu_workers or max(1, min(8, cpus // 2)))
     cpus_each = max(1.0, (cpus - 1) / n_workers) if not gpu else max(1.0, min(2.0, (cpus - 1) / n_workers))
@@ -89,6 +94,13 @@ def plan_stream(cfg: Config, resources: dict[str, float], *, quiet: bool = False
     model_dir = cfg.model_dir
     if not cfg.from_flag("model_dir"):
         ensure_models(models, backend, model_dir, seed=cfg.seed, progress=not quiet)
+    elif not st.address:  # the user's directory: never written to; a missing file is said now, not by a worker
+        missing = missing_models(models, backend, model_dir)
+        if missing:
+            raise ModelNotFoundError(
+                f"--model-dir {model_dir}: no {backend} file for {', '.join(missing)}; make them with "
+                f"'python -m cortexbench.models export --models {','.join(missing)} --backend {backend} "
+                f"--model-dir {model_dir}'")
     images = ensure_images(cfg.img_dir, cfg.images.synth_count, seed=cfg.images.seed,
                            create=not cfg.from_flag("img_dir"), progress=not quiet)
     lanes = st.lanes or (8 if gpu else 1)
@@ -102,7 +114,11 @@ def plan_stream(cfg: Config, resources: dict[str, float], *, quiet: bool = False
     drivers = st.drivers or (1 if n_workers <= 2 else max(1, min(n_workers // 2, cpus // 4)))
     drivers = min(drivers, n_workers)
     max_group = 1 if dispatch == "actor" else (st.max_group or lanes)
-    depth = st.concurrency if dispatch == "actor" else 4
+    # Calls in flight per worker: enough that the closed loop's images wait at the worker (its queue stage),
+    # not in the driver's pending list, where they would count as sent late; no more than the worker actor
+    # runs at once.  A compiled graph keeps a buffer per execution in flight, so it keeps a few.
+    calls = min(cluster.CALLS_PER_WORKER, max(4, math.ceil(st.concurrency / max_group)))
+    depth = 4 if dispatch == "compiled" else calls
     schedule = make_schedule(count=cfg.times, models=models, n_images=len(images), popularity=st.popularity,
                              weights=st.model_weights, rate=st.rate, duration_s=st.duration_s,
                              warmup=st.warmup, seed=cfg.seed)
@@ -126,6 +142,7 @@ class StreamRun:
         self.live = live
         self.modes: dict[str, ModeRun] = {}
         self.interrupted = False
+        self.error: str | None = None  # why the run could not go on (every worker gone), if so
         self._stop_current: Any = None
         self.setup_s: dict[str, list[dict[str, float]]] = {}
 
@@ -133,7 +150,8 @@ class StreamRun:
         st = self.plan.cfg.stream
         conc = None if st.rate is not None else max(1, st.concurrency // shards)
         return DriverOptions(mode=mode, concurrency=conc, max_group=self.plan.max_group, depth=self.plan.depth,
-                             retries=st.retries, duration_s=st.duration_s, drain_timeout_s=st.drain_timeout_s)
+                             retries=st.retries, duration_s=st.duration_s, drain_timeout_s=st.drain_timeout_s,
+                             call_timeout_s=CALL_TIMEOUT_S)
 
     def interrupt(self) -> None:
         self.interrupted = True
@@ -148,7 +166,7 @@ class StreamRun:
             pass  # not the main thread (tests): interrupt() is called directly
         try:
             for mode in self.plan.cfg.stream.modes:
-                if self.interrupted:
+                if self.interrupted or self.error:
                     break
                 await self.run_mode(mode)
         finally:
@@ -168,6 +186,9 @@ class StreamRun:
         self.live.start_mode(mode, len(sched), sched.warmup)
         loop = asyncio.get_running_loop()
         self.setup_s[mode] = await loop.run_in_executor(None, self.pool.set_mode, mode)
+        if self.interrupted:  # Ctrl-C while the workers were setting up: the mode is not run at all
+            self.live.close_mode()
+            return
         lru = parse_mode(mode).capacity or None
         names = tuple(self.pool.names)
         if plan.drivers <= 1:
@@ -194,8 +215,12 @@ class StreamRun:
                                  worker_states={k: vars(v) for k, v in result.states.items()})
         summary["setup_s"] = self.setup_s.get(mode)
         summary["worker_losses"] = result.worker_losses
+        summary["error"] = result.error
+        summary["error_samples"] = result.error_samples
         result.ledger.check_complete(result.sent)
         self.modes[mode] = ModeRun(result, hists, summary)
+        if result.error:
+            self.error = f"mode {mode}: {result.error}"
 
     async def _run_shards(self, mode: str, lru: int | None) -> tuple[DriverResult, HistogramSet]:
         plan = self.plan
@@ -211,17 +236,22 @@ class StreamRun:
                                    plan.cfg.stream.balancer, plan.cfg.seed + i, lru, plan.dispatch, start_wall)
             refs.append(cluster.shard_run(shard, sp))
         self._stop_current = lambda: [cluster.shard_stop(s) for s in shards]
+        tasks = [asyncio.ensure_future(_await(r)) for r in refs]
         try:
-            pending = set(refs)
+            pending: set[asyncio.Future[Any]] = set(tasks)
             while pending:
-                _done, _ = await asyncio.wait([asyncio.ensure_future(_await(r)) for r in pending], timeout=0.5)
-                pending = {r for r in pending if not _ready(r)}
+                _, pending = await asyncio.wait(pending, timeout=0.5)
+                if self.interrupted:  # again: a shard whose driver had not started yet missed the first stop
+                    for s in shards:
+                        cluster.shard_stop(s)
                 takes = await asyncio.gather(*[_await(cluster.shard_take(s)) for s in shards])
                 for progress, rows in takes:
                     if progress is not None:
                         self.live.fold(progress, rows)
-            results: list[DriverResult] = [await _await(r) for r in refs]
+            results: list[DriverResult] = [t.result() for t in tasks]
         finally:
+            for t in tasks:
+                t.cancel()
             self._stop_current = None
             for s in shards:
                 cluster.ray.kill(s)
@@ -234,7 +264,10 @@ class StreamRun:
                               sum(r.retries for r in results), sum(r.cancelled for r in results),
                               any(r.stopped_early for r in results),
                               {k: v for r in results for k, v in r.states.items()},
-                              {k: v for r in results for k, v in r.worker_losses.items()})
+                              {k: v for r in results for k, v in r.worker_losses.items()},
+                              error="; ".join(f"shard {i}: {r.error}" for i, r in enumerate(results) if r.error)
+                              or None,
+                              error_samples={k: v for r in reversed(results) for k, v in r.error_samples.items()})
         return merged, hists
 
 
@@ -245,17 +278,26 @@ async def _await(ref: Any) -> Any:
         raise cluster.unwrap(e) from None
 
 
-def _ready(ref: Any) -> bool:
-    ready, _ = cluster.ray.wait([ref], timeout=0)
-    return bool(ready)
-
-
 def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = None) -> Path:
-    """Run the stream test as configured; return the run directory."""
+    """Run the stream test as configured; return the run directory.
+
+    A Ray already initialised in this process (a test's, a notebook's) is used as it is and left running;
+    a Ray this call starts is shut down at the end.  A local run (no ``stream.address``) is planned before
+    Ray starts, so that bad input (a device, an image set, a model) fails in a second, not after Ray's start.
+    """
     started = time.time()
-    resources = cluster.init_ray(cfg.stream.address, None if cfg.stream.address else os.cpu_count())
+    own_ray = not cluster.ray.is_initialized()
+    pool: cluster.WorkerPool | None = None
+    server: MetricsServer | None = None
+    run_dir: Path | None = None
     try:
-        plan = plan_stream(cfg, resources, quiet=quiet)
+        if own_ray and not cfg.stream.address:
+            plan = plan_stream(cfg, _local_resources(), quiet=quiet)
+            resources = cluster.init_ray(None, os.cpu_count())
+            _check_gpus(plan, resources)
+        else:
+            resources = cluster.init_ray(cfg.stream.address, None if cfg.stream.address else os.cpu_count())
+            plan = plan_stream(cfg, resources, quiet=quiet)
         run_dir = new_run_dir(cfg.result_dir, "stream")
         server = MetricsServer(cfg.stream.metrics_port) if cfg.stream.metrics_port else None
         port = server.start() if server is not None else None
@@ -276,27 +318,45 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
             run.interrupted = True
         finally:
             live.close_mode()
-        results = _results(plan, pool, run, port, started)
+        results = _results(plan, pool, run, port, started, argv)
         _write(run_dir, results, run)
         if not quiet:
             print(stream_report.console_summary(results))
             print(f"results: {run_dir}")
-        if server is not None:
-            if cfg.stream.linger_s > 0 and not run.interrupted:
-                say(f"metrics stay up for {cfg.stream.linger_s:g} s (--linger)")
-                time.sleep(cfg.stream.linger_s)
-            server.stop()
-        pool.close()
+        if server is not None and cfg.stream.linger_s > 0 and not run.interrupted and not run.error:
+            say(f"metrics stay up for {cfg.stream.linger_s:g} s (--linger)")
+            time.sleep(cfg.stream.linger_s)
+        if run.error and not run.interrupted:
+            raise WorkerError(f"{run.error}; partial results in {run_dir}")
         if run.interrupted:
             done = sum(m.result.sent for m in run.modes.values())
             raise Interrupted(f"interrupted: {done} images sent and accounted for; partial results in {run_dir}")
         return run_dir
     finally:
-        cluster.shutdown_ray()
+        if server is not None:
+            server.stop()
+        if pool is not None:
+            pool.close()
+        if own_ray:
+            cluster.shutdown_ray()
+        if run_dir is not None and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # a run that could not start leaves no empty folder behind
+
+
+def _local_resources() -> dict[str, float]:
+    """What a local Ray started by ``cluster.init_ray`` will have: every core, every GPU of this machine."""
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(machine.gpu_count())}
+
+
+def _check_gpus(plan: StreamPlan, resources: dict[str, float]) -> None:
+    have = int(resources.get("GPU", 0))
+    if plan.gpu and have < len(plan.workers):
+        raise DeviceError(f"--gpus {len(plan.workers)}: Ray sees {have} GPU(s) on this machine; "
+                          f"use --gpus {have} (check CUDA_VISIBLE_DEVICES)")
 
 
 def _results(plan: StreamPlan, pool: cluster.WorkerPool, run: StreamRun, port: int | None,
-             started: float) -> dict[str, Any]:
+             started: float, argv: list[str] | None = None) -> dict[str, Any]:
     cfg = plan.cfg
     modes = {m: r.summary for m, r in run.modes.items()}
     body = {
@@ -310,11 +370,11 @@ def _results(plan: StreamPlan, pool: cluster.WorkerPool, run: StreamRun, port: i
                 "warmup": cfg.stream.warmup, "popularity": cfg.stream.popularity, "metrics_port": port,
                 "backend": plan.backend, "lanes": plan.workers[0].lanes, "max_group": plan.max_group,
                 "depth": plan.depth, "image_files": len(plan.images), "models": list(plan.models),
-                "interrupted": run.interrupted},
+                "interrupted": run.interrupted, "error": run.error},
     }
     return envelope("stream", replace(cfg).to_dict(), machine.machine_info(), body,
-                    complete=not run.interrupted and len(run.modes) == len(cfg.stream.modes),
-                    started_at=started, finished_at=time.time())
+                    complete=not run.interrupted and not run.error and len(run.modes) == len(cfg.stream.modes),
+                    started_at=started, finished_at=time.time(), argv=argv)
 
 
 def _write(run_dir: Path, results: dict[str, Any], run: StreamRun) -> None:

@@ -19,6 +19,8 @@ One image's life::
   reported, so an overloaded driver shows instead of flattering the result.
 - A worker that dies (``WorkerLostError``): its images are retried on live workers up to ``retries``
   times, then counted as failed (``worker_died``); the worker rejoins when its handle has recovered.
+- A call not answered within ``call_timeout_s``: its images fail as ``timeout`` and the run goes on (a
+  worker that hangs, or a transport that lost a reply, cannot hang the run).
 - ``stop()`` (Ctrl-C, or the duration is up): dispatching stops, in-flight calls get ``drain_timeout_s``,
   the rest are cancelled and counted as ``cancelled``.  Every image sent ends in the ledger as ok or failed.
 """
@@ -40,7 +42,7 @@ from cortexbench.ledger import OUTCOMES, WORKER_STAGES, Ledger
 from cortexbench.schedule import Schedule
 from cortexbench.worker import RequestGroup, ResultGroup, WorkerState
 
-WORKER_DIED, CANCELLED = OUTCOMES.index("worker_died"), OUTCOMES.index("cancelled")
+WORKER_DIED, TIMEOUT, CANCELLED = (OUTCOMES.index(n) for n in ("worker_died", "timeout", "cancelled"))
 LATE_S = 1e-3
 
 
@@ -68,6 +70,7 @@ class DriverOptions:
     retries: int = 2
     duration_s: float | None = None
     drain_timeout_s: float = 10.0
+    call_timeout_s: float | None = None  # a call's images fail as 'timeout' when it is not answered by then
     fold_interval_s: float = 0.5
     spin_s: float = 0.001  # open loop: wake this early and yield until due (asyncio timers are ms-coarse)
 
@@ -85,6 +88,7 @@ class Progress:
     new_rows: Ledger
     outstanding: list[int]
     states: dict[str, WorkerState]
+    workers: tuple[str, ...] = ()  # names of the workers ``outstanding`` counts for, in its order
 
 
 @dataclass
@@ -102,6 +106,7 @@ class DriverResult:
     worker_losses: dict[str, int] = field(default_factory=dict)
     hists: Any = None  # a shard's HistogramSet of its own ledger (stats.HistogramSet)
     error: str | None = None  # why the run could not go on (every worker gone), if so
+    error_samples: dict[str, str] = field(default_factory=dict)  # outcome -> the first message of that kind
 
 
 class Driver:
@@ -134,6 +139,7 @@ class Driver:
         names = tuple(worker_names) if worker_names is not None else tuple(h.name for h in handles)
         self.ledger = Ledger(capacity=max(n, 1), models=schedule.models, workers=names)
         self.states: dict[str, WorkerState] = {}
+        self._restarted = [False] * nw  # a worker lost since its last state: its counters start again
         self.losses: dict[str, int] = {}
         self.n_sent = self.n_done = self.n_failed = self.n_retries = self.n_cancelled = 0
         self.dispatched = 0
@@ -147,6 +153,7 @@ class Driver:
         self._parked: deque[int] = deque()  # images to retry while no worker is alive
         self._gone = 0
         self.error: str | None = None
+        self.error_samples: dict[str, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._calls: dict[asyncio.Task[None], list[int]] = {}
         self._folded = 0
@@ -190,7 +197,7 @@ class Driver:
         not_sent = len(self.schedule) - self.n_sent
         return DriverResult(self.opt.mode, self.ledger, self.n_sent, not_sent, self._t0, self.clock(),
                             self.n_retries, self.n_cancelled, stopped_early, dict(self.states), dict(self.losses),
-                            error=self.error)
+                            error=self.error, error_samples=dict(self.error_samples))
 
     async def _drain(self) -> None:
         """Wait for every image sent; once stop() is called, only ``drain_timeout_s``, then cancel."""
@@ -203,9 +210,7 @@ class Driver:
             self.outstanding[w] -= len(q)
             q.clear()
             self._record_failed(retried, WORKER_DIED, self.clock())
-        parked = list(self._parked)
-        self._parked.clear()
-        self._record_failed(parked, WORKER_DIED, self.clock())
+        self._fail_parked()
         self._check_all_done()
         if not self._all_done.is_set():
             try:
@@ -294,7 +299,14 @@ class Driver:
         handle = self.handles[w]
         group = RequestGroup.of(self.schedule.item[positions], self.model_idx[positions], self.image_idx[positions])
         try:
-            result, received = await handle.call(group)
+            if self.opt.call_timeout_s is None:
+                result, received = await handle.call(group)
+            else:
+                result, received = await asyncio.wait_for(handle.call(group), self.opt.call_timeout_s)
+        except asyncio.TimeoutError:
+            self._call_failed(w, positions, TIMEOUT,
+                              f"worker {handle.name} did not answer within {self.opt.call_timeout_s:g} s")
+            return
         except WorkerLostError:
             self._calls.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             self.calls_inflight[w] -= 1
@@ -303,16 +315,12 @@ class Driver:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # an unexpected transport error: count the images as failed, keep going
-            self._calls.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
-            self.calls_inflight[w] -= 1
-            self.outstanding[w] -= len(positions)
-            self._record_failed(positions, OUTCOMES.index("error"), self.clock(), str(e))
-            self._release(len(positions))
+            self._call_failed(w, positions, OUTCOMES.index("error"), f"{type(e).__name__}: {e}")
             return
         self._calls.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
         self.calls_inflight[w] -= 1
         self.outstanding[w] -= len(positions)
-        self.states[handle.name] = result.state
+        self._keep_state(w, handle.name, result.state)
         rows = result.rows
         pos = np.asarray(positions, np.int64)
         outcome = rows[:, 1].astype(np.int8)
@@ -323,11 +331,31 @@ class Driver:
             sent_s=self.sent_s[pos] - self._t0, done_s=np.full(len(pos), received - self._t0),
             stages=rows[:, 3:3 + len(WORKER_STAGES)])
         failed = int((outcome != 0).sum())
+        for i, msg in result.errors.items():
+            self._sample_error(int(outcome[i]), msg)
         self.n_failed += failed
         self.n_done += len(pos) - failed
         self._release(len(pos))
         self.wake[w].set()
         self._check_all_done()
+
+    def _call_failed(self, w: int, positions: list[int], outcome: int, msg: str) -> None:
+        """A call that failed as a whole (not a lost worker): its images fail as ``outcome``."""
+        self._calls.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+        self.calls_inflight[w] -= 1
+        self.outstanding[w] -= len(positions)
+        self._record_failed(positions, outcome, self.clock(), msg)
+        self._release(len(positions))
+        self.wake[w].set()  # a call slot came free: the sender may have images waiting for one
+
+    def _keep_state(self, w: int, name: str, state: WorkerState) -> None:
+        """Keep the newest counters of a worker.  Replies to calls in flight together may arrive in any
+        order; the counters only grow within a mode, so the one that has served most images is the newest
+        (after a restart the worker counts from zero again)."""
+        prev = self.states.get(name)
+        if prev is None or self._restarted[w] or _served(state) >= _served(prev):
+            self.states[name] = state
+            self._restarted[w] = False
 
     def _release(self, n: int) -> None:
         if self._closed_loop:
@@ -339,11 +367,18 @@ class Driver:
                 and not self._parked):
             self._all_done.set()
 
-    def _record_failed(self, positions: list[int], outcome: int, now: float, _msg: str = "") -> None:
+    def _sample_error(self, outcome: int, msg: str) -> None:
+        """Keep the first message of each failure kind (one line) for the results."""
+        lines = [line.strip() for line in str(msg).splitlines() if line.strip()]
+        if lines and 0 <= outcome < len(OUTCOMES):
+            self.error_samples.setdefault(OUTCOMES[outcome], lines[0][:300])
+
+    def _record_failed(self, positions: list[int], outcome: int, now: float, msg: str = "") -> None:
         pos = np.asarray(positions, np.int64)
         n = len(pos)
         if not n:
             return
+        self._sample_error(outcome, msg)
         self.ledger.add_many(
             item=self.schedule.item[pos], model_idx=self.model_idx[pos], image_idx=self.image_idx[pos],
             worker=self.worker_ids[np.maximum(self.worker_of[pos], 0)], outcome=np.full(n, outcome, np.int8),
@@ -360,12 +395,13 @@ class Driver:
         self.losses[name] = self.losses.get(name, 0) + 1
         if self.alive[w]:
             self.alive[w] = False
+            self._restarted[w] = True
             self._spawn(self._recover(w))
         self.outstanding[w] -= len(positions)
         retry = [p for p in positions if self.attempts[p] <= self.opt.retries]
         give_up = [p for p in positions if self.attempts[p] > self.opt.retries]
         if give_up:
-            self._record_failed(give_up, WORKER_DIED, self.clock())
+            self._record_failed(give_up, WORKER_DIED, self.clock(), f"worker {name} died; retries ran out")
             self._release(len(give_up))
         # the worker's queued images go elsewhere too
         queued = list(self.pending[w])
@@ -382,6 +418,14 @@ class Driver:
             else:
                 self._parked.append(p)
 
+    def _fail_parked(self) -> None:
+        """Give up on the parked images: those sent before failed (worker_died); those a dead worker had
+        queued but never sent stay unsent (they count in ``not_sent``, not in the ledger)."""
+        parked = list(self._parked)
+        self._parked.clear()
+        self._record_failed([p for p in parked if self.attempts[p] > 0], WORKER_DIED, self.clock())
+        self._release(len(parked))
+
     async def _recover(self, w: int) -> None:
         try:
             await self.handles[w].recover()
@@ -389,10 +433,7 @@ class Driver:
             self._gone += 1  # stays dead; the others carry on
             if self._gone >= len(self.handles):
                 self.error = f"every worker is gone (last: {e})"
-                parked = list(self._parked)
-                self._parked.clear()
-                self._record_failed(parked, WORKER_DIED, self.clock())
-                self._release(len(parked))
+                self._fail_parked()
                 self.stop()
             return
         self.alive[w] = True
@@ -415,7 +456,12 @@ class Driver:
         new = self.ledger.slice(self._folded, len(self.ledger))
         self._folded = len(self.ledger)
         self.on_progress(Progress(self.opt.mode, self.dispatched, self.n_sent, self.n_done, self.n_failed,
-                                  self.clock() - self._t0, new, self.outstanding.tolist(), dict(self.states)))
+                                  self.clock() - self._t0, new, self.outstanding.tolist(), dict(self.states),
+                                  tuple(h.name for h in self.handles)))
+
+
+def _served(state: WorkerState) -> int:
+    return state.hits_total + state.misses_total
 
 
 async def _first(*aws: object) -> None:

@@ -58,7 +58,7 @@ class LiveView:
     def fold(self, p: DriverProgress, rows: Sequence[Ledger] | None = None) -> None:
         for ledger in ([p.new_rows] if rows is None else rows):
             self._fold_rows(ledger)
-        self._fold_states(p.states, p.outstanding)
+        self._fold_states(p.states, p.outstanding, p.workers or self.workers)
         self._publish()
 
     def _fold_rows(self, rows: Ledger) -> None:
@@ -83,13 +83,14 @@ class LiveView:
         if self.bar is not None:
             self.bar.set(self.done, note=self.note())
 
-    def _fold_states(self, states: dict[str, WorkerState], outstanding: Sequence[int]) -> None:
+    def _fold_states(self, states: dict[str, WorkerState], outstanding: Sequence[int],
+                     workers: Sequence[str]) -> None:
         for name, st in states.items():
             base = self._worker_base.get(name, (0, 0))
             self.state.model_loads[name] = base[0] + st.loads_total
             self.state.cache_hits[name] = base[1] + st.hits_total
             self.state.device_memory_bytes[name] = st.memory_bytes
-        for name, n in zip(self.workers, outstanding, strict=False):
+        for name, n in zip(workers, outstanding, strict=False):
             self.state.inflight[name] = int(n)
 
     def note(self) -> str:

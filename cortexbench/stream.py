@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides = overrides_from(args, STREAM_KEYS)
         no_gpu = not machine.gpus() and args.address is None and not (args.gpus or 0) > 0
         cfg = load_config(args.config, overrides, has_gpu=not no_gpu)
-        run_stream(cfg, quiet=args.quiet, argv=list(sys.argv if argv is None else argv))
+        run_stream(cfg, quiet=args.quiet, argv=list(sys.argv) if argv is None else [PROG, *argv])
         return 0
 
     return run_main(body, PROG)

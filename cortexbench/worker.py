@@ -4,10 +4,11 @@ A plain class, testable without Ray; ``cortexbench.cluster`` wraps it in a Ray a
 
 Requests travel in groups (``RequestGroup``: one row per image: item id, model index, image index) so
 that one Ray call can carry several images; each image is still run on its own at batch size 1 and
-timed on its own.  A worker has ``lanes`` threads (one CUDA stream each on a GPU); the images of a group
-are shared out over free lanes, so several images are in flight at once and the calling thread (a Ray
-actor's event loop or a compiled graph's execution thread) is never the one that waits on the device
-unless it takes a lane itself.
+timed on its own.  A worker has ``lanes`` lanes (one CUDA stream each on a GPU) and a thread per lane;
+the images of a group are shared out over free lanes, so several images are in flight at once.
+``run`` (called by a threaded actor's threads or a compiled graph's execution thread, several at once)
+lets the calling thread take a free lane itself, so a group of one image crosses no thread; groups
+start in the order they arrive.  Groups cross Ray as bytes (``to_bytes``/``from_bytes``).
 
 Per image the worker measures (``ledger.WORKER_STAGES``):
 
@@ -30,15 +31,20 @@ need 60 GB).
 from __future__ import annotations
 
 import itertools
+import math
 import os
+import pickle
 import queue
+import struct
 import sys
 import threading
 import time
+from array import array
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -53,6 +59,9 @@ N_STAGES = len(WORKER_STAGES)
 QUEUE, READ, DECODE, LOAD, INFER, FREE = range(N_STAGES)
 # Columns of ResultGroup.rows: item, outcome, hit, then one per stage.
 RESULT_COLS = ("item", "outcome", "hit", *WORKER_STAGES)
+N_COLS = len(RESULT_COLS)
+MEMORY_REFRESH_S = 0.25  # WorkerState.memory_bytes is read again at most this often (a /proc read costs ~20 us)
+_NAN = float("nan")
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,15 @@ class RequestGroup:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def to_bytes(self) -> bytes:
+        """The wire form: the rows' int64 bytes (Ray passes bytes without pickling; a numpy array costs
+        several times more per call)."""
+        return self.rows.astype(np.int64, copy=False).tobytes()
+
+    @staticmethod
+    def from_bytes(data: bytes) -> RequestGroup:
+        return RequestGroup(np.frombuffer(data, np.int64).reshape(-1, 3))
+
 
 @dataclass(frozen=True)
 class WorkerState:
@@ -111,6 +129,30 @@ class ResultGroup:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def to_bytes(self) -> bytes:
+        """The wire form: a fixed header (rows, error bytes, the state's counters), the float64 rows, then
+        the errors pickled (only when there are some)."""
+        s = self.state
+        return _encode_result(len(self.rows), self.rows.astype(np.float64, copy=False).tobytes(), self.errors,
+                              (s.loads_total, s.hits_total, s.misses_total, s.model_bytes_read,
+                               s.image_bytes_read, s.inflight, s.memory_bytes))
+
+    @staticmethod
+    def from_bytes(data: bytes) -> ResultGroup:
+        n, n_err, *state = _RESULT_HEAD.unpack_from(data)
+        end = _RESULT_HEAD.size + n * N_COLS * 8
+        rows = np.frombuffer(data, np.float64, n * N_COLS, _RESULT_HEAD.size).reshape(n, N_COLS)
+        errors = pickle.loads(data[end:end + n_err]) if n_err else {}
+        return ResultGroup(rows, errors, WorkerState(*state))
+
+
+_RESULT_HEAD = struct.Struct("=II7q")
+
+
+def _encode_result(n: int, rows: bytes, errors: dict[int, str], counters: tuple[int, ...]) -> bytes:
+    err = pickle.dumps(errors, protocol=pickle.HIGHEST_PROTOCOL) if errors else b""
+    return _RESULT_HEAD.pack(n, len(err), *counters) + rows + err
 
 
 class _Resident:
@@ -150,10 +192,17 @@ class ModelWorker:
         self._free_lanes: queue.SimpleQueue[int] = queue.SimpleQueue()
         for lane in range(max(1, spec.lanes)):
             self._free_lanes.put(lane)
-        self._executor = ThreadPoolExecutor(max_workers=max(1, spec.lanes), thread_name_prefix=f"{spec.name}-lane")
+        self._lane_waiters = 0  # lane threads waiting for a free lane
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()  # one entry per lane a job asks for
+        self._threads = [threading.Thread(target=self._lane_main, name=f"{spec.name}-lane{i}", daemon=True)
+                         for i in range(max(1, spec.lanes))]
+        for t in self._threads:
+            t.start()
         self._inflight = 0
         self._loads = self._hits = self._misses = 0
         self._model_bytes = self._image_bytes = 0
+        self._memory = 0
+        self._memory_at = -math.inf
 
     # --- setup between runs (not timed) ---------------------------------------------------------
 
@@ -174,9 +223,36 @@ class ModelWorker:
         t_inputs = self.clock()
         if self._inputs_in_memory and not self._pool:
             self._fill_pool()
+        if self.mode.kind == "cached":
+            self._warm_lanes()
         self._loads = self._hits = self._misses = 0
         self._model_bytes = self._image_bytes = 0
+        self._memory_at = -math.inf  # read the memory in use afresh with the next group
         return {"models_s": t_inputs - t_models, "inputs_s": self.clock() - t_inputs, "total_s": self.clock() - t0}
+
+    def _warm_lanes(self) -> None:
+        """Run every resident model once on every lane, from that lane's thread, so that per-thread setup
+        (cuDNN tuning, CUDA graph capture) happens before the run and not inside its first images."""
+        lanes = self.options.lanes
+        barrier = threading.Barrier(lanes)
+        models = [(s, r.model) for s in self.specs if (r := self._resident.get(s.name)) is not None]
+
+        def warm() -> None:
+            lane = self._lane()
+            try:
+                barrier.wait(timeout=60)  # every lane busy at once: each thread holds a different lane
+                for spec, model in models:
+                    pool = self._pool.get(spec.input_shape)
+                    x = pool[:1] if pool is not None else np.zeros((1, *spec.input_shape), np.float32)
+                    model.predict(x, lane)
+            finally:
+                self._release(lane)
+
+        done: list[Future[None]] = [Future() for _ in range(lanes)]
+        for f in done:  # each lane thread takes one (the barrier keeps a thread from taking two)
+            self._jobs.put(_Call(warm, f))  # type: ignore[arg-type]
+        for f in done:
+            f.result()
 
     def _fill_pool(self) -> None:
         from cortexbench.images.dataset import load_batch
@@ -205,50 +281,91 @@ class ModelWorker:
         """Share the group's images out over lanes; the future completes when all are done.
         Never blocks the caller (suits an event loop)."""
         arrived = self.clock() if arrived_s is None else arrived_s
-        job = _Job(group, arrived, self)
-        for _ in range(min(len(group), self.options.lanes)):
-            self._executor.submit(job.lane_loop, None)
-        return job.future
+        job = _Job(group.rows.tolist(), arrived, self, min(len(group), self.options.lanes), Future(), False)
+        for _ in range(job.lanes_left):
+            self._jobs.put(job)
+        if not job.lanes_left:  # an empty group
+            job.lane_done()
+        return job.future  # type: ignore[return-value]
 
     def run(self, group: RequestGroup) -> ResultGroup:
-        """Run a group and wait for it; the calling thread takes a lane itself when one is free
-        (a compiled graph's execution thread calls this)."""
+        """Run a group and wait for it.  Several threads may call this at once (a threaded Ray actor's
+        calls, a compiled graph's execution thread).  The calling thread takes a lane itself when one is
+        free and no earlier group is waiting for one (groups start in the order they arrived), so a group
+        that one lane can take runs without any thread hand-off."""
         arrived = self.clock()
-        job = _Job(group, arrived, self)
-        try:
-            lane: int | None = self._free_lanes.get_nowait()
-        except queue.Empty:
-            lane = None
-        helpers = min(len(group), self.options.lanes) - (1 if lane is not None else 0)
+        return self._run(group.rows.tolist(), arrived, False)  # type: ignore[return-value]
+
+    def run_bytes(self, data: bytes) -> bytes:
+        """``run`` on the wire form: ``RequestGroup.to_bytes`` in, ``ResultGroup.to_bytes`` out (what the
+        Ray actor calls; builds no arrays or records on the way)."""
+        arrived = self.clock()
+        flat = np.frombuffer(data, np.int64).tolist()
+        return self._run([flat[i:i + 3] for i in range(0, len(flat), 3)], arrived, True)  # type: ignore[return-value]
+
+    def _run(self, items: list[list[int]], arrived: float, wire: bool) -> ResultGroup | bytes:
+        if not items:
+            job = _Job(items, arrived, self, 0, None, wire)
+            job.lane_done()
+            return job.result  # type: ignore[return-value]
+        lane: int | None = None
+        if not self._lane_waiters and self._jobs.empty():
+            try:
+                lane = self._free_lanes.get_nowait()
+            except queue.Empty:
+                pass
+        lanes = min(len(items), self.options.lanes)
+        helpers = lanes - (1 if lane is not None else 0)
+        job = _Job(items, arrived, self, lanes, Future() if helpers else None, wire)
         for _ in range(helpers):
-            self._executor.submit(job.lane_loop, None)
+            self._jobs.put(job)
         if lane is not None:
             try:
                 job.work(lane)
             finally:
                 self._free_lanes.put(lane)
                 job.lane_done()
+        if job.future is None:
+            assert job.result is not None
+            return job.result
         return job.future.result()
 
+    def _lane_main(self) -> None:
+        """A lane thread: helps one job after another until ``close``."""
+        jobs = self._jobs
+        while (job := jobs.get()) is not None:
+            job.lane_loop()
+
     def _lane(self) -> int:
-        return self._free_lanes.get()  # blocks while the calling thread of run() holds the last lane
+        try:
+            return self._free_lanes.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            self._lane_waiters += 1
+        try:
+            return self._free_lanes.get()  # every lane busy: wait for one
+        finally:
+            with self._lock:
+                self._lane_waiters -= 1
 
     def _release(self, lane: int) -> None:
         self._free_lanes.put(lane)
 
-    def process(self, row: np.ndarray, out: np.ndarray, arrived: float, lane: int) -> str | None:
-        """Run one image; fill ``out`` (outcome, hit, stages); return an error message or None."""
+    def process(self, model_idx: int, image_idx: int, arrived: float, lane: int, out: list[float]) -> str | None:
+        """Run one image; fill ``out`` (a row in RESULT_COLS order: outcome, hit, stages); return an error
+        message or None."""
         clock = self.clock
         t0 = clock()
-        out[3 + QUEUE] = t0 - arrived
-        spec = self.specs[int(row[1])]
+        out[3] = t0 - arrived  # queue
+        spec = self.specs[model_idx]
         try:
             if self._inputs_in_memory:
                 pool = self._pool[spec.input_shape]
-                x = pool[int(row[2]) % len(pool)][None]
+                x = pool[image_idx % len(pool):image_idx % len(pool) + 1]
                 t1 = t2 = t0
             else:
-                x, t1, t2 = self._read_input(int(row[2]), spec)
+                x, t1, t2 = self._read_input(image_idx, spec)
             model, res, hit, t3 = self._acquire(spec, t2)
             out[2] = hit
             try:
@@ -257,9 +374,12 @@ class ModelWorker:
             finally:
                 self._release_model(model, res)
             t5 = clock()
-            out[3 + READ], out[3 + DECODE], out[3 + LOAD] = t1 - t0, t2 - t1, t3 - t2
-            out[3 + INFER], out[3 + FREE] = t4 - t3, t5 - t4
             out[1] = OK
+            out[4] = t1 - t0  # read
+            out[5] = t2 - t1  # decode
+            out[6] = t3 - t2  # load
+            out[7] = t4 - t3  # infer
+            out[8] = t5 - t4  # free
             return None
         except ImageDecodeError as e:
             out[1] = INPUT_ERROR
@@ -273,6 +393,7 @@ class ModelWorker:
         except Exception as e:  # a framework error: counted, the worker keeps going
             out[1] = ERROR
             return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+
 
     def _read_input(self, image_idx: int, spec: ModelSpec) -> tuple[np.ndarray, float, float]:
         from cortexbench.images.dataset import decode, preprocess, read_bytes
@@ -292,13 +413,16 @@ class ModelWorker:
         name = spec.name
         with self._lock:
             access = self.residency.access(name)
+            for victim in access.evict:  # at once, so the loaded set never drifts from the policy's
+                if victim != name:
+                    self._evict(victim)
             res = self._resident.get(name) if access.hit else None
             if res is not None:
                 res.users += 1
                 self._hits += 1
                 return res.model, res, 1, now
         if not access.keep:  # cold: a private copy, read from disk now, freed after use
-            model = self._load(spec)
+            model = self._load(spec, keep=False)
             with self._lock:
                 self._misses += 1
             return model, None, 0, self.clock()
@@ -314,16 +438,20 @@ class ModelWorker:
                 self._misses += 1
                 res = _Resident(model)
                 res.users = 1
-                self._resident[name] = res
-                for victim in access.evict:
-                    self._evict(victim)
+                if name in self.residency.resident():
+                    self._resident[name] = res
+                else:  # another lane's miss evicted it while it loaded: use it once, then free it
+                    res.evicted = True
         return model, res, 0, self.clock()
 
-    def _load(self, spec: ModelSpec) -> LoadedModel:
+    def _load(self, spec: ModelSpec, keep: bool = True) -> LoadedModel:
+        """Read ``spec`` from disk onto the device.  A model used once (cold) gets no CUDA graphs: capturing
+        them would cost more than the one inference they would speed up."""
         if self.spec.drop_cache:
             for f in self.backend.model_files(spec, self.model_dir):
                 _drop_page_cache(f)
-        model = self.backend.load(spec, self.model_dir, self.spec.device, self.options)
+        options = self.options if keep or not self.options.cuda_graphs else replace(self.options, cuda_graphs=False)
+        model = self.backend.load(spec, self.model_dir, self.spec.device, options)
         with self._lock:
             self._loads += 1
             self._model_bytes += model.size_bytes
@@ -348,65 +476,105 @@ class ModelWorker:
             res.model.close()
 
     def state(self) -> WorkerState:
-        return WorkerState(self._loads, self._hits, self._misses, self._model_bytes, self._image_bytes,
-                           self._inflight, memory_bytes(self.spec.device))
+        return WorkerState(*self._counters())
+
+    def _counters(self) -> tuple[int, int, int, int, int, int, int]:
+        """WorkerState's fields, in order."""
+        now = self.clock()
+        if now - self._memory_at >= MEMORY_REFRESH_S:
+            self._memory = memory_bytes(self.spec.device)
+            self._memory_at = now
+        return (self._loads, self._hits, self._misses, self._model_bytes, self._image_bytes, self._inflight,
+                self._memory)
 
     def close(self) -> None:
         with self._lock:
             for name in list(self._resident):
                 self._evict(name)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for _ in self._threads:
+            self._jobs.put(None)
+
+
+class _Call:
+    """A one-off task for a lane thread (used to warm lanes up)."""
+
+    def __init__(self, fn: Callable[[], None], future: Future[None]) -> None:
+        self.fn = fn
+        self.future = future
+
+    def lane_loop(self) -> None:
+        try:
+            self.fn()
+            self.future.set_result(None)
+        except BaseException as e:
+            self.future.set_exception(e)
 
 
 class _Job:
-    """One group being run: lanes take its images one by one (work sharing), the last one finishes it."""
+    """One group being run: lanes take its images one by one (work sharing), the last one finishes it.
+    Rows are Python lists while the lanes fill them (cheaper than numpy element writes); at the end they
+    become the ResultGroup, or straight its wire form (``wire``)."""
 
-    __slots__ = ("arrived", "errors", "future", "group", "lanes_left", "lock", "next", "rows", "worker")
+    __slots__ = ("arrived", "errors", "future", "items", "lanes_left", "lock", "next", "out", "result", "wire",
+                 "worker")
 
-    def __init__(self, group: RequestGroup, arrived: float, worker: ModelWorker) -> None:
-        self.group = group
+    def __init__(self, items: list[list[int]], arrived: float, worker: ModelWorker, lanes: int,
+                 future: Future[Any] | None, wire: bool) -> None:
         self.arrived = arrived
         self.worker = worker
-        n = len(group)
-        self.rows = np.zeros((n, len(RESULT_COLS)), np.float64)
-        self.rows[:, 0] = group.rows[:, 0]
-        self.rows[:, 2] = -1
+        self.items = items
+        self.out: list[list[float]] = [[item, ERROR, -1.0, _NAN, _NAN, _NAN, _NAN, _NAN, _NAN]
+                                       for item, _, _ in items]
         self.errors: dict[int, str] = {}
         self.next = itertools.count()  # atomic under the GIL
-        self.future: Future[ResultGroup] = Future()
-        self.lock = threading.Lock()
-        self.lanes_left = min(n, worker.options.lanes)
+        self.future = future
+        self.wire = wire
+        self.result: ResultGroup | bytes | None = None
+        self.lock = threading.Lock() if lanes > 1 else None
+        self.lanes_left = lanes
         with worker._lock:
-            worker._inflight += n
+            worker._inflight += len(items)
 
     def work(self, lane: int) -> None:
-        n = len(self.group)
-        rows = self.group.rows
-        while (i := next(self.next)) < n:
-            msg = self.worker.process(rows[i], self.rows[i], self.arrived, lane)
+        items, out, n = self.items, self.out, len(self.items)
+        process, arrived, nxt = self.worker.process, self.arrived, self.next
+        while (i := next(nxt)) < n:
+            _, model_idx, image_idx = items[i]
+            msg = process(model_idx, image_idx, arrived, lane, out[i])
             if msg is not None:
                 self.errors[i] = msg
 
-    def lane_loop(self, _: object) -> None:
+    def lane_loop(self) -> None:
         w = self.worker
         lane = w._lane()
         try:
             self.work(lane)
         except BaseException as e:  # never leave a future hanging
-            self.future.set_exception(e) if not self.future.done() else None
+            if self.future is not None and not self.future.done():
+                self.future.set_exception(e)
         finally:
             w._release(lane)
             self.lane_done()
 
     def lane_done(self) -> None:
-        with self.lock:
-            self.lanes_left -= 1
-            last = self.lanes_left <= 0
-        if last and not self.future.done():
-            w = self.worker
-            with w._lock:
-                w._inflight -= len(self.group)
-            self.future.set_result(ResultGroup(self.rows, self.errors, w.state()))
+        if self.lock is not None:
+            with self.lock:
+                self.lanes_left -= 1
+                if self.lanes_left > 0:
+                    return
+        w = self.worker
+        n = len(self.out)
+        with w._lock:
+            w._inflight -= n
+        counters = w._counters()
+        if self.wire:
+            self.result = _encode_result(n, array("d", itertools.chain.from_iterable(self.out)).tobytes(),
+                                         self.errors, counters)
+        else:
+            self.result = ResultGroup(np.array(self.out, np.float64).reshape(n, N_COLS), self.errors,
+                                      WorkerState(*counters))
+        if self.future is not None and not self.future.done():
+            self.future.set_result(self.result)
 
 
 def memory_bytes(device: str) -> int:

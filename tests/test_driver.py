@@ -17,12 +17,13 @@ MODELS = ("a", "b", "c", "d")
 
 
 def _drive(handles, *, count=400, rate=None, concurrency=8, max_group=1, depth=64, retries=2, warmup=0,
-           balancer="least-outstanding", duration_s=None, stop_after=None, drain_timeout_s=10.0, seed=0):
+           balancer="least-outstanding", duration_s=None, stop_after=None, drain_timeout_s=10.0, seed=0,
+           call_timeout_s=None):
     sched = make_schedule(count=count, models=MODELS, n_images=50, rate=rate, warmup=warmup, seed=seed,
                           duration_s=duration_s if rate else None)
     opts = DriverOptions(mode="cached", concurrency=None if rate else concurrency, max_group=max_group,
                          depth=depth, retries=retries, duration_s=duration_s, drain_timeout_s=drain_timeout_s,
-                         spin_s=0.0, fold_interval_s=0.05)
+                         spin_s=0.0, fold_interval_s=0.05, call_timeout_s=call_timeout_s)
     seen = []
 
     async def main():
@@ -147,3 +148,58 @@ def test_balancer_spreads_work_over_workers():
 
 def test_outcome_codes_are_stable():
     assert OUTCOMES[0] == "ok"
+
+
+@pytest.mark.parametrize("how", ["gone for good", "stopped while it is down"])
+def test_images_a_dead_worker_had_queued_but_never_sent_stay_unsent(how):
+    # depth 1: three of the four images in flight wait in the worker's queue, unsent, when it dies
+    gone = how == "gone for good"
+    handles = [FakeWorkerHandle("w0", die_at_call=3, down_s=None if gone else 10.0)]
+    _, res, _ = _drive(handles, count=50, concurrency=4, depth=1, stop_after=None if gone else 0.1)
+    if gone:
+        assert res.error is not None and "every worker is gone" in res.error
+    else:
+        assert res.stopped_early and res.error is None
+    res.ledger.check_complete(res.sent)  # a row for every image sent, none for those never sent
+    assert res.sent + res.not_sent == 50
+    assert res.ledger.outcome_counts()["worker_died"] == 1
+
+
+class _FailsOnce(FakeWorkerHandle):
+    """A worker whose first call fails with an unexpected (non-worker-lost) error."""
+
+    async def call(self, group):
+        if self.calls == 0:
+            self.calls += 1
+            await asyncio.sleep(0.001)
+            raise RuntimeError("transport broke")
+        return await super().call(group)
+
+
+def test_an_unexpected_call_error_fails_its_images_and_the_rest_still_go_out():
+    # depth 1: the other three images wait for the failed call's slot (this used to hang)
+    handles = [_FailsOnce("w0")]
+    _, res, _ = _drive(handles, count=4, concurrency=4, depth=1)
+    counts = res.ledger.outcome_counts()
+    assert counts["error"] == 1 and counts["ok"] == 3
+    assert res.error_samples == {"error": "RuntimeError: transport broke"}
+    res.ledger.check_complete(res.sent)
+
+
+class _NeverAnswers(FakeWorkerHandle):
+    """A worker whose second call never comes back (a hung worker, a lost reply)."""
+
+    async def call(self, group):
+        if self.calls == 1:
+            self.calls += 1
+            await asyncio.Event().wait()
+        return await super().call(group)
+
+
+def test_a_call_never_answered_times_out_and_the_run_goes_on():
+    handles = [_NeverAnswers("w0"), FakeWorkerHandle("w1")]
+    _, res, _ = _drive(handles, count=100, concurrency=4, call_timeout_s=5.0)
+    counts = res.ledger.outcome_counts()
+    assert counts["timeout"] == 1 and counts["ok"] == 99
+    res.ledger.check_complete(res.sent)
+    assert "did not answer within 5 s" in res.error_samples["timeout"]

@@ -140,7 +140,10 @@ def require_files(spec: ModelSpec, files: list[Path], backend: str) -> None:
 
 
 def corrupt(spec: ModelSpec, path: Path, backend: str, why: object) -> ModelFileError:
-    first = str(why).strip().splitlines()[0][:160] if str(why).strip() else type(why).__name__
+    lines = [ln.strip() for ln in str(why).strip().splitlines() if ln.strip()]
+    if lines and lines[0].startswith("Traceback"):
+        lines = lines[-1:]  # a framework's whole traceback in its message: its last line is the cause
+    first = lines[0][:160] if lines else type(why).__name__
     return ModelFileError(
         f"model '{spec.name}' ({backend}): cannot load {path}: {first}; re-export it with "
         f"'python -m cortexbench.models export --models {spec.name} --backend {backend} --force'")

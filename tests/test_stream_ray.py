@@ -1,0 +1,297 @@
+"""The stream test on real Ray actors: modes, dispatch paths, a worker killed mid-run, shards, metrics.
+
+Every test here shares the session's local Ray (``ray_session``) and one pool of two CPU workers with the
+null model and two small mxnet models; the test that kills a worker comes last, since the pool's worker
+restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from cortexbench import cluster
+from cortexbench.balancer import make_balancer
+from cortexbench.config import Config, StreamConfig
+from cortexbench.coordinator import StreamPlan, StreamRun, run_stream
+from cortexbench.driver import Driver, DriverOptions, DriverResult, Progress
+from cortexbench.errors import WorkerError
+from cortexbench.images.dataset import list_images
+from cortexbench.live import LiveView
+from cortexbench.metrics import MetricsServer
+from cortexbench.residency import parse_mode
+from cortexbench.schedule import Schedule, make_schedule
+from cortexbench.worker import WorkerSpec
+
+pytestmark = pytest.mark.ray
+
+MODELS = ("null:0.002", "digits_cnn", "mnist_cnn")
+NULL_ONLY = (1.0, 0.0, 0.0)
+
+
+@pytest.fixture(scope="module")
+def images(image_dir: Path) -> tuple[str, ...]:
+    return tuple(str(p) for p in list_images(image_dir))
+
+
+@pytest.fixture(scope="module")
+def pool(ray_session: None, model_dir: Path, images: tuple[str, ...]) -> Iterator[cluster.WorkerPool]:
+    specs = [WorkerSpec(name=f"cpu{i}", device="cpu", backend="mxnet", model_dir=str(model_dir), models=MODELS,
+                        images=images, lanes=1, image_pool=8) for i in range(2)]
+    p = cluster.start_workers(specs, gpu=False, cpus_each=0.5, threads_each=1)
+    yield p
+    p.close()
+
+
+def _schedule(count: int, weights: tuple[float, ...] = (), warmup: int = 0, seed: int = 0) -> Schedule:
+    return make_schedule(count=count, models=MODELS, n_images=8, weights=weights, warmup=warmup, seed=seed)
+
+
+def _drive(pool: cluster.WorkerPool, schedule: Schedule, mode: str, *, workers: tuple[int, ...] = (0, 1),
+           dispatch: str = "grouped", concurrency: int = 4, max_group: int = 1, depth: int = 4,
+           on_progress: Callable[[Progress], None] | None = None) -> DriverResult:
+    pool.set_mode(mode)
+
+    async def main() -> DriverResult:
+        handles = cluster.make_handles([pool.actors[i] for i in workers], [pool.names[i] for i in workers],
+                                       mode, dispatch, depth)
+        for h in handles:
+            await h.start()
+        balancer = make_balancer("least-outstanding", len(handles), len(MODELS), seed=0,
+                                 lru_capacity=parse_mode(mode).capacity or None)
+        opts = DriverOptions(mode=mode, concurrency=concurrency, max_group=max_group, depth=depth,
+                             fold_interval_s=0.05, call_timeout_s=10.0)  # a lost reply fails, not hangs
+        driver = Driver(schedule, handles, balancer, opts, on_progress=on_progress)
+        try:
+            return await driver.run()
+        finally:
+            for h in handles:
+                await h.close()
+
+    return asyncio.run(main())
+
+
+def _accounted(res: DriverResult, n: int) -> dict[str, int]:
+    counts = res.ledger.outcome_counts()
+    assert res.sent == n and res.not_sent == 0
+    assert res.sent == counts["ok"] + sum(v for k, v in counts.items() if k != "ok") == len(res.ledger)
+    res.ledger.check_complete(res.sent)
+    assert sorted(res.ledger.column("item").tolist()) == list(range(n))
+    return counts
+
+
+def _lru_hits(names: list[str], capacity: int) -> int:
+    lru: OrderedDict[str, None] = OrderedDict()
+    hits = 0
+    for name in names:
+        if name in lru:
+            hits += 1
+            lru.move_to_end(name)
+        else:
+            lru[name] = None
+            if len(lru) > capacity:
+                lru.popitem(last=False)
+    return hits
+
+
+@pytest.mark.parametrize("weights", [NULL_ONLY, ()], ids=["null", "mixed"])
+def test_modes_on_the_same_schedule_account_for_every_image(pool, weights):
+    sched = _schedule(60, weights)
+    for mode in ("cached", "cold", "lru:1"):
+        res = _drive(pool, sched, mode)
+        counts = _accounted(res, len(sched))
+        assert counts["ok"] == len(sched), (mode, counts)
+        workers = res.ledger.column("worker")
+        hit = res.ledger.column("hit")
+        if mode == "cached":
+            assert (hit == 1).all()
+        if mode == "cold":
+            assert (hit == 0).all()
+            for i, name in enumerate(pool.names):  # a load for every image the worker ran
+                ran = int((workers == i).sum())
+                assert res.states[name].loads_total == ran == res.states[name].misses_total
+
+
+def test_lru_hit_ratio_equals_a_reference_replay(pool):
+    sched = _schedule(80, seed=5)
+    res = _drive(pool, sched, "lru:1", workers=(0,), concurrency=1)
+    _accounted(res, len(sched))
+    order = np.argsort(res.ledger.column("item"))
+    names = [MODELS[m] for m in sched.model_idx]
+    expected = _lru_hits(names, 1)
+    assert int((res.ledger.column("hit")[order] == 1).sum()) == expected
+    st = res.states[pool.names[0]]
+    assert st.hits_total == expected and st.misses_total == st.loads_total == len(sched) - expected
+
+
+@pytest.mark.parametrize("dispatch", ["actor", "grouped", "compiled"])
+def test_every_dispatch_path_accounts_for_every_image(pool, dispatch):
+    sched = _schedule(120, NULL_ONLY)
+    max_group = 1 if dispatch == "actor" else 4
+    res = _drive(pool, sched, "cached", dispatch=dispatch, concurrency=8, max_group=max_group)
+    counts = _accounted(res, len(sched))
+    assert counts["ok"] == len(sched)
+    assert set(np.unique(res.ledger.column("worker")).tolist()) == {0, 1}
+
+
+def _plan(cfg: Config, pool: cluster.WorkerPool, images: tuple[str, ...], drivers: int) -> StreamPlan:
+    sched = make_schedule(count=cfg.times, models=cfg.models, n_images=len(images), weights=cfg.stream.model_weights,
+                          warmup=cfg.stream.warmup, seed=cfg.seed)
+    return StreamPlan(cfg, "mxnet", cfg.models, images, tuple(pool.specs), False, 0.5, 1, "grouped", drivers,
+                      1, 4, sched)
+
+
+def _stream_run(pool: cluster.WorkerPool, images: tuple[str, ...], model_dir: Path, drivers: int,
+                server: MetricsServer | None) -> StreamRun:
+    cfg = Config(models=MODELS, model_dir=model_dir, times=150,
+                 stream=StreamConfig(modes=("cached", "lru:1"), concurrency=4, warmup=10, model_weights=(4, 1, 1)))
+    plan = _plan(cfg, pool, images, drivers)
+    live = LiveView(MODELS, pool.names, server=server, run_id="test", backend="mxnet", quiet=True)
+    run = StreamRun(plan, pool, live)
+    asyncio.run(run.run())
+    live.close_mode()
+    return run
+
+
+def _scrape(server: MetricsServer) -> dict[str, Any]:
+    text = httpx.get(server.url, timeout=10).text
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def _per_mode(family: Any, sample_name: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for s in family.samples:
+        if s.name == sample_name:
+            out[s.labels["mode"]] = out.get(s.labels["mode"], 0) + s.value
+    return out
+
+
+def _check_metrics(server: MetricsServer, run: StreamRun) -> None:
+    fams = _scrape(server)
+    images = _per_mode(fams["cortexbench_images"], "cortexbench_images_total")
+    latency = _per_mode(fams["cortexbench_image_latency_seconds"], "cortexbench_image_latency_seconds_count")
+    for mode, m in run.modes.items():
+        assert images[mode] == m.result.sent
+        assert latency[mode] == m.result.ledger.outcome_counts()["ok"]
+    assert set(images) == set(run.modes)
+
+
+@pytest.mark.parametrize("drivers", [1, 2], ids=["in-process", "shards"])
+def test_stream_run_merges_ledgers_histograms_and_metrics(pool, images, model_dir, drivers):
+    server = MetricsServer(0)
+    server.start()
+    try:
+        run = _stream_run(pool, images, model_dir, drivers, server)
+        assert set(run.modes) == {"cached", "lru:1"} and not run.interrupted
+        for mode, m in run.modes.items():
+            res = m.result
+            _accounted(res, 160)
+            assert res.ledger.workers == tuple(pool.names)
+            ok_counted = int(((res.ledger.column("item") >= 10) & res.ledger.ok_mask()).sum())
+            assert m.hists.rollup(lambda k: k[:1]).get(("latency",)).count == ok_counted
+            s = m.summary["summary"]
+            assert s["images_sent"] == s["rows"] == 160 and s["counted_ok"] == ok_counted
+            assert set(res.states) == set(pool.names)
+            if drivers == 2:  # each shard drove its own worker
+                per = np.bincount(res.ledger.column("worker"), minlength=2)
+                assert per.min() > 0
+            if mode == "cached":
+                assert s["hit_ratio"] == 1.0
+        _check_metrics(server, run)
+    finally:
+        server.stop()
+
+
+def test_recovering_a_worker_that_is_dead_for_good_fails_at_once(ray_session):
+    import ray
+
+    class Worker:
+        def set_mode(self, mode: str) -> None:
+            pass
+
+    actor = ray.remote(Worker).options(num_cpus=0, max_restarts=0).remote()
+    cluster.get(actor.set_mode.remote("cached"), 60)
+    ray.kill(actor, no_restart=True)
+    handle = cluster.ActorHandle("gone", actor, "cached")
+
+    async def recover() -> None:
+        await asyncio.wait_for(handle.recover(), timeout=5.0)
+
+    with pytest.raises(WorkerError):
+        asyncio.run(recover())
+
+
+class InterruptingView(LiveView):
+    """A LiveView that presses Ctrl-C (StreamRun.interrupt) once some images are done."""
+
+    run: StreamRun | None = None
+
+    def fold(self, p: Progress, rows: Any = None) -> None:
+        super().fold(p, rows)
+        if self.done >= 20 and self.run is not None and not self.run.interrupted:
+            self.run.interrupt()
+
+
+@pytest.mark.parametrize("drivers", [1, 2], ids=["in-process", "shards"])
+def test_interrupt_stops_the_mode_and_accounts_for_every_image_sent(pool, images, model_dir, drivers):
+    cfg = Config(models=MODELS, model_dir=model_dir, times=20_000,
+                 stream=StreamConfig(modes=("cached", "cold"), concurrency=4, warmup=0, model_weights=NULL_ONLY))
+    live = InterruptingView(MODELS, pool.names, server=None, run_id="test", backend="mxnet", quiet=True)
+    run = StreamRun(_plan(cfg, pool, images, drivers), pool, live)
+    live.run = run
+    asyncio.run(run.run())
+    assert run.interrupted and list(run.modes) == ["cached"]
+    res = run.modes["cached"].result
+    assert res.stopped_early and 20 <= res.sent < 20_000 and res.sent + res.not_sent == 20_000
+    res.ledger.check_complete(res.sent)
+
+
+def test_run_stream_reuses_a_running_ray_and_leaves_it_up(ray_session, pool, model_dir, image_dir, tmp_path):
+    import ray
+
+    cfg = Config(models=("null",), model_dir=model_dir, img_dir=image_dir, result_dir=tmp_path, times=40,
+                 stream=StreamConfig(modes=("cached",), concurrency=2, warmup=5, cpu_workers=1, metrics_port=0))
+    run_dir = run_stream(cfg, quiet=True)
+    assert (run_dir / "results.json").is_file()
+    assert ray.is_initialized()
+    res = _drive(pool, _schedule(10, NULL_ONLY), "cached")  # the shared pool still answers
+    _accounted(res, 10)
+
+
+def _pid(pool: cluster.WorkerPool, i: int) -> int:
+    return int(cluster.get(cluster.ADAPTER.call(pool.actors[i], "info"), 60)["pid"])
+
+
+@pytest.mark.parametrize("dispatch", ["grouped", "compiled"])
+def test_a_worker_killed_mid_run_is_retried_around_and_comes_back(pool, dispatch):
+    old_pid = _pid(pool, 0)
+    sched = _schedule(400, NULL_ONLY)
+    killed: list[int] = []
+
+    def kill_once(p: Progress) -> None:
+        if not killed and p.done >= 40:
+            killed.append(p.done)
+            pool.kill(0)
+
+    res = _drive(pool, sched, "cached", dispatch=dispatch, concurrency=8, depth=4, on_progress=kill_once)
+    assert killed and killed[0] < len(sched)
+    counts = _accounted(res, len(sched))
+    assert counts["ok"] + counts["worker_died"] == len(sched)
+    assert res.worker_losses.get(pool.names[0], 0) >= 1 and res.retries >= 1
+    assert counts["ok"] == len(sched)  # two retries are plenty: the other worker takes them
+    # Ray restarts it: the handle's recovery waits for that and sets the mode again
+    asyncio.run(cluster.ActorHandle(pool.names[0], pool.actors[0], "cached").recover())
+    new_pid = _pid(pool, 0)
+    assert new_pid != old_pid and new_pid != os.getpid()
+    res2 = _drive(pool, _schedule(40, NULL_ONLY), "cached")  # the restarted worker works again
+    _accounted(res2, 40)
+    assert (res2.ledger.column("worker") == 0).any()

@@ -1,0 +1,237 @@
+"""ModelWorker without Ray: the real mxnet backend on tiny models, synthetic images, every residency mode."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cortexbench.images.dataset import list_images
+from cortexbench.ledger import OUTCOMES, WORKER_STAGES
+from cortexbench.models.backends import get_backend
+from cortexbench.models.registry import get_spec
+from cortexbench.worker import RESULT_COLS, ModelWorker, RequestGroup, WorkerSpec
+
+MODELS = ("mlp2", "digits_cnn", "mnist_cnn")
+OK, INPUT_ERROR, MODEL_ERROR = (OUTCOMES.index(n) for n in ("ok", "input_error", "model_error"))
+STAGE_COLS = slice(3, 3 + len(WORKER_STAGES))
+
+
+class CountingBackend:
+    """The real backend, counting loads and closes (to see what a mode loads and frees)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.loads: list[str] = []
+        self.live: set[int] = set()
+
+    def model_files(self, spec: Any, model_dir: Path) -> list[Path]:
+        return self.inner.model_files(spec, model_dir)
+
+    def load(self, spec: Any, model_dir: Path, device: str, options: Any = None) -> Any:
+        model = self.inner.load(spec, model_dir, device, options) if options else self.inner.load(spec, model_dir,
+                                                                                                device)
+        self.loads.append(spec.name)
+        self.live.add(id(model))
+        close = model.close
+
+        def counted_close() -> None:
+            self.live.discard(id(model))
+            close()
+
+        model.close = counted_close
+        return model
+
+
+def _worker(model_dir: Path, images: list[Path], models: tuple[str, ...] = MODELS, lanes: int = 1,
+            backend: Any = None) -> ModelWorker:
+    spec = WorkerSpec(name="w0", device="cpu", backend="mxnet", model_dir=str(model_dir), models=models,
+                      images=tuple(str(p) for p in images), lanes=lanes, image_pool=8)
+    return ModelWorker(spec, backend=backend)
+
+
+def _sequence(n: int, n_models: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, n_models, n), rng.integers(0, 8, n)
+
+
+def _group(model_idx: np.ndarray, image_idx: np.ndarray) -> RequestGroup:
+    return RequestGroup.of(np.arange(len(model_idx)), model_idx, image_idx)
+
+
+def _lru_hits(names: list[str], capacity: int) -> int:
+    lru: OrderedDict[str, None] = OrderedDict()
+    hits = 0
+    for name in names:
+        if name in lru:
+            hits += 1
+            lru.move_to_end(name)
+        else:
+            lru[name] = None
+            if len(lru) > capacity:
+                lru.popitem(last=False)
+    return hits
+
+
+def _files_size(backend: Any, name: str, model_dir: Path) -> int:
+    return sum(f.stat().st_size for f in backend.model_files(get_spec(name), model_dir))
+
+
+@pytest.fixture
+def images(image_dir: Path) -> list[Path]:
+    return list_images(image_dir)
+
+
+def test_cached_loads_every_model_before_the_run_and_only_hits_after(model_dir, images):
+    backend = CountingBackend(get_backend("mxnet"))
+    w = _worker(model_dir, images, backend=backend)
+    try:
+        w.set_mode("cached")
+        assert sorted(backend.loads) == sorted(MODELS)
+        m, i = _sequence(30, len(MODELS))
+        res = w.run(_group(m, i))
+        assert (res.rows[:, 1] == OK).all(), res.errors
+        assert (res.rows[:, 2] == 1).all()
+        assert len(backend.loads) == len(MODELS)  # nothing loaded during the run
+        st = w.state()
+        assert st.hits_total == 30 and st.misses_total == 0 and st.loads_total == 0
+        assert st.image_bytes_read == 0  # inputs come from the in-memory pool
+    finally:
+        w.close()
+    assert not backend.live  # close() frees the resident models
+
+
+def test_cold_reads_the_model_and_the_image_from_disk_for_every_image_and_frees_it(model_dir, images):
+    backend = CountingBackend(get_backend("mxnet"))
+    w = _worker(model_dir, images, backend=backend)
+    try:
+        w.set_mode("cold")
+        m, i = _sequence(24, len(MODELS))
+        res = w.run(_group(m, i))
+        assert (res.rows[:, 1] == OK).all(), res.errors
+        assert (res.rows[:, 2] == 0).all()
+        st = w.state()
+        assert st.loads_total == 24 == len(backend.loads) and st.misses_total == 24 and st.hits_total == 0
+        assert st.model_bytes_read == sum(_files_size(backend, MODELS[k], model_dir) for k in m)
+        assert st.image_bytes_read == sum(images[k % len(images)].stat().st_size for k in i) > 0
+        assert not backend.live  # every private copy was freed after its image
+        assert (res.rows[:, 3 + WORKER_STAGES.index("read")] > 0).all()
+        assert (res.rows[:, 3 + WORKER_STAGES.index("load")] > 0).all()
+    finally:
+        w.close()
+
+
+@pytest.mark.parametrize("capacity", [1, 2])
+def test_lru_hits_equal_a_reference_lru_replay(model_dir, images, capacity):
+    backend = CountingBackend(get_backend("mxnet"))
+    w = _worker(model_dir, images, backend=backend)
+    try:
+        w.set_mode(f"lru:{capacity}")
+        m, i = _sequence(40, len(MODELS), seed=capacity)
+        hits = []
+        for k in range(len(m)):  # one image at a time: the order is the sequence's
+            res = w.run(_group(m[k:k + 1], i[k:k + 1]))
+            assert res.rows[0, 1] == OK, res.errors
+            hits.append(int(res.rows[0, 2]))
+        names = [MODELS[k] for k in m]
+        expected = _lru_hits(names, capacity)
+        st = w.state()
+        assert sum(hits) == st.hits_total == expected
+        assert st.misses_total == st.loads_total == len(m) - expected == len(backend.loads)
+        assert len(backend.live) <= capacity  # evicted models were freed
+    finally:
+        w.close()
+    assert not backend.live
+
+
+@pytest.mark.parametrize("mode", ["cached", "cold", "lru:1"])
+def test_stage_times_are_non_negative_and_fit_in_the_wall_time(model_dir, images, mode):
+    w = _worker(model_dir, images)
+    try:
+        w.set_mode(mode)
+        m, i = _sequence(12, len(MODELS), seed=3)
+        t0 = time.perf_counter()
+        res = w.run(_group(m, i))
+        wall = time.perf_counter() - t0
+        assert res.rows.shape == (12, len(RESULT_COLS))
+        stages = res.rows[:, STAGE_COLS]
+        assert (res.rows[:, 1] == OK).all(), res.errors
+        assert np.isfinite(stages).all() and (stages >= 0).all()
+        assert (stages.sum(axis=1) <= wall).all()  # one image's stages, its queueing included
+        assert stages[:, 1:].sum() <= wall  # one lane: the images' work does not overlap
+        assert np.array_equal(res.rows[:, 0], np.arange(12))
+    finally:
+        w.close()
+
+
+def test_an_undecodable_image_is_an_input_error_not_an_exception(model_dir, images, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 this is not a jpeg")
+    w = _worker(model_dir, [*images[:2], bad])
+    try:
+        w.set_mode("cold")
+        res = w.run(RequestGroup.of([0, 1, 2], [1, 1, 1], [0, 2, 1]))
+        assert res.rows[:, 1].tolist() == [OK, INPUT_ERROR, OK]
+        assert set(res.errors) == {1} and "bad.jpg" in res.errors[1]
+    finally:
+        w.close()
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_a_missing_or_corrupt_model_file_is_a_model_error(model_dir, images, tmp_path, damage):
+    mine = tmp_path / "models"
+    shutil.copytree(model_dir, mine)
+    params = get_backend("mxnet").model_files(get_spec("digits_cnn"), mine)[1]
+    if damage == "missing":
+        params.unlink()
+    else:
+        params.write_bytes(b"not an mxnet params file" * 10)
+    w = _worker(mine, images)
+    try:
+        w.set_mode("cold")
+        res = w.run(RequestGroup.of([0, 1, 2], [0, 1, 2], [0, 1, 2]))
+        assert res.rows[:, 1].tolist() == [OK, MODEL_ERROR, OK]
+        assert set(res.errors) == {1} and "digits_cnn" in res.errors[1]
+    finally:
+        w.close()
+
+
+def test_two_lanes_run_two_images_at_once(model_dir, images):
+    w = _worker(model_dir, images, models=("null:0.05",), lanes=2)
+    try:
+        w.set_mode("cached")
+        group = RequestGroup.of(range(4), [0] * 4, range(4))
+        w.submit(group).result()  # first use of the lane threads, not measured
+        t0 = time.perf_counter()
+        res = w.submit(group).result()
+        wall = time.perf_counter() - t0
+        assert (res.rows[:, 1] == OK).all()
+        assert 0.1 <= wall < 0.18  # 4 images of 50 ms on 2 lanes: 2 rounds, not 4
+        infer = res.rows[:, 3 + WORKER_STAGES.index("infer")]
+        assert (infer >= 0.05).all()
+    finally:
+        w.close()
+
+
+def test_lru_with_several_lanes_keeps_at_most_k_models_loaded(model_dir, images):
+    # lanes race for models: one lane evicting while another loads must not leave extra models loaded
+    backend = CountingBackend(get_backend("mxnet"))
+    w = _worker(model_dir, images, lanes=4, backend=backend)
+    try:
+        w.set_mode("lru:1")
+        m, i = _sequence(120, len(MODELS), seed=7)
+        res = w.run(_group(m, i))
+        assert (res.rows[:, 1] == OK).all(), res.errors
+        assert set(w._resident) <= set(w.residency.resident())
+        assert len(backend.live) <= 1 + 4  # K resident, plus models still held by a lane when evicted
+        hit_ratio = res.rows[:, 2].mean()
+        assert hit_ratio < 0.6  # 3 models, lru:1: a replay gives about a third; far from "all hits"
+    finally:
+        w.close()
+    assert not backend.live
