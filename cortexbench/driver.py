@@ -233,6 +233,11 @@ class Driver:
         n = len(sched)
         send_at = sched.send_at_s
         deadline = self._t0 + self.opt.duration_s if self.opt.duration_s else None
+        if deadline is not None and sched.send_at_s is not None:
+            # open loop: the duration is the measured part, after the warm-up (as make_schedule cuts it)
+            counted = np.flatnonzero(sched.item >= sched.warmup)
+            if len(counted):
+                deadline += float(sched.send_at_s[counted[0]])
         clock = self.clock
         spin = self.opt.spin_s
         for pos in range(n):

@@ -203,3 +203,9 @@ def test_a_call_never_answered_times_out_and_the_run_goes_on():
     assert counts["timeout"] == 1 and counts["ok"] == 99
     res.ledger.check_complete(res.sent)
     assert "did not answer within 5 s" in res.error_samples["timeout"]
+
+
+def test_open_loop_duration_counts_after_the_warmup():
+    handles = [FakeWorkerHandle("w0", service_s=0.001, lanes=4)]
+    sched, res, _ = _drive(handles, count=100_000, rate=1000.0, duration_s=2.0, warmup=500)
+    assert res.not_sent == 0 and res.sent == len(sched)  # the schedule and the driver end together

@@ -38,7 +38,7 @@ STAGE_MEANING = {
     "load": "worker: loading the model (miss) or waiting for it",
     "infer": "worker: inference at batch size 1",
     "free": "worker: freeing the model / evicted models",
-    "transport": "Ray calls, serialisation, retries (not timed by the worker)",
+    "transport": "Ray calls, serialisation, waiting for the rest of its group (not timed by the worker)",
 }
 
 
