@@ -197,6 +197,14 @@ def export_null(model_dir: Path) -> Path:
     return path
 
 
+def export_null_result(spec: ModelSpec, model_dir: Path, backend: BackendId, started: float) -> ExportResult:
+    """``Backend.export`` of the null model, the same in every backend (one shared file)."""
+    existed = null_file(model_dir).exists()
+    path = export_null(model_dir)
+    return ExportResult(spec.name, backend, (path,), spec.input_shape, 0, files_size([path]),
+                        "user" if existed else "random-init", None, time.perf_counter() - started)
+
+
 def load_null(spec: ModelSpec, model_dir: Path, device: str) -> NullModel:
     path = null_file(model_dir)
     try:

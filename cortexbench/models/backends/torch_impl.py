@@ -47,7 +47,7 @@ from cortexbench.models.backends.base import (
     LoadOptions,
     NullModel,
     corrupt,
-    export_null,
+    export_null_result,
     files_size,
     load_null,
     null_file,
@@ -375,10 +375,7 @@ class TorchBackend:
         start = time.perf_counter()
         model_dir = Path(model_dir)
         if spec.is_null:
-            existed = null_file(model_dir).exists()
-            path = export_null(model_dir)
-            return ExportResult(spec.name, self.name, (path,), spec.input_shape, 0, files_size([path]),
-                                "user" if existed else "random-init", None, time.perf_counter() - start)
+            return export_null_result(spec, model_dir, self.name, start)
         (path,) = self.model_files(spec, model_dir)
         if path.exists() and not force:
             try:
