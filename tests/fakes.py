@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections import OrderedDict
 from collections.abc import Coroutine
 from typing import Any
 
@@ -103,3 +104,18 @@ class FakeWorkerHandle:
 
 def expected_lanes_time(n: int, service_s: float, lanes: int) -> float:
     return math.ceil(n / lanes) * service_s
+
+
+def reference_lru_hits(names: list[str], capacity: int) -> int:
+    """Hits of a plain LRU of ``capacity`` over a sequence of model names (the reference for the worker's)."""
+    lru: OrderedDict[str, None] = OrderedDict()
+    hits = 0
+    for name in names:
+        if name in lru:
+            hits += 1
+            lru.move_to_end(name)
+        else:
+            lru[name] = None
+            if len(lru) > capacity:
+                lru.popitem(last=False)
+    return hits

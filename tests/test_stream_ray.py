@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from cortexbench.metrics import MetricsServer
 from cortexbench.residency import parse_mode
 from cortexbench.schedule import Schedule, make_schedule
 from cortexbench.worker import WorkerSpec
+from tests.fakes import reference_lru_hits
 
 pytestmark = pytest.mark.ray
 
@@ -89,20 +89,6 @@ def _accounted(res: DriverResult, n: int) -> dict[str, int]:
     return counts
 
 
-def _lru_hits(names: list[str], capacity: int) -> int:
-    lru: OrderedDict[str, None] = OrderedDict()
-    hits = 0
-    for name in names:
-        if name in lru:
-            hits += 1
-            lru.move_to_end(name)
-        else:
-            lru[name] = None
-            if len(lru) > capacity:
-                lru.popitem(last=False)
-    return hits
-
-
 @pytest.mark.parametrize("weights", [NULL_ONLY, ()], ids=["null", "mixed"])
 def test_modes_on_the_same_schedule_account_for_every_image(pool, weights):
     sched = _schedule(60, weights)
@@ -127,7 +113,7 @@ def test_lru_hit_ratio_equals_a_reference_replay(pool):
     _accounted(res, len(sched))
     order = np.argsort(res.ledger.column("item"))
     names = [MODELS[m] for m in sched.model_idx]
-    expected = _lru_hits(names, 1)
+    expected = reference_lru_hits(names, 1)
     assert int((res.ledger.column("hit")[order] == 1).sum()) == expected
     st = res.states[pool.names[0]]
     assert st.hits_total == expected and st.misses_total == st.loads_total == len(sched) - expected

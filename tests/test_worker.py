@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from cortexbench.ledger import OUTCOMES, WORKER_STAGES
 from cortexbench.models.backends import get_backend
 from cortexbench.models.registry import get_spec
 from cortexbench.worker import RESULT_COLS, ModelWorker, RequestGroup, WorkerSpec
+from tests.fakes import reference_lru_hits
 
 MODELS = ("mlp2", "digits_cnn", "mnist_cnn")
 OK, INPUT_ERROR, MODEL_ERROR = (OUTCOMES.index(n) for n in ("ok", "input_error", "model_error"))
@@ -63,20 +63,6 @@ def _sequence(n: int, n_models: int, seed: int = 1) -> tuple[np.ndarray, np.ndar
 
 def _group(model_idx: np.ndarray, image_idx: np.ndarray) -> RequestGroup:
     return RequestGroup.of(np.arange(len(model_idx)), model_idx, image_idx)
-
-
-def _lru_hits(names: list[str], capacity: int) -> int:
-    lru: OrderedDict[str, None] = OrderedDict()
-    hits = 0
-    for name in names:
-        if name in lru:
-            hits += 1
-            lru.move_to_end(name)
-        else:
-            lru[name] = None
-            if len(lru) > capacity:
-                lru.popitem(last=False)
-    return hits
 
 
 def _files_size(backend: Any, name: str, model_dir: Path) -> int:
@@ -140,7 +126,7 @@ def test_lru_hits_equal_a_reference_lru_replay(model_dir, images, capacity):
             assert res.rows[0, 1] == OK, res.errors
             hits.append(int(res.rows[0, 2]))
         names = [MODELS[k] for k in m]
-        expected = _lru_hits(names, capacity)
+        expected = reference_lru_hits(names, capacity)
         st = w.state()
         assert sum(hits) == st.hits_total == expected
         assert st.misses_total == st.loads_total == len(m) - expected == len(backend.loads)
