@@ -14,7 +14,8 @@ counted``.  In the open loop they sit at the start of the timeline; ``duration_s
 part, which starts at the last warm-up arrival (0 without warm-up).
 
 Sharding (several drivers): ``shard(i, n)`` takes items ``i, i+n, i+2n, ...``, so a Poisson stream split
-across shards stays one Poisson process; global item ids and send times are kept.
+across shards stays one Poisson process; global item ids and send times are kept.  ``shard_workers``
+shares the workers out by node, so that a shard can run on the node of its workers.
 """
 
 from __future__ import annotations
@@ -125,6 +126,27 @@ class Schedule:
             models=self.models, item=self.item[sl], model_idx=self.model_idx[sl], image_idx=self.image_idx[sl],
             send_at_s=None if self.send_at_s is None else self.send_at_s[sl], warmup=self.warmup,
             rate=self.rate, seed=self.seed, popularity=self.popularity)
+
+
+def shard_workers(nodes: Sequence[str], n_shards: int) -> list[tuple[tuple[int, ...], str]]:
+    """Share workers out over ``n_shards`` driver shards so that each shard's workers sit together:
+    ``nodes[w]`` is worker w's node; workers are ordered by node (nodes in order of first appearance),
+    and shard i takes the i-th contiguous run, sizes differing by one at most.  Returns, per shard, its
+    worker indices and the node most of them are on (where the shard should run)."""
+    if n_shards < 1 or n_shards > len(nodes):
+        raise ValueError(f"{n_shards} driver shards for {len(nodes)} workers: need 1 to {len(nodes)}")
+    rank = {node: k for k, node in enumerate(dict.fromkeys(nodes))}
+    order = sorted(range(len(nodes)), key=lambda w: (rank[nodes[w]], w))
+    base, extra = divmod(len(order), n_shards)
+    out, start = [], 0
+    for i in range(n_shards):
+        ids = tuple(sorted(order[start:start + base + (1 if i < extra else 0)]))
+        start += len(ids)
+        counts: dict[str, int] = {}
+        for w in ids:
+            counts[nodes[w]] = counts.get(nodes[w], 0) + 1
+        out.append((ids, max(counts, key=lambda node: (counts[node], -rank[node]))))
+    return out
 
 
 def _weights(n_models: int, popularity: Popularity | str, weights: Sequence[float]) -> tuple[np.ndarray, str]:

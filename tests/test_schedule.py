@@ -146,3 +146,20 @@ def test_shards_partition_the_stream():
         assert isinstance(x, Schedule) and x.warmup == 10
     with pytest.raises(ValueError):
         s.shard(3, 3)
+
+
+def test_shard_workers_keeps_each_shards_workers_on_one_node():
+    from cortexbench.schedule import shard_workers
+
+    nodes = ["a", "b", "a", "b", "a", "b", "a", "b"]  # a placement group spreading workers over two nodes
+    got = shard_workers(nodes, 2)
+    assert got == [((0, 2, 4, 6), "a"), ((1, 3, 5, 7), "b")]
+    got4 = shard_workers(nodes, 4)
+    assert [node for _, node in got4] == ["a", "a", "b", "b"]
+    assert sorted(w for ids, _ in got4 for w in ids) == list(range(8))  # every worker in exactly one shard
+    uneven = shard_workers(["a"] * 5, 3)  # one node: sizes differ by one at most
+    assert [len(ids) for ids, _ in uneven] == [2, 2, 1] and {n for _, n in uneven} == {"a"}
+    mixed = shard_workers(["a", "a", "a", "b", "b"], 2)  # a shard spanning nodes runs where most are
+    assert mixed == [((0, 1, 2), "a"), ((3, 4), "b")]
+    with pytest.raises(ValueError, match="3 driver shards for 2 workers"):
+        shard_workers(["a", "b"], 3)
