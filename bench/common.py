@@ -184,6 +184,27 @@ def bare_compiled_loop(actors: list[Any], seconds: float, depth: int = 4, *, pay
             d.teardown()
 
 
+def compiled_rtt(actor: Any, payload: bytes, calls: int = 1000) -> float:
+    """The median round trip of a compiled graph to ``actor.execute`` with ``payload``, one execution at a
+    time, driven synchronously (for a cortexbench worker: its own cost per image, without the driver)."""
+    from ray.dag import InputNode
+
+    with InputNode() as inp:
+        node = actor.execute.bind(inp)
+    dag = node.experimental_compile(_max_inflight_executions=1)
+    try:
+        for _ in range(200):
+            dag.execute(payload).get()
+        rtts = []
+        for _ in range(calls):
+            t = time.perf_counter()
+            dag.execute(payload).get()
+            rtts.append(time.perf_counter() - t)
+        return statistics.median(rtts)
+    finally:
+        dag.teardown()
+
+
 def _size(rate: float, seconds: float, lo: int = 500, hi: int = 2_000_000) -> int:
     return int(min(hi, max(lo, rate * seconds)))
 
@@ -217,7 +238,7 @@ def drive(actors: list[Any], names: list[str], *, dispatch: str, seconds: float,
     from cortexbench.schedule import make_schedule
 
     async def run() -> dict[str, float]:
-        handles = make_handles(actors, names, "cached", dispatch, depth)
+        handles = make_handles(actors, names, "cached", dispatch, depth, one_at_a_time=concurrency == 1)
         for h in handles:
             await h.start()
         try:

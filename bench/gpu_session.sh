@@ -31,8 +31,15 @@ fi
 if has stream; then
   log stream cached fp16
   $PY -m cortexbench.stream --config "$W/config.json" --precision fp16 --mode cached --images 30000 2>&1 | tail -12
-  log stream cold and lru fp16
-  $PY -m cortexbench.stream --config "$W/config.json" --precision fp16 --mode cold,lru:4 --images 1200 --warmup 50 --concurrency 16 2>&1 | tail -12
+  if [ -n "${ALSO_COMPILED:-}" ]; then
+    log stream cached fp16, compiled dispatch
+    $PY -m cortexbench.stream --config "$W/config.json" --precision fp16 --mode cached --images 20000 --dispatch compiled 2>&1 | tail -5
+  fi
+  SLOW_MODES=${SLOW_MODES:-cold,lru:4}
+  if [ "$SLOW_MODES" != none ]; then
+    log stream $SLOW_MODES fp16
+    $PY -m cortexbench.stream --config "$W/config.json" --precision fp16 --mode "$SLOW_MODES" --images 1200 --warmup 50 --concurrency 16 2>&1 | tail -12
+  fi
 fi
 if has bench; then
   log bench

@@ -44,7 +44,10 @@ _LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 # worker sees them, so their wait shows as transport, not as the worker's queue stage: drivers keep at
 # most this many calls in flight per worker (the actor path's depth).
 CALLS_PER_WORKER = 128
-GET_TIMEOUT_S = 3600.0  # a compiled graph's result: a group of cold loads of large models can take long
+GET_TIMEOUT_S = 3600.0
+# The longest a compiled handle waits for a result on the event loop's thread (one image in flight): long
+# enough for a cached inference, short enough that progress and Ctrl-C are never held up noticeably.
+INLINE_WAIT_S = 0.005  # a compiled graph's result: a group of cold loads of large models can take long
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> dict[str, float]:
@@ -137,7 +140,8 @@ class WorkerActor:
         return self.worker.state()
 
     def info(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": self.worker.spec.device,
+        return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(),
+                "node_id": ray.get_runtime_context().get_node_id(), "device": self.worker.spec.device,
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
 
@@ -153,6 +157,11 @@ class WorkerPool:
     @property
     def names(self) -> list[str]:
         return [s.name for s in self.specs]
+
+    @property
+    def node_ids(self) -> list[str]:
+        """The Ray node each worker runs on (where a driver shard for it should run)."""
+        return [str(i.get("node_id", "")) for i in self.infos]
 
     def set_mode(self, mode: str, timeout_s: float = 3600) -> list[dict[str, float]]:
         return get([ADAPTER.call(a, "set_mode", mode) for a in self.actors], timeout_s)
@@ -212,7 +221,8 @@ def start_workers(specs: Sequence[WorkerSpec], *, gpu: bool, cpus_each: float, t
 
 
 class ActorHandle:
-    """Plain actor calls: ``actor`` dispatch (groups of 1) and ``grouped`` dispatch."""
+    """Plain actor calls: ``actor`` dispatch (groups of 1) and ``grouped`` dispatch.  The reply is taken
+    on the Ray thread that receives it (its time is the received time) and handed to the event loop."""
 
     def __init__(self, name: str, actor: Any, mode: str) -> None:
         self.name = name
@@ -222,12 +232,30 @@ class ActorHandle:
     async def start(self) -> None:
         pass
 
-    async def call(self, group: RequestGroup) -> tuple[ResultGroup, float]:
+    def submit(self, group: RequestGroup) -> asyncio.Future[tuple[ResultGroup, float]]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[ResultGroup, float]] = loop.create_future()
         try:
-            data = await ADAPTER.call(self.actor, "infer", group.to_bytes())
+            ref = ADAPTER.call(self.actor, "infer", group.to_bytes())
         except _LOST as e:
-            raise WorkerLostError(f"worker {self.name} died: {type(e).__name__}") from None
-        return ResultGroup.from_bytes(data), time.monotonic()
+            fut.set_exception(WorkerLostError(f"worker {self.name} died: {type(e).__name__}"))
+            return fut
+        ref.future().add_done_callback(lambda f: self._landed(f, fut, loop))
+        return fut
+
+    def _landed(self, f: Any, fut: asyncio.Future[Any], loop: asyncio.AbstractEventLoop) -> None:
+        received = time.monotonic()
+        try:
+            value: Any = (ResultGroup.from_bytes(f.result()), received)
+            settle = _answer
+        except _LOST as e:
+            value, settle = WorkerLostError(f"worker {self.name} died: {type(e).__name__}"), _reject
+        except BaseException as e:
+            value, settle = unwrap(e), _reject
+        try:
+            loop.call_soon_threadsafe(settle, fut, value)
+        except RuntimeError:  # the loop is closed: nobody waits for this any more
+            pass
 
     async def recover(self) -> None:
         await _recover(self.actor, self.name, self.mode)
@@ -261,26 +289,48 @@ async def _recover(actor: Any, name: str, mode: str, timeout_s: float = 120.0, d
     raise WorkerError(f"worker {name} did not come back within {timeout_s:g} s")
 
 
+class _Waiter:
+    """A result the event loop's thread waits for itself, for a while (``CompiledHandle`` inline)."""
+
+    __slots__ = ("abandoned", "lock", "ready", "value")
+
+    def __init__(self) -> None:
+        self.ready = threading.Lock()
+        self.ready.acquire()  # released by the pump once ``value`` is set
+        self.lock = threading.Lock()  # guards ``value`` and ``abandoned``
+        self.value: Any = None
+        self.abandoned = False
+
+
 class CompiledHandle:
     """A Ray Compiled Graph to one worker with ``depth`` executions in flight, for an asyncio driver.
 
     Ray's synchronous graph calls are several times faster than its asyncio ones, but ``ref.get()``
-    blocks, and a graph must not be used by two threads at once.  So a thread of the handle (the pump)
-    waits for the results, in order, and hands each to the event loop; whoever uses the graph holds
-    ``_graph_lock``: the pump from the moment it has an execution in flight until it has none.  When the
-    pump is idle, ``call`` submits on the event loop's own thread (``execute`` does not block while
-    fewer than ``depth`` are in flight), so a call at low load crosses threads once, not twice; under
-    load the pump submits the queued groups between its waits."""
+    blocks, and a graph must not be used by two threads at once: whoever executes holds
+    ``_graph_lock``.  A thread of the handle (the pump) reads the results: ``submit`` queues the group
+    (a few microseconds on the event loop); the pump executes what is queued, up to ``depth`` at once,
+    waits for the results in order, takes each one's receive time at once and hands it to the event
+    loop.  (``execute`` called on the event loop's thread while the pump is busy cost 35-40 us on an H200
+    host against 14 us in a bare loop: the two threads fought for the GIL.)
 
-    def __init__(self, name: str, actor: Any, mode: str, depth: int = 4) -> None:
+    With ``inline_wait_s`` > 0 (the driver keeps one image in flight: closed loop, concurrency 1) and
+    the pump idle, ``submit`` executes on the event loop's thread, hands the execution to the pump, and
+    waits up to ``inline_wait_s`` for the pump's answer with the GIL released, so the pump wakes while
+    the worker runs, not after, and the answer skips the event loop's wake-up.  A longer call is
+    answered through the event loop as usual.  (Reading with a timeout on the event loop's thread
+    itself is not safe: Ray 2.x drops a result read just as the timeout expires.)"""
+
+    def __init__(self, name: str, actor: Any, mode: str, depth: int = 4, inline_wait_s: float = 0.0) -> None:
         self.name = name
         self.actor = actor
         self.mode = mode
         self.depth = depth
-        # (execution already submitted, or None) | (group bytes to submit, or None) | the caller's future
-        self._q: queue.SimpleQueue[tuple[Any, bytes | None, asyncio.Future[Any]] | None] = queue.SimpleQueue()
+        self.inline_wait_s = inline_wait_s
+        # (group bytes to execute, None, future, None) or, from an inline submit that executed itself and
+        # holds the graph lock for the pump, (None, the execution, future, its waiter); None stops the pump
+        self._q: queue.SimpleQueue[tuple[bytes | None, Any, asyncio.Future[Any], _Waiter | None] | None] = \
+            queue.SimpleQueue()
         self._graph_lock = threading.Lock()
-        self._inflight = 0  # executions handed out and not yet answered (event loop side)
         self._failed: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._dag: Any = None
@@ -294,40 +344,57 @@ class CompiledHandle:
             dag = self.actor.execute.bind(inp)
         self._dag = dag.experimental_compile(_max_inflight_executions=self.depth)
         self._q = queue.SimpleQueue()
-        self._inflight = 0
+        self._graph_lock = threading.Lock()
         self._failed = None
         self._thread = threading.Thread(target=self._pump, name=f"cgraph-{self.name}", daemon=True)
         self._thread.start()
 
-    async def call(self, group: RequestGroup) -> tuple[ResultGroup, float]:
-        if self._failed is not None:
-            raise self._failed
+    def submit(self, group: RequestGroup) -> asyncio.Future[tuple[ResultGroup, float]]:
         assert self._loop is not None
         fut: asyncio.Future[Any] = self._loop.create_future()
+        if self._failed is not None:
+            fut.set_exception(self._failed)
+            return fut
         data = group.to_bytes()
-        if self._inflight < self.depth and self._graph_lock.acquire(blocking=False):
-            try:  # the pump is idle: submit here, it waits for the result
-                ref = self._dag.execute(data)
-            except Exception as e:
-                raise WorkerLostError(f"worker {self.name} died: {type(e).__name__}") from None
-            finally:
-                self._graph_lock.release()
-            self._q.put((ref, None, fut))
+        if self.inline_wait_s > 0 and self._graph_lock.acquire(blocking=False):
+            self._run_inline(data, fut)
         else:
-            self._q.put((None, data, fut))
-        self._inflight += 1
-        return await fut
+            self._q.put((data, None, fut, None))
+        return fut
+
+    def _run_inline(self, data: bytes, fut: asyncio.Future[Any]) -> None:
+        """With the graph lock held (the pump is idle): execute, hand the execution and the lock to the
+        pump, and wait for its answer here for up to ``inline_wait_s``."""
+        try:
+            ref = self._dag.execute(data)
+        except Exception as e:
+            self._graph_lock.release()
+            fut.set_exception(WorkerLostError(f"worker {self.name} died: {type(e).__name__}"))
+            return
+        waiter = _Waiter()
+        self._q.put((None, ref, fut, waiter))
+        answered = waiter.ready.acquire(timeout=self.inline_wait_s)
+        if not answered:
+            with waiter.lock:
+                answered = waiter.value is not None  # the pump answered just as the wait ran out
+                waiter.abandoned = not answered  # then the pump answers through the event loop
+        if answered:
+            ok, value = waiter.value
+            (fut.set_result if ok else fut.set_exception)(value)
 
     def _pump(self) -> None:
-        loop, dag, q, depth = self._loop, self._dag, self._q, self.depth
+        loop, dag, q, depth, lock = self._loop, self._dag, self._q, self.depth, self._graph_lock
         assert loop is not None
-        inflight: deque[tuple[Any, asyncio.Future[Any]]] = deque()
+        inflight: deque[tuple[Any, asyncio.Future[Any], _Waiter | None]] = deque()
         clock = time.monotonic
         err: BaseException | None = None
         try:
             while (item := q.get()) is not None:
-                with self._graph_lock:
-                    inflight.append((item[0] if item[0] is not None else dag.execute(item[1]), item[2]))
+                data, ref, fut, waiter = item
+                if ref is None:  # else an inline submit executed it and handed the lock over
+                    lock.acquire()
+                try:
+                    inflight.append((dag.execute(data) if ref is None else ref, fut, waiter))
                     while inflight:
                         while len(inflight) < depth:
                             try:
@@ -336,20 +403,33 @@ class CompiledHandle:
                                 break
                             if item is None:
                                 return
-                            inflight.append((item[0] if item[0] is not None else dag.execute(item[1]), item[2]))
-                        ref, fut = inflight[0]
-                        data = ref.get(timeout=GET_TIMEOUT_S)
+                            inflight.append((dag.execute(item[0]), item[2], None))
+                        ref, fut, waiter = inflight[0]
+                        out = ref.get(timeout=GET_TIMEOUT_S)
+                        received = clock()
                         inflight.popleft()  # only now: if the get raised, _fail answers this one too
-                        loop.call_soon_threadsafe(self._answer, fut, (ResultGroup.from_bytes(data), clock()))
+                        self._deliver(fut, waiter, True, (ResultGroup.from_bytes(out), received))
+                finally:
+                    lock.release()
         except Exception as e:
             err = WorkerLostError(f"worker {self.name} died: {type(e).__name__}")
         finally:
-            loop.call_soon_threadsafe(self._fail, q, [f for _, f in inflight], err or WorkerError("closed"))
+            for _, f, w in inflight:
+                if w is not None:
+                    self._deliver(f, w, False, err or WorkerError("closed"))
+            rest = [f for _, f, w in inflight if w is None]
+            loop.call_soon_threadsafe(self._fail, q, rest, err or WorkerError("closed"))
 
-    def _answer(self, fut: asyncio.Future[Any], value: Any) -> None:
-        self._inflight -= 1
-        if not fut.done():
-            fut.set_result(value)
+    def _deliver(self, fut: asyncio.Future[Any], waiter: _Waiter | None, ok: bool, value: Any) -> None:
+        """From the pump: to the event loop's thread if it is still waiting inline, else via the loop."""
+        if waiter is not None:
+            with waiter.lock:
+                if not waiter.abandoned:
+                    waiter.value = (ok, value)
+                    waiter.ready.release()
+                    return
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(_answer if ok else _reject, fut, value)
 
     def _fail(self, q: queue.SimpleQueue[Any], futures: list[asyncio.Future[Any]], err: BaseException) -> None:
         """On the event loop: fail what was in flight or queued; later calls fail at once until ``recover``."""
@@ -386,15 +466,23 @@ class CompiledHandle:
         await asyncio.get_running_loop().run_in_executor(None, self._teardown)
 
 
+def _answer(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
 def _reject(fut: asyncio.Future[Any], err: BaseException) -> None:
     if not fut.done():
         fut.set_exception(err)
 
 
 def make_handles(pool_actors: Sequence[Any], names: Sequence[str], mode: str, dispatch: str,
-                 depth: int) -> list[Any]:
+                 depth: int, *, one_at_a_time: bool = False) -> list[Any]:
+    """Handles for a driver; ``one_at_a_time``: it keeps one image in flight (closed loop, concurrency
+    1), so compiled handles may wait for a result inline (``CompiledHandle``)."""
     if dispatch == "compiled":
-        return [CompiledHandle(n, a, mode, depth) for n, a in zip(names, pool_actors, strict=True)]
+        wait = INLINE_WAIT_S if one_at_a_time else 0.0
+        return [CompiledHandle(n, a, mode, depth, wait) for n, a in zip(names, pool_actors, strict=True)]
     return [ActorHandle(n, a, mode) for n, a in zip(names, pool_actors, strict=True)]
 
 
@@ -427,7 +515,8 @@ class ShardActor:
         self.last: Progress | None = None
 
     async def run(self, plan: ShardPlan) -> DriverResult:
-        handles = make_handles(plan.actors, plan.names, plan.options.mode, plan.dispatch, plan.options.depth)
+        handles = make_handles(plan.actors, plan.names, plan.options.mode, plan.dispatch, plan.options.depth,
+                               one_at_a_time=plan.options.concurrency == 1)
         for h in handles:
             await h.start()
         balancer = make_balancer(plan.balancer, len(handles), len(plan.schedule.models), seed=plan.seed,
@@ -458,8 +547,18 @@ class ShardActor:
             self.driver.stop()
 
 
-def start_shards(n: int) -> list[Any]:
-    return [ADAPTER.actor(ShardActor, {"num_cpus": 0, "max_concurrency": 16, "max_restarts": 0}) for _ in range(n)]
+def start_shards(nodes: Sequence[str]) -> list[Any]:
+    """One driver shard per entry of ``nodes``, each placed on that node when it can be (soft affinity:
+    co-located with its workers on a cluster of several nodes)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    shards = []
+    for node in nodes:
+        opts: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 16, "max_restarts": 0}
+        if node:
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=True)
+        shards.append(ADAPTER.actor(ShardActor, opts))
+    return shards
 
 
 def shard_run(shard: Any, plan: ShardPlan) -> Any:

@@ -5,16 +5,19 @@ fakes all implement it), so it imports no Ray.
 
 One image's life::
 
-    dispatcher ──(scheduled time)──> Balancer.pick ──> pending[w] ──> sender[w] ──group──> handle.call
-                                                                                     │
-    ledger row (ok | failed kind) <── results (stage times from the worker) <────────┘
+    dispatcher ──(scheduled time)──> Balancer.pick ──> pending[w] ──flush──group──> handle.submit
+                                                                                   │ (a future)
+    ledger row (ok | failed kind) <── results (stage times from the worker) <──────┘ (its done callback)
 
 - Open loop (``rate``): each image has a scheduled send time from one Poisson process; latency is counted
   from that time, so a slow system cannot hide its queueing (MLPerf LoadGen's Server scenario).
 - Closed loop (``concurrency``): C images in flight; an image is scheduled when a slot frees.
-- A sender per worker takes up to ``max_group`` pending images per call and keeps up to ``depth`` calls in
+- Sending is plain callbacks, not a task per call: an image for an idle worker is sent at once (the
+  lowest latency); otherwise it waits in the worker's queue and a flush (the next loop turn, or the
+  completion of a call) sends up to ``max_group`` queued images per call, keeping up to ``depth`` calls in
   flight, so the transport's round trip does not serialise the device.  With ``max_group=1`` every image
-  is its own call (the plain actor path).
+  is its own call (the plain actor path).  A call's future completes through a done callback; results are
+  appended to the ledger in batches (at every fold and at the end).
 - ``send_delay`` (sent - scheduled) is recorded for every image; the share sent more than 1 ms late is
   reported, so an overloaded driver shows instead of flattering the result.
 - A worker that dies (``WorkerLostError``): its images are retried on live workers up to ``retries``
@@ -28,6 +31,7 @@ One image's life::
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -42,7 +46,7 @@ from cortexbench.ledger import OUTCOMES, WORKER_STAGES, Ledger
 from cortexbench.schedule import Schedule
 from cortexbench.worker import RequestGroup, ResultGroup, WorkerState
 
-WORKER_DIED, TIMEOUT, CANCELLED = (OUTCOMES.index(n) for n in ("worker_died", "timeout", "cancelled"))
+WORKER_DIED, TIMEOUT, CANCELLED, ERROR = (OUTCOMES.index(n) for n in ("worker_died", "timeout", "cancelled", "error"))
 LATE_S = 1e-3
 
 
@@ -51,9 +55,10 @@ class WorkerHandle(Protocol):
 
     name: str
 
-    async def call(self, group: RequestGroup) -> tuple[ResultGroup, float]:
-        """Run a group; return the results and the driver-clock time they were received.
-        Raises WorkerLostError when the worker died (its images may be retried elsewhere)."""
+    def submit(self, group: RequestGroup) -> asyncio.Future[tuple[ResultGroup, float]]:
+        """Start running a group; never blocks.  The future gives the results and the driver-clock time
+        they were received, or fails with WorkerLostError when the worker died (its images may be retried
+        elsewhere).  The driver may cancel it (a call timed out, or the run is stopping)."""
         ...
 
     async def recover(self) -> None:
@@ -133,8 +138,12 @@ class Driver:
         self.outstanding = np.zeros(nw, np.int64)
         self.alive = np.ones(nw, bool)
         self.pending: list[deque[int]] = [deque() for _ in range(nw)]
-        self.wake = [asyncio.Event() for _ in range(nw)]
         self.calls_inflight = [0] * nw
+        self._flush_due = [False] * nw
+        self._model_of = self.model_idx.tolist()  # plain ints: the balancer's hot path
+        self._gone_now = 0  # workers lost and not yet back (the dispatcher checks ``alive`` only then)
+        # what a group carries, by schedule position: item id, model index, image index
+        self._req = np.column_stack([np.asarray(schedule.item, np.int64), self.model_idx, self.image_idx])
         self.worker_ids = np.asarray(worker_ids if worker_ids is not None else range(nw), np.int16)
         names = tuple(worker_names) if worker_names is not None else tuple(h.name for h in handles)
         self.ledger = Ledger(capacity=max(n, 1), models=schedule.models, workers=names)
@@ -155,7 +164,10 @@ class Driver:
         self.error: str | None = None
         self.error_samples: dict[str, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._calls: dict[asyncio.Task[None], list[int]] = {}
+        # calls in flight: future -> (worker, positions, its timeout timer)
+        self._calls: dict[asyncio.Future[Any], tuple[int, list[int], asyncio.TimerHandle | None]] = {}
+        self._results: list[tuple[int, list[int], np.ndarray, float]] = []  # answered, not yet in the ledger
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._folded = 0
         self._t0 = 0.0
 
@@ -174,6 +186,7 @@ class Driver:
         return task
 
     async def run(self) -> DriverResult:
+        self._loop = asyncio.get_running_loop()
         loop_t = self.clock()
         if self.start_at is not None and self.start_at > loop_t:
             await asyncio.sleep(self.start_at - loop_t)
@@ -181,7 +194,6 @@ class Driver:
         if self.opt.concurrency is not None and self.schedule.send_at_s is None:
             self._closed_loop = True
             self._free_slots = self.opt.concurrency
-        senders = [self._spawn(self._sender(w)) for w in range(len(self.handles))]
         folder = self._spawn(self._fold_loop())
         dispatcher = self._spawn(self._dispatch())
         stopped_early = False
@@ -190,9 +202,11 @@ class Driver:
             stopped_early = self._stop.is_set()
             await self._drain()
         finally:
-            for t in [*senders, folder, *self._tasks]:
+            for t in [folder, *self._tasks]:
                 t.cancel()
-            await asyncio.gather(*senders, folder, *list(self._tasks), return_exceptions=True)
+            if self._calls:  # only when run() itself is cancelled: what was in flight is cancelled
+                self._cancel_rest()
+            await asyncio.gather(folder, *list(self._tasks), return_exceptions=True)
         self._fold()
         not_sent = len(self.schedule) - self.n_sent
         return DriverResult(self.opt.mode, self.ledger, self.n_sent, not_sent, self._t0, self.clock(),
@@ -220,11 +234,15 @@ class Driver:
 
     def _cancel_rest(self) -> None:
         now = self.clock()
-        for task, positions in list(self._calls.items()):
-            task.cancel()
+        for fut, (w, positions, timer) in list(self._calls.items()):
+            del self._calls[fut]
+            if timer is not None:
+                timer.cancel()
+            self.calls_inflight[w] -= 1
+            self.outstanding[w] -= len(positions)
+            fut.cancel()
             self._record_failed(positions, CANCELLED, now)
             self.n_cancelled += len(positions)
-        self._calls.clear()
 
     # --- dispatch -----------------------------------------------------------------------------------
 
@@ -263,7 +281,7 @@ class Driver:
             if deadline is not None and scheduled >= deadline:
                 self.stop()
                 break
-            while not self.alive.any() and not self._stop.is_set():
+            while self._gone_now and not self.alive.any() and not self._stop.is_set():
                 self._alive_ev.clear()
                 await self._alive_ev.wait()
             if self._stop.is_set():
@@ -273,85 +291,137 @@ class Driver:
         self._check_all_done()
 
     def _assign(self, pos: int, scheduled: float) -> None:
-        w = self.balancer.pick(int(self.model_idx[pos]), self.outstanding, self.alive)
-        if np.isnan(self.scheduled_s[pos]):
+        w = self.balancer.pick(self._model_of[pos], self.outstanding, self.alive)
+        if math.isnan(self.scheduled_s[pos]):
             self.scheduled_s[pos] = scheduled
             self.dispatched += 1
         self.worker_of[pos] = w
         self.outstanding[w] += 1
-        self.pending[w].append(pos)
-        self.wake[w].set()
+        pending = self.pending[w]
+        pending.append(pos)
+        if self.calls_inflight[w] == 0 and len(pending) == 1:
+            self._flush(w)  # an idle worker: send at once
+        elif not self._flush_due[w]:  # a busy one: group what comes in this loop turn
+            self._flush_due[w] = True
+            assert self._loop is not None
+            self._loop.call_soon(self._flush, w)
 
-    async def _sender(self, w: int) -> None:
-        pending, wake = self.pending[w], self.wake[w]
+    def _flush(self, w: int) -> None:
+        """Send the worker's queued images, up to ``max_group`` per call, while it has call slots."""
+        self._flush_due[w] = False
+        pending = self.pending[w]
         max_group, depth = self.opt.max_group, self.opt.depth
-        while True:
-            while not pending or self.calls_inflight[w] >= depth or not self.alive[w]:
-                wake.clear()
-                await wake.wait()
-            take = min(max_group, len(pending))
-            positions = [pending.popleft() for _ in range(take)]
-            now = self.clock()
-            first = self.attempts[positions] == 0
-            self.sent_s[positions] = now
-            self.attempts[positions] += 1
-            self.n_sent += int(first.sum())
-            self.calls_inflight[w] += 1
-            task = self._spawn(self._call(w, positions))
-            self._calls[task] = positions
-
-    async def _call(self, w: int, positions: list[int]) -> None:
-        handle = self.handles[w]
-        group = RequestGroup.of(self.schedule.item[positions], self.model_idx[positions], self.image_idx[positions])
-        try:
-            if self.opt.call_timeout_s is None:
-                result, received = await handle.call(group)
+        while pending and self.calls_inflight[w] < depth and self.alive[w]:
+            if max_group == 1 or len(pending) == 1:
+                self._send(w, [pending.popleft()])
             else:
-                result, received = await asyncio.wait_for(handle.call(group), self.opt.call_timeout_s)
-        except asyncio.TimeoutError:
-            self._call_failed(w, positions, TIMEOUT,
-                              f"worker {handle.name} did not answer within {self.opt.call_timeout_s:g} s")
+                self._send(w, [pending.popleft() for _ in range(min(max_group, len(pending)))])
+
+    def _send(self, w: int, positions: list[int]) -> None:
+        now = self.clock()
+        if len(positions) == 1:
+            p = positions[0]
+            self.n_sent += int(self.attempts[p] == 0)
+            self.attempts[p] += 1
+            self.sent_s[p] = now
+            rows = self._req[p:p + 1]
+        else:
+            pos = np.asarray(positions, np.int64)
+            self.n_sent += int(np.count_nonzero(self.attempts[pos] == 0))
+            self.attempts[pos] += 1
+            self.sent_s[pos] = now
+            rows = self._req[pos]
+        self.calls_inflight[w] += 1
+        try:
+            fut = self.handles[w].submit(RequestGroup(rows))
+        except Exception as e:  # a handle that raises instead of failing its future: the same to us
+            assert self._loop is not None
+            fut = self._loop.create_future()
+            fut.set_exception(e)
+        timer = None
+        if self.opt.call_timeout_s is not None:
+            assert self._loop is not None
+            timer = self._loop.call_later(self.opt.call_timeout_s, self._timed_out, fut)
+        self._calls[fut] = (w, positions, timer)
+        fut.add_done_callback(self._answered)
+
+    def _answered(self, fut: asyncio.Future[Any]) -> None:
+        """A call's done callback (on the event loop)."""
+        entry = self._calls.pop(fut, None)
+        if entry is None:  # timed out or cancelled: already counted
             return
-        except WorkerLostError:
-            self._calls.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
-            self.calls_inflight[w] -= 1
-            self._worker_lost(w, positions)
-            return
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # an unexpected transport error: count the images as failed, keep going
-            self._call_failed(w, positions, OUTCOMES.index("error"), f"{type(e).__name__}: {e}")
-            return
-        self._calls.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+        w, positions, timer = entry
+        if timer is not None:
+            timer.cancel()
         self.calls_inflight[w] -= 1
-        self.outstanding[w] -= len(positions)
-        self._keep_state(w, handle.name, result.state)
+        try:
+            if fut.cancelled():
+                self._call_failed(w, positions, CANCELLED, "the call was cancelled")
+                return
+            err = fut.exception()
+            if err is None:
+                result, received = fut.result()
+                self._completed(w, positions, result, received)
+            elif isinstance(err, WorkerLostError):
+                self._worker_lost(w, positions)
+            else:  # an unexpected transport error: count the images as failed, keep going
+                self._call_failed(w, positions, ERROR, f"{type(err).__name__}: {err}")
+        except Exception as e:  # a bug here must not leave the run waiting for images forever
+            self._call_failed(w, positions, ERROR, f"driver: {type(e).__name__}: {e}")
+        finally:
+            self._flush(w)  # a call slot came free
+            self._check_all_done()
+
+    def _timed_out(self, fut: asyncio.Future[Any]) -> None:
+        entry = self._calls.pop(fut, None)
+        if entry is None:
+            return
+        w, positions, _ = entry
+        self.calls_inflight[w] -= 1
+        fut.cancel()
+        self._call_failed(w, positions, TIMEOUT,
+                          f"worker {self.handles[w].name} did not answer within {self.opt.call_timeout_s:g} s")
+        self._flush(w)
+
+    def _completed(self, w: int, positions: list[int], result: ResultGroup, received: float) -> None:
         rows = result.rows
-        pos = np.asarray(positions, np.int64)
-        outcome = rows[:, 1].astype(np.int8)
+        if len(rows) != len(positions):
+            raise WorkerError(f"worker {self.handles[w].name} answered {len(rows)} results for {len(positions)} "
+                              f"images")
+        self.outstanding[w] -= len(positions)
+        self._keep_state(w, self.handles[w].name, result.state)
+        self._results.append((w, positions, rows, received))
+        failed = int(np.count_nonzero(rows[:, 1])) if result.errors or len(rows) > 1 else int(rows[0, 1] != 0)
+        for i, msg in result.errors.items():
+            self._sample_error(int(rows[i, 1]), msg)
+        self.n_failed += failed
+        self.n_done += len(positions) - failed
+        self._release(len(positions))
+        if len(self._results) >= 1024:
+            self._flush_results()
+
+    def _flush_results(self) -> None:
+        """Append the answered calls' rows to the ledger, in one go."""
+        if not self._results:
+            return
+        done, self._results = self._results, []
+        counts = [len(p) for _, p, _, _ in done]
+        pos = np.fromiter((p for _, ps, _, _ in done for p in ps), np.int64, sum(counts))
+        rows = np.concatenate([r for _, _, r, _ in done]) if len(done) > 1 else done[0][2]
+        worker = np.repeat(self.worker_ids[[w for w, _, _, _ in done]], counts)
+        received = np.repeat(np.array([t for _, _, _, t in done]), counts)
         self.ledger.add_many(
             item=self.schedule.item[pos], model_idx=self.model_idx[pos], image_idx=self.image_idx[pos],
-            worker=np.full(len(pos), self.worker_ids[w], np.int16), outcome=outcome, attempts=self.attempts[pos],
+            worker=worker, outcome=rows[:, 1].astype(np.int8), attempts=self.attempts[pos],
             hit=rows[:, 2].astype(np.int8), scheduled_s=self.scheduled_s[pos] - self._t0,
-            sent_s=self.sent_s[pos] - self._t0, done_s=np.full(len(pos), received - self._t0),
+            sent_s=self.sent_s[pos] - self._t0, done_s=received - self._t0,
             stages=rows[:, 3:3 + len(WORKER_STAGES)])
-        failed = int((outcome != 0).sum())
-        for i, msg in result.errors.items():
-            self._sample_error(int(outcome[i]), msg)
-        self.n_failed += failed
-        self.n_done += len(pos) - failed
-        self._release(len(pos))
-        self.wake[w].set()
-        self._check_all_done()
 
     def _call_failed(self, w: int, positions: list[int], outcome: int, msg: str) -> None:
         """A call that failed as a whole (not a lost worker): its images fail as ``outcome``."""
-        self._calls.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
-        self.calls_inflight[w] -= 1
         self.outstanding[w] -= len(positions)
         self._record_failed(positions, outcome, self.clock(), msg)
         self._release(len(positions))
-        self.wake[w].set()  # a call slot came free: the sender may have images waiting for one
 
     def _keep_state(self, w: int, name: str, state: WorkerState) -> None:
         """Keep the newest counters of a worker.  Replies to calls in flight together may arrive in any
@@ -384,6 +454,7 @@ class Driver:
         if not n:
             return
         self._sample_error(outcome, msg)
+        self._flush_results()  # the ledger keeps rows in the order their outcome was known
         self.ledger.add_many(
             item=self.schedule.item[pos], model_idx=self.model_idx[pos], image_idx=self.image_idx[pos],
             worker=self.worker_ids[np.maximum(self.worker_of[pos], 0)], outcome=np.full(n, outcome, np.int8),
@@ -400,6 +471,7 @@ class Driver:
         self.losses[name] = self.losses.get(name, 0) + 1
         if self.alive[w]:
             self.alive[w] = False
+            self._gone_now += 1
             self._restarted[w] = True
             self._spawn(self._recover(w))
         self.outstanding[w] -= len(positions)
@@ -442,8 +514,9 @@ class Driver:
                 self.stop()
             return
         self.alive[w] = True
+        self._gone_now -= 1
         self._alive_ev.set()
-        self.wake[w].set()
+        self._flush(w)
         parked = list(self._parked)
         self._parked.clear()
         self._reassign(parked)
@@ -456,6 +529,7 @@ class Driver:
             self._fold()
 
     def _fold(self) -> None:
+        self._flush_results()
         if self.on_progress is None:
             return
         new = self.ledger.slice(self._folded, len(self.ledger))

@@ -62,6 +62,9 @@ class FakeWorkerHandle:
         self._lane_free = [0.0] * lanes
         self.groups: list[int] = []
 
+    def submit(self, group: RequestGroup) -> asyncio.Future[tuple[ResultGroup, float]]:
+        return asyncio.ensure_future(self.call(group))
+
     async def call(self, group: RequestGroup) -> tuple[ResultGroup, float]:
         loop = asyncio.get_running_loop()
         self.calls += 1

@@ -58,7 +58,7 @@ def _run(monkeypatch: pytest.MonkeyPatch, handles: dict[str, Handle], on_set_mod
     plan = StreamPlan(cfg, "mxnet", MODELS, ("a.jpg",), workers, False, 1.0, 1, "grouped", 1, 1, 4, sched)
     pool = FakePool(list(handles), on_set_mode)
     monkeypatch.setattr(coordinator.cluster, "make_handles",
-                        lambda actors, names, mode, dispatch, depth: [handles[n] for n in names])
+                        lambda actors, names, mode, dispatch, depth, **kw: [handles[n] for n in names])
     run = StreamRun(plan, pool, LiveView(MODELS, pool.names, server=None, run_id="t", backend="x", quiet=True))
     if on_set_mode is not None:
         pool.on_set_mode = lambda: on_set_mode(run)

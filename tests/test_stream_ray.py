@@ -58,12 +58,15 @@ def _schedule(count: int, weights: tuple[float, ...] = (), warmup: int = 0, seed
 
 def _drive(pool: cluster.WorkerPool, schedule: Schedule, mode: str, *, workers: tuple[int, ...] = (0, 1),
            dispatch: str = "grouped", concurrency: int = 4, max_group: int = 1, depth: int = 4,
-           on_progress: Callable[[Progress], None] | None = None) -> DriverResult:
+           on_progress: Callable[[Progress], None] | None = None, inline_wait_s: float | None = None) -> DriverResult:
     pool.set_mode(mode)
 
     async def main() -> DriverResult:
         handles = cluster.make_handles([pool.actors[i] for i in workers], [pool.names[i] for i in workers],
-                                       mode, dispatch, depth)
+                                       mode, dispatch, depth, one_at_a_time=concurrency == 1)
+        if inline_wait_s is not None:
+            for h in handles:
+                h.inline_wait_s = inline_wait_s
         for h in handles:
             await h.start()
         balancer = make_balancer("least-outstanding", len(handles), len(MODELS), seed=0,
@@ -117,6 +120,23 @@ def test_lru_hit_ratio_equals_a_reference_replay(pool):
     assert int((res.ledger.column("hit")[order] == 1).sum()) == expected
     st = res.states[pool.names[0]]
     assert st.hits_total == expected and st.misses_total == st.loads_total == len(sched) - expected
+
+
+@pytest.mark.parametrize("inline_wait_s", [cluster.INLINE_WAIT_S, 1e-6], ids=["inline", "handed-over"])
+def test_compiled_one_at_a_time_waits_inline_or_hands_over_to_the_pump(pool, inline_wait_s):
+    """Concurrency 1 on the compiled path: a call waits on the event loop's thread, and one slower than
+    the wait (every call, with a 1 us wait) is handed to the pump, which reads it again.  LRU hits still
+    match a reference replay (the calls keep their order), and every image is accounted for."""
+    sched = _schedule(60, seed=7)
+    res = _drive(pool, sched, "lru:1", workers=(0,), dispatch="compiled", concurrency=1,
+                 inline_wait_s=inline_wait_s)
+    counts = _accounted(res, len(sched))
+    assert counts["ok"] == len(sched)
+    order = np.argsort(res.ledger.column("item"))
+    expected = reference_lru_hits([MODELS[m] for m in sched.model_idx], 1)
+    assert int((res.ledger.column("hit")[order] == 1).sum()) == expected
+    lat = res.ledger.column("latency_s")
+    assert (lat > 0).all() and (res.ledger.column("done_s") >= res.ledger.column("sent_s")).all()
 
 
 @pytest.mark.parametrize("dispatch", ["actor", "grouped", "compiled"])
