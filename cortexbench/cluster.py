@@ -211,9 +211,13 @@ def start_workers(specs: Sequence[WorkerSpec], *, gpu: bool, cpus_each: float, t
             "runtime_env": {"env_vars": env},
         }
         actors.append(ADAPTER.actor(WorkerActor, opts, spec, threads_each))
-    infos = get([ADAPTER.call(a, "info") for a in actors], timeout_s)
-    pool = WorkerPool(actors, list(specs), infos, pg)
-    get([ADAPTER.call(a, "check") for a in actors], timeout_s * 10)
+    pool = WorkerPool(actors, list(specs), [], pg)
+    try:
+        pool.infos = get([ADAPTER.call(a, "info") for a in actors], timeout_s)
+        get([ADAPTER.call(a, "check") for a in actors], timeout_s * 10)
+    except BaseException:  # a worker that cannot set up (or Ctrl-C): free the actors and the GPUs they hold
+        pool.close()
+        raise
     return pool
 
 

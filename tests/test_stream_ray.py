@@ -23,7 +23,7 @@ from cortexbench.balancer import make_balancer
 from cortexbench.config import Config, StreamConfig
 from cortexbench.coordinator import StreamPlan, StreamRun, run_stream
 from cortexbench.driver import Driver, DriverOptions, DriverResult, Progress
-from cortexbench.errors import WorkerError
+from cortexbench.errors import CortexbenchError, WorkerError
 from cortexbench.images.dataset import list_images
 from cortexbench.live import LiveView
 from cortexbench.metrics import MetricsServer
@@ -215,6 +215,20 @@ def test_stream_run_merges_ledgers_histograms_and_metrics(pool, images, model_di
         _check_metrics(server, run)
     finally:
         server.stop()
+
+
+def test_workers_that_cannot_set_up_are_freed_with_their_placement_group(ray_session, model_dir):
+    """check() fails on a worker (its image does not exist): the error reaches the caller as itself, and
+    the actors and the placement group (the CPUs or GPUs it reserved) are given back."""
+    from ray.util import placement_group_table
+
+    before = set(placement_group_table())
+    specs = [WorkerSpec(name="bad0", device="cpu", backend="mxnet", model_dir=str(model_dir), models=MODELS,
+                        images=("/nonexistent/image.jpg",), lanes=1, image_pool=8)]
+    with pytest.raises(CortexbenchError, match=r"image\.jpg"):
+        cluster.start_workers(specs, gpu=False, cpus_each=0.25, threads_each=1)
+    new = {k: v for k, v in placement_group_table().items() if k not in before}
+    assert len(new) == 1 and all(v["state"] == "REMOVED" for v in new.values()), new
 
 
 def test_recovering_a_worker_that_is_dead_for_good_fails_at_once(ray_session):
