@@ -143,23 +143,10 @@ def bare_compiled_loop(actors: list[Any], seconds: float, depth: int = 4, *, pay
                        rtt_calls: int = 1000) -> dict[str, float]:
     """One Ray Compiled Graph per actor, driven synchronously and pipelined (``depth`` in flight per
     graph): calls/s, and the median round trip of one execution at a time."""
-    from ray.dag import InputNode
-
     x = _payload(payload)
-    dags = []
-    for a in actors:
-        with InputNode() as inp:
-            node = a.execute.bind(inp)
-        dags.append(node.experimental_compile(_max_inflight_executions=depth))
+    dags = [_compile(a, depth) for a in actors]
     try:
-        d0 = dags[0]
-        for _ in range(200):
-            d0.execute(x).get()
-        rtts = []
-        for _ in range(rtt_calls):
-            t = time.perf_counter()
-            d0.execute(x).get()
-            rtts.append(time.perf_counter() - t)
+        rtt = _median_rtt(dags[0], x, rtt_calls)
 
         def pipelined(n: int) -> float:
             t0 = time.perf_counter()
@@ -178,7 +165,7 @@ def bare_compiled_loop(actors: list[Any], seconds: float, depth: int = 4, *, pay
         c0 = time.process_time()
         wall = pipelined(n)
         cpu = time.process_time() - c0
-        return {"images_per_s": n / wall, "rtt_median_s": statistics.median(rtts), "cpu_s_per_image": cpu / n}
+        return {"images_per_s": n / wall, "rtt_median_s": rtt, "cpu_s_per_image": cpu / n}
     finally:
         for d in dags:
             d.teardown()
@@ -187,22 +174,31 @@ def bare_compiled_loop(actors: list[Any], seconds: float, depth: int = 4, *, pay
 def compiled_rtt(actor: Any, payload: bytes, calls: int = 1000) -> float:
     """The median round trip of a compiled graph to ``actor.execute`` with ``payload``, one execution at a
     time, driven synchronously (for a cortexbench worker: its own cost per image, without the driver)."""
+    dag = _compile(actor, 1)
+    try:
+        return _median_rtt(dag, payload, calls)
+    finally:
+        dag.teardown()
+
+
+def _compile(actor: Any, depth: int) -> Any:
     from ray.dag import InputNode
 
     with InputNode() as inp:
         node = actor.execute.bind(inp)
-    dag = node.experimental_compile(_max_inflight_executions=1)
-    try:
-        for _ in range(200):
-            dag.execute(payload).get()
-        rtts = []
-        for _ in range(calls):
-            t = time.perf_counter()
-            dag.execute(payload).get()
-            rtts.append(time.perf_counter() - t)
-        return statistics.median(rtts)
-    finally:
-        dag.teardown()
+    return node.experimental_compile(_max_inflight_executions=depth)
+
+
+def _median_rtt(dag: Any, x: Any, calls: int) -> float:
+    """Median round trip of one execution at a time (after 200 warm-up executions)."""
+    for _ in range(200):
+        dag.execute(x).get()
+    rtts = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        dag.execute(x).get()
+        rtts.append(time.perf_counter() - t)
+    return statistics.median(rtts)
 
 
 def _size(rate: float, seconds: float, lo: int = 500, hi: int = 2_000_000) -> int:

@@ -141,7 +141,7 @@ class Driver:
         self.calls_inflight = [0] * nw
         self._flush_due = [False] * nw
         self._model_of = self.model_idx.tolist()  # plain ints: the balancer's hot path
-        self._gone_now = 0  # workers lost and not yet back (the dispatcher checks ``alive`` only then)
+        self._n_down = 0  # workers lost and not yet back (the dispatcher checks ``alive`` only then)
         # what a group carries, by schedule position: item id, model index, image index
         self._req = np.column_stack([np.asarray(schedule.item, np.int64), self.model_idx, self.image_idx])
         self.worker_ids = np.asarray(worker_ids if worker_ids is not None else range(nw), np.int16)
@@ -281,7 +281,7 @@ class Driver:
             if deadline is not None and scheduled >= deadline:
                 self.stop()
                 break
-            while self._gone_now and not self.alive.any() and not self._stop.is_set():
+            while self._n_down and not self.alive.any() and not self._stop.is_set():
                 self._alive_ev.clear()
                 await self._alive_ev.wait()
             if self._stop.is_set():
@@ -471,7 +471,7 @@ class Driver:
         self.losses[name] = self.losses.get(name, 0) + 1
         if self.alive[w]:
             self.alive[w] = False
-            self._gone_now += 1
+            self._n_down += 1
             self._restarted[w] = True
             self._spawn(self._recover(w))
         self.outstanding[w] -= len(positions)
@@ -514,7 +514,7 @@ class Driver:
                 self.stop()
             return
         self.alive[w] = True
-        self._gone_now -= 1
+        self._n_down -= 1
         self._alive_ev.set()
         self._flush(w)
         parked = list(self._parked)
