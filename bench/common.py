@@ -23,6 +23,7 @@ import asyncio
 import math
 import os
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -349,6 +350,23 @@ def compiled_idle_cpu(actor: Any, pid: int, seconds: float = 1.0) -> dict[str, f
 
 
 # --- output -------------------------------------------------------------------------------------------
+
+
+def interleave(runs: dict[str, Callable[[], dict[str, float]]],
+               lat_runs: dict[str, Callable[[], dict[str, float]]], rounds: int
+               ) -> tuple[dict[str, list[dict[str, float]]], dict[str, list[dict[str, float]]]]:
+    """Run every measurement once per round, the throughput runs in a rotated order (so no path always
+    goes first on a noisy machine), then the latency runs; each name's results, one per round."""
+    got: dict[str, list[dict[str, float]]] = {k: [] for k in runs}
+    lat: dict[str, list[dict[str, float]]] = {k: [] for k in lat_runs}
+    order = list(runs)
+    for r in range(rounds):
+        print(f"round {r + 1}/{rounds} ...", file=sys.stderr, flush=True)
+        for name in order[r % len(order):] + order[:r % len(order)]:
+            got[name].append(runs[name]())
+        for name, fn in lat_runs.items():
+            lat[name].append(fn())
+    return got, lat
 
 
 def median_of(runs: list[dict[str, float]], key: str) -> float:

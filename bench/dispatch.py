@@ -46,6 +46,7 @@ from bench.common import (
     compiled_rtt,
     drive,
     init_ray,
+    interleave,
     median_of,
     null_setup,
     print_table,
@@ -146,15 +147,7 @@ def compare(args: Any) -> dict[str, Any]:
     one_image = RequestGroup.of([0], [0], [0]).to_bytes()
     lat_runs["bare compiled graph to a cortexbench worker"] = lambda: {
         "latency_median_s": compiled_rtt(pool.actors[0], one_image, args.latency_calls)}
-    got: dict[str, list[dict[str, float]]] = {k: [] for k in runs}
-    lat: dict[str, list[dict[str, float]]] = {k: [] for k in lat_runs}
-    order = list(runs)
-    for r in range(args.rounds):
-        say(f"round {r + 1}/{args.rounds} ...")
-        for name in order[r % len(order):] + order[:r % len(order)]:
-            got[name].append(runs[name]())
-        for name, fn in lat_runs.items():
-            lat[name].append(fn())
+    got, lat = interleave(runs, lat_runs, args.rounds)
     pid0 = pool.infos[0]["pid"]
     spin = compiled_idle_cpu(pool.actors[0], pid0)
     ceiling = worker_ceiling(model_dir, images, lanes=args.ceiling_lanes, group=args.ceiling_group,

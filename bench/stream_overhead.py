@@ -34,6 +34,7 @@ from bench.common import (
     bare_compiled_loop,
     drive,
     init_ray,
+    interleave,
     median_of,
     null_setup,
     print_table,
@@ -94,15 +95,7 @@ def measure(args: Any) -> dict[str, Any]:
         runs["bare compiled graph"] = lambda: bare_compiled_loop(noops, s, args.depth, rtt_calls=n1)
         lat_runs["cortexbench compiled"] = lambda: drive(*w, dispatch="compiled", seconds=1e-9, concurrency=1,
                                                          max_group=1, depth=args.depth, warmup=n1)
-    got: dict[str, list[dict[str, float]]] = {k: [] for k in runs}
-    lat: dict[str, list[dict[str, float]]] = {k: [] for k in lat_runs}
-    order = list(runs)
-    for r in range(args.rounds):
-        print(f"round {r + 1}/{args.rounds} ...", file=sys.stderr, flush=True)
-        for name in order[r % len(order):] + order[:r % len(order)]:
-            got[name].append(runs[name]())
-        for name, fn in lat_runs.items():
-            lat[name].append(fn())
+    got, lat = interleave(runs, lat_runs, args.rounds)
     pool.close()
 
     rate = {k: median_of(v, "images_per_s") for k, v in got.items()}
