@@ -34,11 +34,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, verdict, write_json  # noqa: E402
+import torch
+from common import print_table, verdict, write_json
 
-import torch  # noqa: E402
-
-from cortexbench.models.registry import expand_model_names, get_spec  # noqa: E402
+from cortexbench.models.registry import expand_model_names, get_spec
 
 
 def h2d_gbps(nbytes: int, pinned: bool, dev: torch.device) -> float:
@@ -143,13 +142,14 @@ def bare_loop(specs: list[Any], paths: dict[str, Path], dev: torch.device | None
 
 
 def run_stream(cfg: Path, modes: str, concurrency: int, images: int, warmup: int, precision: str,
-               extra: list[str]) -> dict[str, Any]:
+               extra: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "cortexbench.stream", "--config", str(cfg), "--gpus", "1", "--mode", modes,
            "--concurrency", str(concurrency), "--images", str(images), "--warmup", str(warmup),
            "--precision", precision, "--metrics-port", "0", "--records", "none", *extra]
     print("$", " ".join(cmd), flush=True)
     t = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    p = subprocess.run(cmd, capture_output=True, text=True,
+                       env={**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})})
     wall = time.perf_counter() - t
     tail = (p.stdout + p.stderr).strip().splitlines()
     print("\n".join(tail[-14:]), flush=True)
@@ -158,6 +158,10 @@ def run_stream(cfg: Path, modes: str, concurrency: int, images: int, warmup: int
         return {"error": f"exit {p.returncode}", "wall_s": wall}
     res = json.loads((Path(run_dir) / "results.json").read_text())
     out: dict[str, Any] = {"wall_s": wall, "run_dir": run_dir, "tiers": res.get("tiers")}
+    answers = ((res.get("tiers") or {}).get("answers") or {}).get("modes") or {}
+    for mode, a in answers.items():
+        print(f"answers {mode} vs cached: {a.get('agree')}/{a.get('pairs')} top-1 agree, max rel. logit-sum diff "
+              f"{a.get('max_rel_checksum_diff')}", flush=True)
     for mode, m in res["modes"].items():
         s = m["summary"]
         out[mode] = {"mean_s": s["latency"].get("mean_s"), "p50_s": s["latency"].get("p50_s"),
@@ -172,12 +176,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="imagenet")
     ap.add_argument("--precision", default="fp16", choices=("fp16", "fp32"))
-    ap.add_argument("--images", type=int, default=160, help="counted images per cortexbench mode at c=1")
+    ap.add_argument("--images", type=int, default=320, help="counted images per cortexbench mode at c=1")
     ap.add_argument("--images16", type=int, default=800, help="counted images per cortexbench mode at c=16")
     ap.add_argument("--rounds", type=int, default=3, help="bare-loop rounds (after one warm-up round)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "cb-cold")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "results")))
     ap.add_argument("--skip-stream", action="store_true")
+    ap.add_argument("--switch-interval", type=float, default=0.0,
+                    help="also run c=16 with the workers' sys.setswitchinterval at this value (an A/B)")
     args = ap.parse_args()
     gpu = torch.cuda.is_available()
     dev = torch.device("cuda", 0) if gpu else None
@@ -229,8 +235,11 @@ def main() -> int:
         cfg = work / "config.json"
         cfg.write_text(json.dumps({"models": names, "img_dir": str(img_dir), "model_dir": str(model_dir),
                                    "result_dir": str(work / "results"), "backend": "torch"}))
-        out["c1"] = run_stream(cfg, "cold,swap", 1, args.images, 16, args.precision, [])
-        out["c16"] = run_stream(cfg, "cold,swap", 16, args.images16, 64, args.precision, [])
+        out["c1"] = run_stream(cfg, "cached,cold,swap", 1, args.images, 16, args.precision, [])
+        out["c16"] = run_stream(cfg, "cached,cold,swap", 16, args.images16, 64, args.precision, [])
+        if args.switch_interval:  # A/B: the workers' GIL switch interval
+            out["c16_switch"] = run_stream(cfg, "cold,swap", 16, args.images16, 64, args.precision, [],
+                                           env={"CORTEXBENCH_SWITCH_INTERVAL_S": str(args.switch_interval)})
     # the table
     rows = [[n, f"{v['bytes'] / 1e6:.0f}", v["floor_s"] * 1e3, v["eager_s"] * 1e3, v.get("graph_s", float("nan")) * 1e3,
              v["bare_s"] * 1e3, *(((out.get("c1") or {}).get(m) or {}).get("per_model_mean_s", {}).get(n, float("nan"))
@@ -263,6 +272,16 @@ def main() -> int:
                         verdict(c16["cold"]["img_per_s"] >= bound)])
         if "swap" in c16:
             targets.append(["swap c=16 img/s (information)", c16["swap"]["img_per_s"], copy_bw * 1e9 / mean_bytes, "-"])
+        ab = (out.get("c16_switch") or {}).get("cold")
+        if ab:
+            targets.append([f"cold c=16 img/s, switch interval {args.switch_interval:g} s (A/B)", ab["img_per_s"],
+                            bound, verdict(ab["img_per_s"] >= bound)])
+    for key in ("c1", "c16"):
+        stages = {m: (out.get(key) or {}).get(m, {}).get("stages") for m in ("cached", "cold", "swap")}
+        rows = [[st, *(((stages.get(m) or {}).get(st) or float("nan")) * 1e3 for m in ("cached", "cold", "swap"))]
+                for st in ("queue", "input", "decode", "wait", "read", "build", "copy", "infer", "free", "transport")]
+        if any(stages.values()):
+            print_table(f"stage means at {key} (ms)", ["stage", "cached", "cold", "swap"], rows)
     if targets:
         print_table("targets (ms, or images/s)", ["target", "measured", "bound", "verdict"], targets)
     out["targets"] = targets

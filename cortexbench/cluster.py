@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -113,6 +114,9 @@ class WorkerActor:
     times the whole call on a compiled graph."""
 
     def __init__(self, spec: WorkerSpec, threads: int) -> None:
+        interval = os.environ.get("CORTEXBENCH_SWITCH_INTERVAL_S")  # a tuning knob for bench/cold.py's A/B
+        if interval:
+            sys.setswitchinterval(float(interval))
         if threads > 0 and spec.backend == "torch":
             try:
                 import torch

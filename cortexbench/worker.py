@@ -33,9 +33,9 @@ models loaded.  Every mode but cold takes inputs from an in-memory pool, so that
 residency alone: ``image_pool`` decoded images per input shape; image ``i`` uses pool entry
 ``i % len(pool)`` (a pool of 100K decoded 224x224 inputs would need 60 GB).
 
-In cold and swap modes images run on the lane threads only (never on a caller's thread): per-thread
-framework state (cuDNN's plans) is then warmed once per lane before the run, as in a serving process
-that has run each model before, and the report says so.
+In the modes that load on demand (swap, cold, lru:K) images run on the lane threads only (never on a
+caller's thread): per-thread framework state (cuDNN's plans) is then warmed once per lane before the run,
+as in a serving process that has run each model before, and the report says so.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ import threading
 import time
 from array import array
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,6 +217,7 @@ class ModelWorker:
         self._inputs_in_memory = False
         self._caller_runs = True  # a caller's thread may run images itself (not in cold and swap modes)
         self._loader: ModelLoader | None = None
+        self._input_threads: ThreadPoolExecutor | None = None  # cold: images read while their model loads
         self._free_lanes: queue.SimpleQueue[int] = queue.SimpleQueue()
         for lane in range(max(1, spec.lanes)):
             self._free_lanes.put(lane)
@@ -248,28 +249,28 @@ class ModelWorker:
             self._loader = None
         self.residency = make_residency(self.mode, self.spec.models if kind == "cached" else ())
         self._inputs_in_memory = kind != "cold"
-        self._caller_runs = kind in ("cached", "lru")
+        self._caller_runs = kind == "cached"
+        if kind == "cold" and self._input_threads is None:
+            self._input_threads = ThreadPoolExecutor(self.options.lanes, thread_name_prefix=f"{self.spec.name}-input")
         t_models = self.clock()
         info: dict[str, float] = {}
         if kind == "cached":
             for spec in self.specs:
                 self._resident[spec.name] = _Resident(self.backend.load(spec, self.model_dir, self.spec.device,
                                                                         self.options))
-        elif kind in ("cold", "swap"):
+        else:  # every model resident at once at most K (lru), or for one image (swap, cold), plus loads in flight
+            slots = (self.mode.capacity if kind == "lru" else 0) + self.options.lanes + 1
             self._loader = self.backend.loader(self.model_dir, self.spec.device, self.options,
-                                               "disk" if kind == "cold" else "host", drop_cache=self.spec.drop_cache,
-                                               rebuild=self.spec.cold_rebuild)
+                                               "host" if kind == "swap" else "disk", drop_cache=self.spec.drop_cache,
+                                               rebuild=self.spec.cold_rebuild, slots=slots)
             info = self._loader.prepare(self.specs)
-        else:
-            self._loader = BlobLoader(self.backend, self.model_dir, self.spec.device, self.options, "disk",
-                                      drop_cache=self.spec.drop_cache)
         t_inputs = self.clock()
         if self._inputs_in_memory and not self._pool:
             self._fill_pool()
         t_warm = self.clock()
         if kind == "cached":
             self._warm_lanes()
-        elif kind in ("cold", "swap"):
+        else:
             self._warm_loader()
         self._loads = self._hits = self._misses = 0
         self._model_bytes = self._image_bytes = 0
@@ -465,32 +466,41 @@ class ModelWorker:
         out[_S + QUEUE] = t0 - arrived
         spec = self.specs[model_idx]
         try:
+            pending: Future[tuple[np.ndarray, float, float]] | None = None
             if self._inputs_in_memory:
                 pool = self._pool[spec.input_shape]
                 k = image_idx % len(pool)
                 x = pool[k:k + 1]
                 out[_INPUT_IDX] = self._pool_files[spec.input_shape][k]
-                t1 = t2 = t0
-            else:
+            else:  # cold: the image is read and decoded while the model loads
                 out[_INPUT_IDX] = image_idx % len(self.spec.images)
-                x, t1, t2 = self._read_input(image_idx, spec)
-            model, res, hit, t3, times = self._acquire(spec, t2)
+                assert self._input_threads is not None
+                pending = self._input_threads.submit(self._read_input, image_idx, spec)
+            model, res, hit, t3, times = self._acquire(spec, t0)
             out[2] = hit
             try:
+                if pending is not None:
+                    x, t1, t2 = pending.result()
+                    # only the part of the input's time that the model load did not hide is a stage
+                    visible = max(0.0, t2 - t3)
+                    decode = min(visible, t2 - t1)
+                    out[_S + INPUT], out[_S + DECODE] = visible - decode, decode
+                    t3 = max(t2, t3)
+                else:
+                    out[_S + INPUT] = out[_S + DECODE] = 0.0
                 y = model.predict(x, lane)
                 t4 = clock()
             finally:
                 self._release_model(model, res)
             t5 = clock()
             out[1] = OK
-            out[_S + INPUT] = t1 - t0
-            out[_S + DECODE] = t2 - t1
+            ready = t3 - out[_S + INPUT] - out[_S + DECODE]  # when the model was ready
             if times is None:
-                out[_S + WAIT] = t3 - t2
+                out[_S + WAIT] = ready - t0
                 out[_S + READ] = out[_S + BUILD] = out[_S + COPY] = 0.0
             else:  # the stages add up to the time the model took to be ready
                 out[_S + READ], out[_S + BUILD], out[_S + COPY] = times.read_s, times.build_s, times.copy_s
-                out[_S + WAIT] = max(0.0, t3 - t2 - times.read_s - times.build_s - times.copy_s)
+                out[_S + WAIT] = max(0.0, ready - t0 - times.read_s - times.build_s - times.copy_s)
             out[_S + INFER] = t4 - t3
             out[_S + FREE] = t5 - t4
             first = y[0]
@@ -519,7 +529,8 @@ class ModelWorker:
         data = read_bytes(path)
         t1 = self.clock()
         x = preprocess(decode(data, path), spec)[None]
-        self._image_bytes += len(data)
+        with self._lock:
+            self._image_bytes += len(data)
         return x, t1, self.clock()
 
     def _acquire(self, spec: ModelSpec, now: float) -> tuple[LoadedModel, _Resident | None, int, float,
@@ -609,6 +620,9 @@ class ModelWorker:
         if self._loader is not None:
             self._loader.close()
             self._loader = None
+        if self._input_threads is not None:
+            self._input_threads.shutdown(wait=True)
+            self._input_threads = None
         for _ in self._threads:
             self._jobs.put(None)
 

@@ -128,8 +128,9 @@ class Backend(Protocol):
         ...
 
     def loader(self, model_dir: Path, device: str, options: LoadOptions, tier: Tier, *,
-               drop_cache: bool = False, rebuild: bool = False) -> ModelLoader:
-        """The on-demand loader of this backend for ``device`` (see the module docstring)."""
+               drop_cache: bool = False, rebuild: bool = False, slots: int = 0) -> ModelLoader:
+        """The on-demand loader of this backend for ``device`` (see the module docstring); ``slots``: how
+        many loaded models may exist at once (0: the lanes + 1)."""
         ...
 
     def profile_ops(self, model: LoadedModel, batch: np.ndarray, runs: int) -> dict[str, float]:

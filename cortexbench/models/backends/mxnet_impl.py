@@ -384,7 +384,7 @@ class MxnetBackend:
         return MxnetModel(spec, device, net, ctx, options, count, sum(len(b) for b in blobs))
 
     def loader(self, model_dir: Path, device: str, options: LoadOptions, tier: Tier, *,
-               drop_cache: bool = False, rebuild: bool = False) -> ModelLoader:
+               drop_cache: bool = False, rebuild: bool = False, slots: int = 0) -> ModelLoader:
         return BlobLoader(self, model_dir, device, options, tier, drop_cache=drop_cache)
 
     def profile_ops(self, model: LoadedModel, batch: np.ndarray, runs: int) -> dict[str, float]:

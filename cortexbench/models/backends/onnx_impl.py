@@ -410,7 +410,7 @@ class OnnxBackend:
         return OnnxModel(spec, device, session, path, len(data), options.lanes, params)
 
     def loader(self, model_dir: Path, device: str, options: LoadOptions, tier: Tier, *,
-               drop_cache: bool = False, rebuild: bool = False) -> ModelLoader:
+               drop_cache: bool = False, rebuild: bool = False, slots: int = 0) -> ModelLoader:
         return BlobLoader(self, model_dir, device, options, tier, drop_cache=drop_cache)
 
     def profile_ops(self, model: LoadedModel, batch: np.ndarray, runs: int) -> dict[str, float]:

@@ -495,12 +495,13 @@ class TorchBackend:
         return TorchModel(spec, device, net, path, size_bytes, options)
 
     def loader(self, model_dir: Path, device: str, options: LoadOptions, tier: Tier, *,
-               drop_cache: bool = False, rebuild: bool = False) -> ModelLoader:
+               drop_cache: bool = False, rebuild: bool = False, slots: int = 0) -> ModelLoader:
         """The fast loader (``torch_loader.TorchLoader``)."""
         from cortexbench.models.backends.torch_loader import TorchLoader
 
         self._check_device(device, options)
-        return TorchLoader(self, Path(model_dir), device, options, tier, drop_cache=drop_cache, rebuild=rebuild)
+        return TorchLoader(self, Path(model_dir), device, options, tier, drop_cache=drop_cache, rebuild=rebuild,
+                           slots=slots)
 
     def profile_ops(self, model: LoadedModel, batch: np.ndarray, runs: int) -> dict[str, float]:
         if isinstance(model, NullModel):

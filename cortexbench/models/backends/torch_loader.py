@@ -64,7 +64,8 @@ from cortexbench.models.backends.torch_impl import _DTYPES, TorchModel, _check_k
 from cortexbench.models.registry import ModelSpec
 
 MIN_CHUNK = 1 << 20
-MAX_CHUNK = 16 << 20
+MAX_CHUNK = 4 << 20  # small enough that copies follow the reads closely (a burst is readers x chunk)
+STAGING = 2
 _ALIGN = 256
 
 
@@ -179,8 +180,11 @@ class TorchLoader:
         self._slots: list[torch.Tensor] = []
         self._side_at = 0
         self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
-        self._staging: torch.Tensor | None = None
-        self._raw: torch.Tensor | None = None
+        # Two staging pairs (pinned host buffer, raw device buffer for fp16 conversion), taken in turn:
+        # one load's copies drain from one while the next load reads into the other.
+        self._staging: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._host_staging: list[torch.Tensor] = []
+        self._raw: list[torch.Tensor] = []
         self._stream: Any = None
         self._pool: ThreadPoolExecutor | None = None
         self.lanes = make_lanes(self._cuda, options.lanes)
@@ -228,10 +232,13 @@ class TorchLoader:
             self._free.put(i)
         if self._cuda is not None and layouts:
             self._stream = torch.cuda.Stream(device=self._cuda)
-            if raw_bytes:
-                self._raw = torch.empty(raw_bytes, dtype=torch.uint8, device=dev)
-            if self.tier == "disk":
-                self._staging = torch.empty(biggest, dtype=torch.uint8, pin_memory=True)
+            for _ in range(STAGING):
+                if raw_bytes:
+                    self._raw.append(torch.empty(raw_bytes, dtype=torch.uint8, device=dev))
+                if self.tier == "disk":
+                    self._host_staging.append(torch.empty(biggest, dtype=torch.uint8, pin_memory=True))
+        for i in range(STAGING if self._cuda is not None else 1):
+            self._staging.put(i)
         if self.tier == "disk":
             self._pool = ThreadPoolExecutor(self._readers, thread_name_prefix="cortexbench-read")
         host = 0
@@ -336,11 +343,22 @@ class TorchLoader:
             return self._fallback.load(spec, times)
         t0 = self.clock()
         slot = self._free.get()
+        staging = self._staging.get()  # a staging pair whose last load's copies have finished
+        done: Any = None
         try:
-            with self._lock:
-                t1 = self.clock()
-                t_read = self._fill(spec, layout, slot, t1)
-                t2 = self.clock()
+            try:
+                with self._lock:  # one read at a time; the copy tail below overlaps the next load's read
+                    t1 = self.clock()
+                    t_read, done = self._fill(spec, layout, slot, staging, t1)
+                if done is not None:
+                    done.synchronize()
+            except BaseException:
+                if self._stream is not None:
+                    self._stream.synchronize()  # nothing may still copy into the slot or out of staging
+                raise
+            finally:
+                self._staging.put(staging)
+            t2 = self.clock()
             net = self._nets.get((spec.name, slot)) if not self.rebuild else None
             if net is None:
                 net = self._bind(spec, layout, slot)
@@ -352,33 +370,40 @@ class TorchLoader:
         return TorchModel(spec, self.device, net, layout.path, layout.file_bytes, self.options, lanes=self.lanes,
                           on_close=lambda: self._free.put(slot))
 
-    def _fill(self, spec: ModelSpec, layout: _Layout, slot: int, start: float) -> float:
-        """Put the weights into ``slot``; returns the time the last byte had been read (``start`` from the
-        host tier, which reads nothing)."""
+    def _fill(self, spec: ModelSpec, layout: _Layout, slot: int, staging: int, start: float) -> tuple[float, Any]:
+        """Start putting the weights into ``slot``: read them (disk) and queue their copy and conversion on
+        the copy stream.  Returns the time the last byte had been read (``start`` from the host tier, which
+        reads nothing) and a CUDA event to wait for (None on the CPU, where all is done)."""
         mem = self._slots[slot]
-        dst = self._raw if layout.kind == "half" else mem
-        assert dst is not None
         n = layout.data_bytes
+        raw = self._raw[staging] if layout.kind == "half" else mem
         if self.tier == "host":
-            t_read = start
             if self._cuda is None:
-                dst[:n].copy_(self._host[spec.name])
-            else:
-                with torch.cuda.stream(self._stream):
-                    dst[:n].copy_(self._host[spec.name], non_blocking=True)
-        else:
-            t_read = self._read_disk(spec, layout, dst)
-        if self._cuda is not None:
+                mem[:n].copy_(self._host[spec.name])
+                return start, None
             with torch.cuda.stream(self._stream):
-                if layout.kind == "half":
-                    mem[:layout.slot_bytes].view(torch.float16).copy_(dst[:n].view(torch.float32))
-                    idx = self._side_index.get(spec.name)
-                    if idx is not None:
-                        mem[self._side_at:self._side_at + len(idx)].copy_(dst[idx])
-            self._stream.synchronize()
-        return t_read
+                raw[:n].copy_(self._host[spec.name], non_blocking=True)
+                self._convert(layout, mem, raw, 0, n)
+            t_read = start
+        else:
+            t_read = self._read_disk(spec, layout, mem, raw, staging)
+            if self._cuda is None:
+                return t_read, None
+        with torch.cuda.stream(self._stream):
+            idx = self._side_index.get(spec.name)
+            if layout.kind == "half" and idx is not None:
+                mem[self._side_at:self._side_at + len(idx)].copy_(raw[idx])
+            done = torch.cuda.Event()
+            done.record()
+        return t_read, done
 
-    def _read_disk(self, spec: ModelSpec, layout: _Layout, dst: torch.Tensor) -> float:
+    @staticmethod
+    def _convert(layout: _Layout, mem: torch.Tensor, raw: torch.Tensor, a: int, b: int) -> None:
+        """fp32 bytes a:b of the raw buffer to fp16 in the slot (on the current stream); 'half' only."""
+        if layout.kind == "half":
+            mem[a // 2:b // 2].view(torch.float16).copy_(raw[a:b].view(torch.float32))
+
+    def _read_disk(self, spec: ModelSpec, layout: _Layout, mem: torch.Tensor, raw: torch.Tensor, staging: int) -> float:
         try:
             fd = os.open(layout.path, os.O_RDONLY)
         except FileNotFoundError:
@@ -397,8 +422,8 @@ class TorchLoader:
                 except (OSError, AttributeError):
                     pass
             n = layout.data_bytes
-            target = self._staging if self._cuda is not None else dst
-            assert target is not None and self._pool is not None
+            target = self._host_staging[staging] if self._cuda is not None else mem
+            assert self._pool is not None
             host = memoryview(target.numpy())
             chunk = min(MAX_CHUNK, max(MIN_CHUNK, -(-n // self._readers)))
             parts = [(a, min(n, a + chunk)) for a in range(0, n, chunk)]
@@ -407,9 +432,10 @@ class TorchLoader:
             try:
                 for (a, b), f in zip(parts, reads, strict=True):
                     f.result()
-                    if self._cuda is not None:
+                    if self._cuda is not None:  # each chunk on its way as soon as it is in
                         with torch.cuda.stream(self._stream):
-                            dst[a:b].copy_(target[a:b], non_blocking=True)
+                            raw[a:b].copy_(target[a:b], non_blocking=True)
+                            self._convert(layout, mem, raw, a, b)
             except (OSError, ValueError) as e:
                 for f in reads:
                     f.cancel()
@@ -429,7 +455,8 @@ class TorchLoader:
         self._nets.clear()
         self._host.clear()
         self._slots.clear()
-        self._staging = self._raw = None
+        self._host_staging.clear()
+        self._raw.clear()
 
 
 def _round(n: int) -> int:
