@@ -286,7 +286,10 @@ def main() -> int:
         print_table("targets (ms, or images/s)", ["target", "measured", "bound", "verdict"], targets)
     out["targets"] = targets
     write_json(args.out / "cold.json", out)
-    return 0
+    failed = [k for k in ("c1", "c16", "c16_switch") if (out.get(k) or {}).get("error")]
+    if failed:
+        print(f"cortexbench failed in: {', '.join(failed)} (see the output above)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -17,7 +17,13 @@ pytest.importorskip("safetensors")
 from cortexbench.errors import ModelFileError, ModelNotFoundError  # noqa: E402
 from cortexbench.models.backends.base import LoadOptions, LoadTimes  # noqa: E402
 from cortexbench.models.backends.torch_impl import BACKEND  # noqa: E402
-from cortexbench.models.backends.torch_loader import TorchLoader, read_layout  # noqa: E402
+from cortexbench.models.backends.torch_loader import (  # noqa: E402
+    CHUNK_ALIGN,
+    MAX_CHUNK,
+    TorchLoader,
+    chunks,
+    read_layout,
+)
 from cortexbench.models.registry import GROUPS, REGISTRY  # noqa: E402
 
 SMALL = ("mnist_cnn", "digits_cnn", "mnist_mlp", "mlp2")
@@ -78,6 +84,17 @@ def test_every_imagenet_model_equals_a_plain_load(tmp_path_factory, tier):
         for name in IMAGENET:
             BACKEND.export(REGISTRY[name], d, seed=3)
     _check_equal(d, IMAGENET, tier, lanes=1)
+
+
+@pytest.mark.parametrize("n", [4, 1000, (1 << 20) + 4, 15_190_356, 30_380_804, 553_435_520, 575_000_004])
+@pytest.mark.parametrize("readers", [1, 2, 16])
+def test_chunks_cover_the_data_and_start_aligned(n, readers):
+    """Every chunk starts on CHUNK_ALIGN (an fp32 chunk then converts to fp16 on its own: on the GPU a
+    chunk that starts mid-element cannot be viewed as fp32) and the chunks cover 0..n exactly."""
+    parts = chunks(n, readers)
+    assert parts[0][0] == 0 and parts[-1][1] == n
+    assert all(b == a2 for (_, b), (a2, _) in zip(parts, parts[1:], strict=False))
+    assert all(a % CHUNK_ALIGN == 0 and 0 < b - a <= MAX_CHUNK for a, b in parts)
 
 
 def test_the_layout_says_how_weights_reach_a_slot(small_dir):

@@ -66,6 +66,7 @@ from cortexbench.models.registry import ModelSpec
 MIN_CHUNK = 1 << 20
 MAX_CHUNK = 4 << 20  # small enough that copies follow the reads closely (a burst is readers x chunk)
 STAGING = 2
+CHUNK_ALIGN = 1 << 16
 _ALIGN = 256
 
 
@@ -140,6 +141,14 @@ def read_layout(spec: ModelSpec, path: Path, precision: str) -> _Layout:
         slot = data_bytes // 2
         side = tuple(t for t in tensors if not t.dtype.is_floating_point)
     return _Layout(path, size, first + raw, data_bytes, tuple(tensors), kind, slot, side)
+
+
+def chunks(n: int, readers: int) -> list[tuple[int, int]]:
+    """Byte ranges that cover 0..n: about ``n / readers`` each, between MIN_CHUNK and MAX_CHUNK, every start
+    a multiple of CHUNK_ALIGN (so that each range converts on its own from fp32 to fp16)."""
+    size = min(MAX_CHUNK, max(MIN_CHUNK, -(-n // max(1, readers))))
+    size = -(-size // CHUNK_ALIGN) * CHUNK_ALIGN
+    return [(a, min(n, a + size)) for a in range(0, n, size)]
 
 
 def _pread_into(fd: int, view: memoryview, offset: int) -> None:
@@ -425,8 +434,7 @@ class TorchLoader:
             target = self._host_staging[staging] if self._cuda is not None else mem
             assert self._pool is not None
             host = memoryview(target.numpy())
-            chunk = min(MAX_CHUNK, max(MIN_CHUNK, -(-n // self._readers)))
-            parts = [(a, min(n, a + chunk)) for a in range(0, n, chunk)]
+            parts = chunks(n, self._readers)
             reads: list[Future[None]] = [self._pool.submit(_pread_into, fd, host[a:b], layout.data_offset + a)
                                          for a, b in parts]
             try:
