@@ -321,8 +321,7 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
         run_dir = new_run_dir(cfg.result_dir, "stream")
         where = f"{len(plan.workers)} {'GPU' if plan.gpu else 'CPU'} worker(s)"
         say(f"stream: {len(plan.schedule)} images ({plan.schedule.warmup} warm-up), {len(plan.models)} models, "
-            f"{where}, backend {plan.backend}, dispatch {plan.dispatch}, drivers {plan.drivers}"
-            + (f", metrics on {server.url}" if server is not None else ""))
+            f"{where}, backend {plan.backend}, dispatch {plan.dispatch}, drivers {plan.drivers}")
         say(f"starting {where} (loading frameworks) ...")
         pool = cluster.start_workers(plan.workers, gpu=plan.gpu, cpus_each=plan.cpus_each,
                                      threads_each=plan.threads_each)
