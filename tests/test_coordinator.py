@@ -110,7 +110,9 @@ def _free_port() -> int:
 
 def test_metrics_are_served_before_ray_models_and_images_are_prepared(monkeypatch, tmp_path):
     """The server is up, phase 'preparing', when planning starts (exporting models, synthesising images,
-    then Ray), so a dashboard shows the run from its first second."""
+    then Ray), so a dashboard shows the run from its first second; on --metrics-host, with the host label."""
+    import socket
+
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -120,19 +122,20 @@ def test_metrics_are_served_before_ray_models_and_images_are_prepared(monkeypatc
     seen: list[dict[str, float]] = []
 
     def plan_stream(cfg: Config, resources: dict[str, float], *, quiet: bool = False) -> Any:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5.0).text
+        text = httpx.get(f"http://127.0.0.2:{port}/metrics", timeout=5.0).text
         (fam,) = [f for f in text_string_to_metric_families(text) if f.name == "cortexbench_run_phase"]
         seen.append({s.labels["phase"]: s.value for s in fam.samples})
+        assert {s.labels["host"] for s in fam.samples} == {socket.gethostname()}
         raise ConfigError("stop here")
 
     monkeypatch.setattr(coordinator, "plan_stream", plan_stream)
     monkeypatch.setattr(coordinator.cluster, "init_ray", lambda *a, **k: {"CPU": 2.0})
-    cfg = Config(result_dir=tmp_path, stream=StreamConfig(metrics_port=port))
+    cfg = Config(result_dir=tmp_path, stream=StreamConfig(metrics_port=port, metrics_host="127.0.0.2"))
     with pytest.raises(ConfigError, match="stop here"):
         coordinator.run_stream(cfg, quiet=True)
     assert seen == [{"preparing": 1.0, "warmup": 0.0, "measuring": 0.0, "done": 0.0}]
     with pytest.raises(httpx.ConnectError):  # and stopped when the run ended
-        httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5.0)
+        httpx.get(f"http://127.0.0.2:{port}/metrics", timeout=5.0)
 
 
 def test_fp16_without_gpu_workers_is_refused_before_anything_starts(monkeypatch, tmp_path):
