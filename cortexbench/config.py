@@ -75,6 +75,8 @@ class StreamConfig:
     image_pool: int = 256
     drain_timeout_s: float = 10.0
     cold_drop_cache: bool = False
+    cold_rebuild: bool = False  # cold, swap: build each network's structure for every load (timed as 'build')
+    on_demand_images: int = 0  # counted images in swap, cold and lru:K modes; 0 = 'times'
     records: RecordsFormat = "csv.gz"
 
 
@@ -381,7 +383,7 @@ def _check_semantics(cfg: Config) -> None:
     from cortexbench.schedule import parse_popularity
 
     if not st.modes:
-        raise ConfigError("'stream.modes' must name at least one mode (cached, cold, lru:K)")
+        raise ConfigError("'stream.modes' must name at least one mode (cached, swap, cold, lru:K)")
     for m in st.modes:
         parse_mode(m, key="stream.modes")
     parse_popularity(st.popularity, key="stream.popularity")
@@ -390,7 +392,7 @@ def _check_semantics(cfg: Config) -> None:
         raise ConfigError(f"'stream.rate' must be more than 0 images/s, not {st.rate}")
     if st.duration_s is not None and st.duration_s <= 0:
         raise ConfigError(f"'stream.duration_s' must be more than 0 seconds, not {st.duration_s}")
-    for name in ("warmup", "cpu_workers", "drivers", "lanes", "retries", "max_group"):
+    for name in ("warmup", "cpu_workers", "drivers", "lanes", "retries", "max_group", "on_demand_images"):
         if getattr(st, name) < 0:
             raise ConfigError(f"'stream.{name}' must be 0 or more, not {getattr(st, name)}")
     _positive(st.image_pool, "stream.image_pool")

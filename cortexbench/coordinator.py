@@ -40,6 +40,7 @@ from cortexbench.models.export import ensure_models, missing_models
 from cortexbench.models.registry import expand_model_names
 from cortexbench.report import stream_plots, stream_report
 from cortexbench.report.stream_summary import compare_modes, histograms, summarize_mode
+from cortexbench.report.tiers import answers_agreement, load_figures
 from cortexbench.residency import parse_mode
 from cortexbench.results import envelope, new_run_dir, write_json, write_text
 from cortexbench.schedule import Schedule, make_schedule, shard_workers
@@ -110,7 +111,7 @@ def plan_stream(cfg: Config, resources: dict[str, float], *, quiet: bool = False
         WorkerSpec(name=f"{'gpu' if gpu else 'cpu'}{i}", device="gpu:0" if gpu else "cpu", backend=backend,
                    model_dir=str(model_dir), models=models, images=tuple(str(p) for p in images), lanes=lanes,
                    precision=cfg.precision, cuda_graphs=gpu and backend == "torch", image_pool=st.image_pool,
-                   drop_cache=st.cold_drop_cache)
+                   drop_cache=st.cold_drop_cache, cold_rebuild=st.cold_rebuild)
         for i in range(n_workers))
     # auto = grouped: a worker runs several grouped calls at once (Ray's threads), so its lanes never
     # wait for the slowest image of a group; a compiled graph runs its executions one after another on
@@ -188,7 +189,7 @@ class StreamRun:
 
     async def run_mode(self, mode: str) -> None:
         plan = self.plan
-        sched = plan.schedule
+        sched = self.schedule_of(mode)
         self.live.start_mode(mode, len(sched), sched.warmup)
         loop = asyncio.get_running_loop()
         self.setup_s[mode] = await loop.run_in_executor(None, self.pool.set_mode, mode)
@@ -217,7 +218,7 @@ class StreamRun:
                     await h.close()
             hists = histograms(result.ledger, sched.warmup)
         else:
-            result, hists = await self._run_shards(mode, lru)
+            result, hists = await self._run_shards(mode, lru, sched)
         self.live.close_mode()
         summary = summarize_mode(mode, result.ledger, hists, warmup=sched.warmup, sent=result.sent,
                                  not_sent=result.not_sent, retries=result.retries, cancelled=result.cancelled,
@@ -232,7 +233,15 @@ class StreamRun:
         if result.error:
             self.error = f"mode {mode}: {result.error}"
 
-    async def _run_shards(self, mode: str, lru: int | None) -> tuple[DriverResult, HistogramSet]:
+    def schedule_of(self, mode: str) -> Schedule:
+        """The stream of ``mode``: the whole schedule, or its head in the modes that load on demand when
+        ``stream.on_demand_images`` says so (the same seeded stream, shorter)."""
+        n = self.plan.cfg.stream.on_demand_images
+        if n and parse_mode(mode).kind != "cached":
+            return self.plan.schedule.head(n)
+        return self.plan.schedule
+
+    async def _run_shards(self, mode: str, lru: int | None, sched: Schedule) -> tuple[DriverResult, HistogramSet]:
         plan = self.plan
         n = plan.drivers
         parts = shard_workers(self.pool.node_ids, n)  # each shard's workers together, the shard on their node
@@ -241,7 +250,7 @@ class StreamRun:
         names = tuple(self.pool.names)
         refs = []
         for i, (shard, (ids, _)) in enumerate(zip(shards, parts, strict=True)):
-            sp = cluster.ShardPlan(plan.schedule.shard(i, n), tuple(self.pool.actors[j] for j in ids),
+            sp = cluster.ShardPlan(sched.shard(i, n), tuple(self.pool.actors[j] for j in ids),
                                    tuple(names[j] for j in ids), ids, names, self.options(mode, n),
                                    plan.cfg.stream.balancer, plan.cfg.seed + i, lru, plan.dispatch, start_wall)
             refs.append(cluster.shard_run(shard, sp))
@@ -268,7 +277,7 @@ class StreamRun:
         ledger = Ledger.merge([r.ledger for r in results])
         hists = HistogramSet()
         for r in results:
-            hists.merge(r.hists if r.hists is not None else histograms(r.ledger, plan.schedule.warmup))
+            hists.merge(r.hists if r.hists is not None else histograms(r.ledger, sched.warmup))
         merged = DriverResult(mode, ledger, sum(r.sent for r in results), sum(r.not_sent for r in results),
                               min(r.started_s for r in results), max(r.finished_s for r in results),
                               sum(r.retries for r in results), sum(r.cancelled for r in results),
@@ -320,7 +329,9 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
             plan = plan_stream(cfg, resources, quiet=quiet)
         run_dir = new_run_dir(cfg.result_dir, "stream")
         where = f"{len(plan.workers)} {'GPU' if plan.gpu else 'CPU'} worker(s)"
-        say(f"stream: {len(plan.schedule)} images ({plan.schedule.warmup} warm-up), {len(plan.models)} models, "
+        od = cfg.stream.on_demand_images
+        also = f"; {od} counted in the modes that load on demand" if od and od < cfg.times else ""
+        say(f"stream: {len(plan.schedule)} images ({plan.schedule.warmup} warm-up{also}), {len(plan.models)} models, "
             f"{where}, backend {plan.backend}, dispatch {plan.dispatch}, drivers {plan.drivers}")
         say(f"starting {where} (loading frameworks) ...")
         pool = cluster.start_workers(plan.workers, gpu=plan.gpu, cpus_each=plan.cpus_each,
@@ -400,6 +411,13 @@ def _results(plan: StreamPlan, pool: cluster.WorkerPool, run: StreamRun, port: i
     body = {
         "modes": modes,
         "comparison": compare_modes(modes),
+        "tiers": {"answers": answers_agreement({m: r.result.ledger for m, r in run.modes.items()},
+                                               run.plan.schedule.warmup, cfg.precision),
+                  "loads": load_figures(modes),
+                  "process_warm": "cold and swap: each model was loaded and run once per lane before the run (cuDNN "
+                                  "plans and the network's structure are kept, as in a serving process that has "
+                                  "run it before); the weights come from disk or host memory for every image"
+                                  + ("; the structure is rebuilt for every load" if cfg.stream.cold_rebuild else "")},
         "workers": [{"name": s.name, "device": s.device, "node": i.get("node"), "pid": i.get("pid")}
                     for s, i in zip(pool.specs, pool.infos, strict=True)],
         "run": {"dispatch": plan.dispatch, "drivers": plan.drivers, "balancer": cfg.stream.balancer,

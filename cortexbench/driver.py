@@ -415,7 +415,7 @@ class Driver:
             worker=worker, outcome=rows[:, 1].astype(np.int8), attempts=self.attempts[pos],
             hit=rows[:, 2].astype(np.int8), scheduled_s=self.scheduled_s[pos] - self._t0,
             sent_s=self.sent_s[pos] - self._t0, done_s=received - self._t0,
-            stages=rows[:, 3:3 + len(WORKER_STAGES)])
+            stages=rows[:, 3:3 + len(WORKER_STAGES)], answers=rows[:, 3 + len(WORKER_STAGES):])
 
     def _call_failed(self, w: int, positions: list[int], outcome: int, msg: str) -> None:
         """A call that failed as a whole (not a lost worker): its images fail as ``outcome``."""

@@ -5,7 +5,9 @@ or scalars, one call per group of results a worker returns) is the main path; ``
 Times are seconds from the start of the run: ``scheduled_s`` (when the image was due; in the closed loop,
 when its slot came free), ``sent_s`` (first send), ``done_s`` (result or final failure known), and
 ``latency_s = done_s - scheduled_s``.  Workers measure the stage durations of ``WORKER_STAGES``
-(``queue_s``, ``read_s``, ...; NaN when unknown).
+(``queue_s``, ``read_s``, ...; NaN when unknown) and say which input they ran (``input_idx``: the image
+file actually used) and what the model answered (``top1``, and ``checksum``: the sum of the logits), so
+that runs of different residency tiers can be checked against each other for the same (model, input).
 
 At the end of a run ``check_complete(sent)`` proves that every image sent is accounted for exactly once;
 shards' ledgers are joined with ``Ledger.merge``.  Ledgers pickle as their filled rows only, so they are
@@ -30,18 +32,30 @@ from cortexbench.errors import WorkerError
 
 OUTCOMES = ("ok", "input_error", "model_error", "worker_died", "timeout", "cancelled", "error")
 OUTCOME_CODE = {name: code for code, name in enumerate(OUTCOMES)}
-WORKER_STAGES = ("queue", "read", "decode", "load", "infer", "free")
+# The stages of one image in a worker, in order (docs/metrics.md): queue (waiting for a lane), input
+# (reading the image file), decode, wait (for the loader or another lane's load of the same model), read
+# (the model file, disk to host), build (the network's structure and binding weights to it), copy (host to
+# device, the part not overlapped with the read, and any precision conversion), infer, free.
+WORKER_STAGES = ("queue", "input", "decode", "wait", "read", "build", "copy", "infer", "free")
 STAGE_COLUMNS = tuple(f"{s}_s" for s in WORKER_STAGES)
 TIME_COLUMNS = ("scheduled_s", "sent_s", "done_s", "latency_s")
+ANSWER_COLUMNS = ("input_idx", "top1", "checksum")  # what a worker ran and answered (-1 / NaN: unknown)
 
 COLUMNS: dict[str, type] = {
     "item": np.int64, "model_idx": np.int16, "image_idx": np.int32, "worker": np.int16, "outcome": np.int8,
     "attempts": np.int8, "hit": np.int8,
     **{c: np.float64 for c in TIME_COLUMNS},
     **{c: np.float32 for c in STAGE_COLUMNS},  # durations: float32 keeps 0.1 us resolution up to 1 s
+    "input_idx": np.int32, "top1": np.int32, "checksum": np.float64,
 }
-_FILL = {"hit": -1, **{c: np.nan for c in TIME_COLUMNS + STAGE_COLUMNS}}
+_FILL = {"hit": -1, "input_idx": -1, "top1": -1, "checksum": np.nan, **{c: np.nan for c in TIME_COLUMNS + STAGE_COLUMNS}}
 _CSV_DECIMALS = 7  # 0.1 us
+
+
+def _check_stage_names(stage_s: dict[str, Any]) -> None:
+    unknown = [k for k in stage_s if k not in STAGE_COLUMNS]
+    if unknown:
+        raise TypeError(f"Ledger: unknown stage column '{unknown[0]}' (valid: {', '.join(STAGE_COLUMNS)})")
 
 
 class Ledger:
@@ -75,9 +89,10 @@ class Ledger:
 
     def add(self, item: int, model_idx: int, image_idx: int, worker: int, outcome: int | str, *,
             attempts: int = 1, hit: bool | int | None = None, scheduled_s: float, sent_s: float, done_s: float,
-            queue_s: float = math.nan, read_s: float = math.nan, decode_s: float = math.nan,
-            load_s: float = math.nan, infer_s: float = math.nan, free_s: float = math.nan) -> None:
-        """Append one row.  ``outcome`` is a name of OUTCOMES or its code; ``hit`` None means unknown."""
+            input_idx: int = -1, top1: int = -1, checksum: float = math.nan, **stage_s: float) -> None:
+        """Append one row.  ``outcome`` is a name of OUTCOMES or its code; ``hit`` None means unknown;
+        stage durations by keyword (``queue_s=...``, names from STAGE_COLUMNS), NaN where not given."""
+        _check_stage_names(stage_s)
         n = self._n
         if n == len(self._cols["item"]):
             self._reserve(1)
@@ -93,30 +108,29 @@ class Ledger:
         c["sent_s"][n] = sent_s
         c["done_s"][n] = done_s
         c["latency_s"][n] = done_s - scheduled_s
-        c["queue_s"][n] = queue_s
-        c["read_s"][n] = read_s
-        c["decode_s"][n] = decode_s
-        c["load_s"][n] = load_s
-        c["infer_s"][n] = infer_s
-        c["free_s"][n] = free_s
+        for name in STAGE_COLUMNS:
+            c[name][n] = stage_s.get(name, math.nan)
+        c["input_idx"][n] = input_idx
+        c["top1"][n] = top1
+        c["checksum"][n] = checksum
         self._n = n + 1
 
     def add_many(self, item: Any, model_idx: Any, image_idx: Any, worker: Any, outcome: Any, *,
                  attempts: Any = 1, hit: Any = -1, scheduled_s: Any, sent_s: Any, done_s: Any,
-                 queue_s: Any = math.nan, read_s: Any = math.nan, decode_s: Any = math.nan,
-                 load_s: Any = math.nan, infer_s: Any = math.nan, free_s: Any = math.nan,
-                 stages: Any = None) -> None:
+                 stages: Any = None, answers: Any = None, **stage_s: Any) -> None:
         """Append len(item) rows from numpy arrays (any other argument may be a scalar, broadcast).
 
         ``outcome`` holds codes (or one name for all rows); ``hit`` holds 1, 0 or -1 (unknown).  The stage
         durations come either one keyword per stage (``queue_s=...``) or as ``stages``, an array of shape
-        (rows, len(WORKER_STAGES)) in WORKER_STAGES order, which replaces the keywords.
+        (rows, len(WORKER_STAGES)) in WORKER_STAGES order, which replaces the keywords.  ``answers``, if
+        given, is (rows, 3) in ANSWER_COLUMNS order.
         """
+        _check_stage_names(stage_s)
         if stages is not None:
             st = np.asarray(stages, dtype=np.float64)
             if st.ndim != 2 or st.shape[1] != len(WORKER_STAGES):
                 raise ValueError(f"Ledger.add_many: stages must have shape (rows, {len(WORKER_STAGES)}), not {st.shape}")
-            queue_s, read_s, decode_s, load_s, infer_s, free_s = st.T
+            stage_s = dict(zip(STAGE_COLUMNS, st.T, strict=True))
         item = np.asarray(item)
         k = item.shape[0] if item.ndim else 1
         if k == 0:
@@ -141,13 +155,18 @@ class Ledger:
             c["sent_s"][n:end] = sent_s
             c["done_s"][n:end] = done_s
             np.subtract(c["done_s"][n:end], c["scheduled_s"][n:end], out=c["latency_s"][n:end])
-            c["queue_s"][n:end] = queue_s
-            c["read_s"][n:end] = read_s
-            c["decode_s"][n:end] = decode_s
-            c["load_s"][n:end] = load_s
-            c["infer_s"][n:end] = infer_s
-            c["free_s"][n:end] = free_s
-        except ValueError as e:  # a column of the wrong length: leave the ledger as it was
+            for name in STAGE_COLUMNS:
+                c[name][n:end] = stage_s.get(name, math.nan)
+            if answers is not None:
+                ans = np.asarray(answers, dtype=np.float64)
+                c["input_idx"][n:end] = ans[:, 0]
+                c["top1"][n:end] = ans[:, 1]
+                c["checksum"][n:end] = ans[:, 2]
+            else:
+                c["input_idx"][n:end] = -1
+                c["top1"][n:end] = -1
+                c["checksum"][n:end] = math.nan
+        except (ValueError, IndexError) as e:  # a column of the wrong length: leave the ledger as it was
             for name, col in c.items():
                 col[n:end] = _FILL.get(name, 0)
             raise ValueError(f"Ledger.add_many: every column must have {k} rows or be a scalar ({e})") from None
@@ -258,7 +277,8 @@ class Ledger:
     @staticmethod
     def header() -> list[str]:
         """CSV column names (units in the names; model, worker and outcome as names)."""
-        return ["item", "model", "image_idx", "worker", "outcome", "attempts", "hit", *TIME_COLUMNS, *STAGE_COLUMNS]
+        return ["item", "model", "image_idx", "worker", "outcome", "attempts", "hit", *TIME_COLUMNS, *STAGE_COLUMNS,
+                "input_idx", "top1", "checksum"]
 
     def to_rows(self) -> Iterator[tuple[Any, ...]]:
         """One tuple of plain values per row, in ``header()`` order; unknown values are ''."""
@@ -283,6 +303,8 @@ class Ledger:
             c["item"].tolist(), names(models, c["model_idx"]), c["image_idx"].tolist(), names(workers, c["worker"]),
             names(outcomes, c["outcome"]), c["attempts"].tolist(), ["" if h < 0 else h for h in hit],
             *(floats(c[name]) for name in TIME_COLUMNS + STAGE_COLUMNS),
+            ["" if v < 0 else v for v in c["input_idx"].tolist()], ["" if v < 0 else v for v in c["top1"].tolist()],
+            ["" if v != v else v for v in c["checksum"].tolist()],
         ]
         return zip(*out, strict=True)
 
@@ -338,5 +360,8 @@ class Ledger:
             "attempts": ints(raw["attempts"]),
             "hit": np.array([int(h) if h else -1 for h in raw["hit"]], dtype=np.int64),
             **{name: floats(raw[name]) for name in TIME_COLUMNS + STAGE_COLUMNS},
+            "input_idx": np.array([int(v) if v else -1 for v in raw["input_idx"]], dtype=np.int64),
+            "top1": np.array([int(v) if v else -1 for v in raw["top1"]], dtype=np.int64),
+            "checksum": floats(raw["checksum"]),
         }
         return cls._from_columns(tuple(model_ids), tuple(worker_ids), cols)

@@ -39,6 +39,7 @@ from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 from prometheus_client.utils import floatToGoString
 
 from cortexbench.errors import ConfigError
+from cortexbench.ledger import WORKER_STAGES
 
 # Upper bounds (seconds) of the histogram buckets, about 3 per decade from 50 us to 30 s; +Inf is implicit.
 BUCKETS_S: tuple[float, ...] = (
@@ -51,7 +52,7 @@ _LE = [floatToGoString(b) for b in BUCKETS_S] + ["+Inf"]
 
 # The parts of one image's latency (label ``stage`` of cortexbench_stage_seconds); docs/metrics.md says
 # what each measures.  send_delay and transport are measured by the driver, the rest inside the worker.
-STAGES: tuple[str, ...] = ("send_delay", "transport", "queue", "read", "decode", "load", "infer", "free")
+STAGES: tuple[str, ...] = ("send_delay", "transport", *WORKER_STAGES)
 
 # The outcome of an image that succeeded; other outcome names are the stream's failure kinds.
 OK = "ok"

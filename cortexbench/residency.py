@@ -1,6 +1,9 @@
 """Model residency on a worker: which models stay loaded on the device between images.
 
 - ``cached``: every model is loaded before the run and stays; inputs are decoded before the run too.
+- ``swap``: the weights of every model are held in host memory (pinned on a GPU) before the run; for every
+  image they are copied to the device, the model is run once and its device copy freed (the host-memory
+  tier of multi-model servers).  Inputs are held in memory, as in cached mode.
 - ``cold``: for every image the model file and the image file are read from disk, the model is loaded
   onto the device, run once and freed.
 - ``lru:K``: at most K models stay loaded; a miss loads the model (evicting the least recently used).
@@ -18,9 +21,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
-from cortexbench.errors import ConfigError
+from cortexbench.errors import ConfigError, did_you_mean
 
-ModeKind = Literal["cached", "cold", "lru"]
+ModeKind = Literal["cached", "swap", "cold", "lru"]
+MODE_KINDS: tuple[str, ...] = ("cached", "swap", "cold", "lru:K")
 
 
 @dataclass(frozen=True)
@@ -33,16 +37,18 @@ class Mode:
 
 
 def parse_mode(text: str, key: str = "mode") -> Mode:
-    """'cached', 'cold' or 'lru:K' (K >= 1)."""
+    """'cached', 'swap', 'cold' or 'lru:K' (K >= 1)."""
     t = text.strip().lower()
-    if t in ("cached", "cold"):
+    if t in ("cached", "swap", "cold"):
         return Mode(t)  # type: ignore[arg-type]
     if t.startswith("lru"):
         _, _, k = t.partition(":")
         if k.isdigit() and int(k) >= 1:
             return Mode("lru", int(k))
         raise ConfigError(f"'{key}': '{text}' needs a capacity of 1 or more models, as in 'lru:2'")
-    raise ConfigError(f"'{key}': unknown mode '{text}' (valid: cached, cold, lru:K)")
+    near = did_you_mean(t, MODE_KINDS)
+    raise ConfigError(f"'{key}': unknown mode '{text}'{near if 'did you' in near else ''} "
+                      f"(valid: {', '.join(MODE_KINDS)})")
 
 
 @dataclass(frozen=True)
@@ -115,10 +121,11 @@ class Cached(_Counters):
 
 
 class Cold(_Counters):
-    """Nothing stays: every image loads its model and frees it afterwards."""
+    """Nothing stays on the device: every image loads its model (from disk, or from host memory in swap
+    mode) and frees it afterwards."""
 
-    def __init__(self) -> None:
-        self.mode = Mode("cold")
+    def __init__(self, mode: Mode | None = None) -> None:
+        self.mode = mode or Mode("cold")
 
     def access(self, model: str) -> Access:
         self.misses += 1
@@ -168,10 +175,10 @@ class Lru(_Counters):
 
 
 def make_residency(mode: Mode | str, models: Sequence[str]) -> Cached | Cold | Lru:
-    """The residency policy of ``mode`` ('cached', 'cold', 'lru:K' or a parsed Mode) over ``models``."""
+    """The residency policy of ``mode`` ('cached', 'swap', 'cold', 'lru:K' or a parsed Mode) over ``models``."""
     m = parse_mode(mode) if isinstance(mode, str) else mode
     if m.kind == "cached":
         return Cached(models)
-    if m.kind == "cold":
-        return Cold()
+    if m.kind in ("cold", "swap"):
+        return Cold(m)
     return Lru(m.capacity)

@@ -117,6 +117,17 @@ class Schedule:
             return None
         return float(self.send_at_s[-1]) if len(self.send_at_s) else 0.0
 
+    def head(self, counted: int) -> Schedule:
+        """The warm-up and the first ``counted`` counted items: the same stream, shorter (for the modes
+        whose images are slow, see ``stream.on_demand_images``)."""
+        n = min(len(self), self.warmup + max(0, counted))
+        if n == len(self):
+            return self
+        return Schedule(
+            models=self.models, item=self.item[:n], model_idx=self.model_idx[:n], image_idx=self.image_idx[:n],
+            send_at_s=None if self.send_at_s is None else self.send_at_s[:n], warmup=self.warmup,
+            rate=self.rate, seed=self.seed, popularity=self.popularity)
+
     def shard(self, i: int, n_shards: int) -> Schedule:
         """Items i, i+n_shards, ...: one of ``n_shards`` interleaved parts with global ids and times kept."""
         if n_shards < 1 or not 0 <= i < n_shards:

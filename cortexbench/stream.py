@@ -23,7 +23,8 @@ STREAM_KEYS = {
     "warmup": "stream.warmup", "popularity": "stream.popularity", "dispatch": "stream.dispatch",
     "drivers": "stream.drivers", "max_group": "stream.max_group", "lanes": "stream.lanes",
     "retries": "stream.retries", "image_pool": "stream.image_pool", "drain_timeout": "stream.drain_timeout_s",
-    "cold_drop_cache": "stream.cold_drop_cache", "records": "stream.records",
+    "cold_drop_cache": "stream.cold_drop_cache", "records": "stream.records", "cold_rebuild": "stream.cold_rebuild",
+    "on_demand_images": "stream.on_demand_images",
 }
 
 
@@ -31,7 +32,8 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(
         prog=PROG,
         description="Per-image latency and throughput of a stream of images over many workers, with models "
-                    "cached on the workers, loaded cold for every image, or kept in an LRU of K.",
+                    "cached on the workers, held in host memory and copied in for every image (swap), loaded "
+                    "cold from disk for every image, or kept in an LRU of K.",
         epilog=f"examples:\n  {PROG}\n  {PROG} --gpus 8 --mode cached,cold,lru:2\n"
                f"  {PROG} --rate 2000 --duration 60 --balancer p2c\n  {PROG} --address auto --gpus 16",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,7 +41,7 @@ def build_parser() -> ArgumentParser:
     a = p.add_argument
     a("--gpus", metavar="N", help="GPU workers, one per GPU; auto = every GPU; 0 = CPU workers [gpu_num]")
     a("--cpu-workers", type=int, metavar="N", help="CPU workers when there is no GPU [stream.cpu_workers]")
-    a("--mode", metavar="M,M", help="cached, cold, lru:K; several run one after another [stream.modes]")
+    a("--mode", metavar="M,M", help="cached, swap, cold, lru:K; several run one after another [stream.modes]")
     a("--images", type=int, metavar="N", help="images in the stream [times]")
     a("--weights", metavar="W,W", help="one weight per model, instead of --popularity [stream.model_weights]")
     a("--popularity", metavar="P", help="uniform or zipf:S [stream.popularity]")
@@ -62,6 +64,12 @@ def build_parser() -> ArgumentParser:
     a("--drain-timeout", type=float, metavar="S", help="wait for in-flight images on stop [stream.drain_timeout_s]")
     a("--cold-drop-cache", action="store_const", const=True,
       help="cold mode: drop files from the page cache before reading them [stream.cold_drop_cache]")
+    a("--cold-rebuild", action="store_const", const=True,
+      help="cold, swap: build each network's structure for every load, timed as 'build' (default: the "
+           "structure is kept, as a serving process keeps its code) [stream.cold_rebuild]")
+    a("--on-demand-images", type=int, metavar="N",
+      help="counted images in the modes that load models on demand (swap, cold, lru:K), the first N of the "
+           "same stream; 0 = --images [stream.on_demand_images]")
     a("--records", metavar="F", help="per-image records: csv.gz or none [stream.records]")
     return p
 

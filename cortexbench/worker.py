@@ -13,19 +13,29 @@ start in the order they arrive.  Groups cross Ray as bytes (``to_bytes``/``from_
 Per image the worker measures (``ledger.WORKER_STAGES``):
 
 - ``queue``: from the group's arrival to a lane starting the image;
-- ``read``: reading the image file (cold mode; 0 when inputs are held in memory);
+- ``input``: reading the image file (cold mode; 0 when inputs are held in memory);
 - ``decode``: decoding and preprocessing it;
-- ``load``: reading the model file and putting the model on the device (a miss), or waiting for another
-  lane that is loading the same model;
+- ``wait``: waiting for the model loader (another load in progress, or no free device slot) or for
+  another lane that is loading the same model (LRU);
+- ``read``, ``build``, ``copy``: a miss's load (``models.backends.base.LoadTimes``): the model's bytes from
+  disk (0 from host memory), its structure, and the copy to the device;
 - ``infer``: ``predict`` at batch size 1, host-to-device copy and synchronisation included;
-- ``free``: freeing the model after use (cold) or freeing evicted models (LRU).
+- ``free``: freeing the model after use (cold, swap) or freeing evicted models (LRU).
+
+It also says which input file each image ran on and the model's top-1 class and logit sum, so that the
+tiers' answers can be compared (``ledger.ANSWER_COLUMNS``).
 
 Modes (see ``residency``): ``cached`` loads every model and decodes an in-memory pool of inputs before
-the run; ``cold`` reads the model file and the image file from disk for every image and frees the
-model afterwards; ``lru:K`` keeps at most K models loaded, with inputs in memory as in cached mode, so
-that it measures model residency alone.  The in-memory pool holds ``image_pool`` decoded images per
-input shape; image ``i`` uses pool entry ``i % len(pool)`` (a pool of 100K decoded 224x224 inputs would
-need 60 GB).
+the run; ``swap`` holds every model's weights in host memory and loads them onto the device for every
+image; ``cold`` reads the model file and the image file from disk for every image; both free the model
+afterwards and load through the backend's ``ModelLoader``, one load at a time.  ``lru:K`` keeps at most K
+models loaded.  Every mode but cold takes inputs from an in-memory pool, so that it measures model
+residency alone: ``image_pool`` decoded images per input shape; image ``i`` uses pool entry
+``i % len(pool)`` (a pool of 100K decoded 224x224 inputs would need 60 GB).
+
+In the modes that load on demand (swap, cold, lru:K) images run on the lane threads only (never on a
+caller's thread): per-thread framework state (cuDNN's plans) is then warmed once per lane before the run,
+as in a serving process that has run each model before, and the report says so.
 """
 
 from __future__ import annotations
@@ -41,27 +51,39 @@ import threading
 import time
 from array import array
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cortexbench.errors import ImageDecodeError, ModelFileError, ModelNotFoundError, UsageError
-from cortexbench.ledger import OUTCOMES, WORKER_STAGES
-from cortexbench.models.backends.base import Backend, LoadedModel, LoadOptions
+from cortexbench.ledger import ANSWER_COLUMNS, OUTCOMES, WORKER_STAGES
+from cortexbench.models.backends.base import (
+    Backend,
+    BlobLoader,
+    LoadedModel,
+    LoadOptions,
+    LoadTimes,
+    ModelLoader,
+    drop_page_cache,
+    files_size,
+)
 from cortexbench.models.registry import ModelSpec, get_spec
 from cortexbench.residency import Mode, Residency, make_residency, parse_mode
 
 OK, INPUT_ERROR, MODEL_ERROR, ERROR = (OUTCOMES.index(n) for n in ("ok", "input_error", "model_error", "error"))
 N_STAGES = len(WORKER_STAGES)
-QUEUE, READ, DECODE, LOAD, INFER, FREE = range(N_STAGES)
-# Columns of ResultGroup.rows: item, outcome, hit, then one per stage.
-RESULT_COLS = ("item", "outcome", "hit", *WORKER_STAGES)
+QUEUE, INPUT, DECODE, WAIT, READ, BUILD, COPY, INFER, FREE = range(N_STAGES)
+# Columns of ResultGroup.rows: item, outcome, hit, one per stage, then what the image ran and answered.
+RESULT_COLS = ("item", "outcome", "hit", *WORKER_STAGES, *ANSWER_COLUMNS)
 N_COLS = len(RESULT_COLS)
+_S = 3  # the first stage column
+_INPUT_IDX, _TOP1, _CHECKSUM = (RESULT_COLS.index(c) for c in ANSWER_COLUMNS)
 MEMORY_REFRESH_S = 0.25  # WorkerState.memory_bytes is read again at most this often (a /proc read costs ~20 us)
 _NAN = float("nan")
+_BLANK = (ERROR, -1.0, *(_NAN,) * N_STAGES, -1.0, -1.0, _NAN)  # a row's columns after the item, until filled
 
 
 @dataclass(frozen=True)
@@ -79,6 +101,7 @@ class WorkerSpec:
     cuda_graphs: bool = False
     image_pool: int = 256
     drop_cache: bool = False
+    cold_rebuild: bool = False  # cold/swap: build the network's structure for every load, timed as 'build'
 
 
 @dataclass(frozen=True)
@@ -191,7 +214,11 @@ class ModelWorker:
         self._loading: dict[str, threading.Lock] = {m: threading.Lock() for m in spec.models}
         self._lock = threading.Lock()
         self._pool: dict[tuple[int, ...], np.ndarray] = {}
+        self._pool_files: dict[tuple[int, ...], list[int]] = {}  # pool entry -> index of its image file
         self._inputs_in_memory = False
+        self._caller_runs = True  # a caller's thread may run images itself (not in cold and swap modes)
+        self._loader: ModelLoader | None = None
+        self._input_threads: ThreadPoolExecutor | None = None  # cold: images read while their model loads
         self._free_lanes: queue.SimpleQueue[int] = queue.SimpleQueue()
         for lane in range(max(1, spec.lanes)):
             self._free_lanes.put(lane)
@@ -210,52 +237,104 @@ class ModelWorker:
     # --- setup between runs (not timed) ---------------------------------------------------------
 
     def set_mode(self, mode: str) -> dict[str, float]:
-        """Switch residency; cached and lru load what they need before the run.  Returns setup times."""
+        """Switch residency; cached loads every model, swap fills the host tier, and every mode warms its
+        lanes before the run.  Returns setup times and the loader's figures (``loader_*``)."""
         t0 = self.clock()
         self.mode = parse_mode(mode)
+        kind = self.mode.kind
         with self._lock:
             for name in list(self._resident):
                 self._evict(name)
-        self.residency = make_residency(self.mode, self.spec.models if self.mode.kind == "cached" else ())
-        self._inputs_in_memory = self.mode.kind != "cold"
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = None
+        self.residency = make_residency(self.mode, self.spec.models if kind == "cached" else ())
+        self._inputs_in_memory = kind != "cold"
+        self._caller_runs = kind == "cached"
+        if kind == "cold" and self._input_threads is None:
+            self._input_threads = ThreadPoolExecutor(self.options.lanes, thread_name_prefix=f"{self.spec.name}-input")
         t_models = self.clock()
-        if self.mode.kind == "cached":
+        info: dict[str, float] = {}
+        if kind == "cached":
             for spec in self.specs:
                 self._resident[spec.name] = _Resident(self.backend.load(spec, self.model_dir, self.spec.device,
                                                                         self.options))
+        else:  # every model resident at once at most K (lru), or for one image (swap, cold), plus loads in flight
+            slots = (self.mode.capacity if kind == "lru" else 0) + self.options.lanes + 1
+            self._loader = self.backend.loader(self.model_dir, self.spec.device, self.options,
+                                               "host" if kind == "swap" else "disk", drop_cache=self.spec.drop_cache,
+                                               rebuild=self.spec.cold_rebuild, slots=slots)
+            info = self._loader.prepare(self.specs)
         t_inputs = self.clock()
         if self._inputs_in_memory and not self._pool:
             self._fill_pool()
-        if self.mode.kind == "cached":
+        t_warm = self.clock()
+        if kind == "cached":
             self._warm_lanes()
+        else:
+            self._warm_loader()
         self._loads = self._hits = self._misses = 0
         self._model_bytes = self._image_bytes = 0
         self._memory_at = -math.inf  # read the memory in use afresh with the next group
-        return {"models_s": t_inputs - t_models, "inputs_s": self.clock() - t_inputs, "total_s": self.clock() - t0}
+        end = self.clock()
+        sizes = {f"model_bytes.{spec.name}": float(files_size(self.backend.model_files(spec, self.model_dir)))
+                 for spec in self.specs}
+        return {"models_s": t_inputs - t_models, "inputs_s": t_warm - t_inputs, "warm_s": end - t_warm,
+                "total_s": end - t0, **{f"loader_{k}": float(v) for k, v in info.items()}, **sizes}
 
-    def _warm_lanes(self) -> None:
-        """Run every resident model once on every lane, from that lane's thread, so that per-thread setup
-        (cuDNN tuning, CUDA graph capture) happens before the run and not inside its first images."""
+    def _on_every_lane(self, fn: Callable[[int], None]) -> None:
+        """Run ``fn(lane)`` once on every lane, each from that lane's own thread, all at once."""
         lanes = self.options.lanes
         barrier = threading.Barrier(lanes)
-        models = [(s, r.model) for s in self.specs if (r := self._resident.get(s.name)) is not None]
 
-        def warm() -> None:
+        def call() -> None:
             lane = self._lane()
             try:
-                barrier.wait(timeout=60)  # every lane busy at once: each thread holds a different lane
-                for spec, model in models:
-                    pool = self._pool.get(spec.input_shape)
-                    x = pool[:1] if pool is not None else np.zeros((1, *spec.input_shape), np.float32)
-                    model.predict(x, lane)
+                barrier.wait(timeout=600)  # every lane busy at once: each thread holds a different lane
+                fn(lane)
             finally:
                 self._release(lane)
 
         done: list[Future[None]] = [Future() for _ in range(lanes)]
         for f in done:  # each lane thread takes one (the barrier keeps a thread from taking two)
-            self._jobs.put(_Call(warm, f))  # type: ignore[arg-type]
+            self._jobs.put(_Call(call, f))  # type: ignore[arg-type]
         for f in done:
             f.result()
+
+    def _input_like(self, spec: ModelSpec) -> np.ndarray:
+        pool = self._pool.get(spec.input_shape)
+        return pool[:1] if pool is not None else np.zeros((1, *spec.input_shape), np.float32)
+
+    def _warm_lanes(self) -> None:
+        """Run every resident model once on every lane, from that lane's thread, so that per-thread setup
+        (cuDNN tuning, CUDA graph capture) happens before the run and not inside its first images."""
+        models = [(s, r.model) for s in self.specs if (r := self._resident.get(s.name)) is not None]
+
+        def warm(lane: int) -> None:
+            for spec, model in models:
+                model.predict(self._input_like(spec), lane)
+
+        self._on_every_lane(warm)
+
+    def _warm_loader(self) -> None:
+        """Load and run every model once on every lane through the loader (cold, swap): the process has run
+        each model before, as a serving process has; its weights still come from disk or host memory for
+        every image of the run.  A model that does not load is left to fail its images."""
+        loader = self._loader
+        assert loader is not None
+
+        def warm(lane: int) -> None:
+            for spec in self.specs:
+                try:
+                    model = loader.load(spec, LoadTimes())
+                except (ModelFileError, ModelNotFoundError):
+                    continue
+                try:
+                    model.predict(self._input_like(spec), lane)
+                finally:
+                    model.close()
+
+        self._on_every_lane(warm)
 
     def _fill_pool(self) -> None:
         from cortexbench.images.dataset import load_batch
@@ -264,10 +343,12 @@ class ModelWorker:
         n = min(self.spec.image_pool, len(self.spec.images))
         paths = [Path(p) for p in self.spec.images[:n]]
         for shape, spec in shapes.items():
-            batch, _bad = load_batch(paths, spec)
+            batch, bad = load_batch(paths, spec)
             if len(batch) == 0:
                 raise ImageDecodeError(f"none of the first {n} images decodes; check img_dir")
             self._pool[shape] = batch
+            skip = set(bad)
+            self._pool_files[shape] = [i for i, p in enumerate(paths) if p not in skip]
 
     def check(self) -> None:
         """Load every model once and decode one image: a bad file is a clear error before the run."""
@@ -304,7 +385,7 @@ class ModelWorker:
         Ray actor calls; builds no arrays or records on the way).  One image with a lane free and nothing
         waiting for one (every call at low load) runs straight on the calling thread, with no job."""
         arrived = self.clock()
-        if len(data) == _ONE_REQUEST.size and not self._lane_waiters and self._jobs.empty():
+        if len(data) == _ONE_REQUEST.size and self._caller_runs and not self._lane_waiters and self._jobs.empty():
             try:
                 lane = self._free_lanes.get_nowait()
             except queue.Empty:
@@ -320,7 +401,7 @@ class ModelWorker:
             job.lane_done()
             return job.result  # type: ignore[return-value]
         lane: int | None = None
-        if not self._lane_waiters and self._jobs.empty():
+        if self._caller_runs and not self._lane_waiters and self._jobs.empty():
             try:
                 lane = self._free_lanes.get_nowait()
             except queue.Empty:
@@ -343,7 +424,7 @@ class ModelWorker:
 
     def _run_one(self, request: tuple[int, int, int], arrived: float, lane: int) -> bytes:
         item, model_idx, image_idx = request
-        out = [item, ERROR, -1.0, _NAN, _NAN, _NAN, _NAN, _NAN, _NAN]
+        out = [item, *_BLANK]
         with self._lock:
             self._inflight += 1
         try:
@@ -379,33 +460,53 @@ class ModelWorker:
         self._free_lanes.put(lane)
 
     def process(self, model_idx: int, image_idx: int, arrived: float, lane: int, out: list[float]) -> str | None:
-        """Run one image; fill ``out`` (a row in RESULT_COLS order: outcome, hit, stages); return an error
-        message or None."""
+        """Run one image; fill ``out`` (a row in RESULT_COLS order: outcome, hit, stages, answers); return an
+        error message or None."""
         clock = self.clock
         t0 = clock()
-        out[3] = t0 - arrived  # queue
+        out[_S + QUEUE] = t0 - arrived
         spec = self.specs[model_idx]
         try:
+            pending: Future[tuple[np.ndarray, float, float]] | None = None
             if self._inputs_in_memory:
                 pool = self._pool[spec.input_shape]
-                x = pool[image_idx % len(pool):image_idx % len(pool) + 1]
-                t1 = t2 = t0
-            else:
-                x, t1, t2 = self._read_input(image_idx, spec)
-            model, res, hit, t3 = self._acquire(spec, t2)
+                k = image_idx % len(pool)
+                x = pool[k:k + 1]
+                out[_INPUT_IDX] = self._pool_files[spec.input_shape][k]
+            else:  # cold: the image is read and decoded while the model loads
+                out[_INPUT_IDX] = image_idx % len(self.spec.images)
+                assert self._input_threads is not None
+                pending = self._input_threads.submit(self._read_input, image_idx, spec)
+            model, res, hit, t3, times = self._acquire(spec, t0)
             out[2] = hit
             try:
-                model.predict(x, lane)
+                if pending is not None:
+                    x, t1, t2 = pending.result()
+                    # only the part of the input's time that the model load did not hide is a stage
+                    visible = max(0.0, t2 - t3)
+                    decode = min(visible, t2 - t1)
+                    out[_S + INPUT], out[_S + DECODE] = visible - decode, decode
+                    t3 = max(t2, t3)
+                else:
+                    out[_S + INPUT] = out[_S + DECODE] = 0.0
+                y = model.predict(x, lane)
                 t4 = clock()
             finally:
                 self._release_model(model, res)
             t5 = clock()
             out[1] = OK
-            out[4] = t1 - t0  # read
-            out[5] = t2 - t1  # decode
-            out[6] = t3 - t2  # load
-            out[7] = t4 - t3  # infer
-            out[8] = t5 - t4  # free
+            ready = t3 - out[_S + INPUT] - out[_S + DECODE]  # when the model was ready
+            if times is None:
+                out[_S + WAIT] = ready - t0
+                out[_S + READ] = out[_S + BUILD] = out[_S + COPY] = 0.0
+            else:  # the stages add up to the time the model took to be ready
+                out[_S + READ], out[_S + BUILD], out[_S + COPY] = times.read_s, times.build_s, times.copy_s
+                out[_S + WAIT] = max(0.0, ready - t0 - times.read_s - times.build_s - times.copy_s)
+            out[_S + INFER] = t4 - t3
+            out[_S + FREE] = t5 - t4
+            first = y[0]
+            out[_TOP1] = float(first.argmax())
+            out[_CHECKSUM] = float(first.sum(dtype=np.float64))
             return None
         except ImageDecodeError as e:
             out[1] = INPUT_ERROR
@@ -420,22 +521,23 @@ class ModelWorker:
             out[1] = ERROR
             return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
 
-
     def _read_input(self, image_idx: int, spec: ModelSpec) -> tuple[np.ndarray, float, float]:
         from cortexbench.images.dataset import decode, preprocess, read_bytes
 
         path = Path(self.spec.images[image_idx % len(self.spec.images)])
         if self.spec.drop_cache:
-            _drop_page_cache(path)
+            drop_page_cache(path)
         data = read_bytes(path)
         t1 = self.clock()
         x = preprocess(decode(data, path), spec)[None]
-        self._image_bytes += len(data)
+        with self._lock:
+            self._image_bytes += len(data)
         return x, t1, self.clock()
 
-    def _acquire(self, spec: ModelSpec, now: float) -> tuple[LoadedModel, _Resident | None, int, float]:
-        """The model to run ``spec`` with, its residency entry (None: a private cold copy), whether it
-        was resident, and the time it was ready."""
+    def _acquire(self, spec: ModelSpec, now: float) -> tuple[LoadedModel, _Resident | None, int, float,
+                                                             LoadTimes | None]:
+        """The model to run ``spec`` with, its residency entry (None: a private copy, freed after use),
+        whether it was resident, the time it was ready, and the load's times (None for a hit)."""
         name = spec.name
         with self._lock:
             access = self.residency.access(name)
@@ -446,40 +548,39 @@ class ModelWorker:
             if res is not None:
                 res.users += 1
                 self._hits += 1
-                return res.model, res, 1, now
-        if not access.keep:  # cold: a private copy, read from disk now, freed after use
-            model = self._load(spec, keep=False)
-            with self._lock:
-                self._misses += 1
-            return model, None, 0, self.clock()
+                return res.model, res, 1, now, None
+        if not access.keep:  # cold, swap: a private copy, loaded now, freed after use
+            times = LoadTimes()
+            model = self._load(spec, times)
+            return model, None, 0, self.clock(), times
         with self._loading[name]:  # one lane loads; others wanting the same model wait for it
             with self._lock:
                 res = self._resident.get(name)
                 if res is not None:
                     res.users += 1
                     self._hits += 1
-                    return res.model, res, 1, self.clock()
-            model = self._load(spec)
+                    return res.model, res, 1, self.clock(), None
+            times = LoadTimes()
+            model = self._load(spec, times)
             with self._lock:
-                self._misses += 1
                 res = _Resident(model)
                 res.users = 1
                 if name in self.residency.resident():
                     self._resident[name] = res
                 else:  # another lane's miss evicted it while it loaded: use it once, then free it
                     res.evicted = True
-        return model, res, 0, self.clock()
+        return model, res, 0, self.clock(), times
 
-    def _load(self, spec: ModelSpec, keep: bool = True) -> LoadedModel:
-        """Read ``spec`` from disk onto the device.  A model used once (cold) gets no CUDA graphs: capturing
-        them would cost more than the one inference they would speed up."""
-        if self.spec.drop_cache:
-            for f in self.backend.model_files(spec, self.model_dir):
-                _drop_page_cache(f)
-        options = self.options if keep or not self.options.cuda_graphs else replace(self.options, cuda_graphs=False)
-        model = self.backend.load(spec, self.model_dir, self.spec.device, options)
+    def _load(self, spec: ModelSpec, times: LoadTimes) -> LoadedModel:
+        """Load ``spec`` on demand through the mode's loader (a model loaded before the run never comes here
+        except in cached mode's misses, which load like LRU misses)."""
+        loader = self._loader
+        if loader is None:  # cached mode, a model not in the list
+            loader = self._loader = BlobLoader(self.backend, self.model_dir, self.spec.device, self.options, "disk")
+        model = loader.load(spec, times)
         with self._lock:
             self._loads += 1
+            self._misses += 1
             self._model_bytes += model.size_bytes
         return model
 
@@ -517,6 +618,12 @@ class ModelWorker:
         with self._lock:
             for name in list(self._resident):
                 self._evict(name)
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = None
+        if self._input_threads is not None:
+            self._input_threads.shutdown(wait=True)
+            self._input_threads = None
         for _ in self._threads:
             self._jobs.put(None)
 
@@ -549,8 +656,7 @@ class _Job:
         self.arrived = arrived
         self.worker = worker
         self.items = items
-        self.out: list[list[float]] = [[item, ERROR, -1.0, _NAN, _NAN, _NAN, _NAN, _NAN, _NAN]
-                                       for item, _, _ in items]
+        self.out: list[list[float]] = [[item, *_BLANK] for item, _, _ in items]
         self.errors: dict[int, str] = {}
         self.next = itertools.count()  # atomic under the GIL
         self.future = future
@@ -640,17 +746,3 @@ def host_memory_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
-
-
-def _drop_page_cache(path: Path) -> None:
-    """Ask the kernel to forget a file's cached pages, so the next read goes to the disk."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    except (OSError, AttributeError):
-        pass
-    finally:
-        os.close(fd)

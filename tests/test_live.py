@@ -18,11 +18,14 @@ LABELS = ("node-a/cpu0", "node-a/cpu1")
 WARMUP = 4
 
 
-def _rows(items: range, *, hit: int, read_s: float, load_s: float, outcome: str = "ok") -> Ledger:
+def _rows(items: range, *, hit: int, input_s: float, load_s: float, outcome: str = "ok") -> Ledger:
+    """Rows as a worker fills them: 0 for the stages it skipped (input and decode with inputs in memory;
+    wait, read, build and copy when the model was resident)."""
     rows = Ledger(MODELS, WORKERS)
     for i in items:
         rows.add(i, i % 2, i, i % 2, outcome, hit=hit, scheduled_s=float(i), sent_s=i + 0.001, done_s=i + 0.1,
-                 queue_s=0.01, read_s=read_s, decode_s=read_s, load_s=load_s, infer_s=0.05, free_s=1e-6)
+                 queue_s=0.01, input_s=input_s, decode_s=input_s, wait_s=0.0, read_s=load_s, build_s=load_s,
+                 copy_s=load_s, infer_s=0.05, free_s=1e-6)
     return rows
 
 
@@ -46,9 +49,9 @@ def test_warm_up_images_are_labelled_apart_from_the_measured_ones():
     view.start_mode("cold", total=10, warmup=WARMUP)
     view.sending()
     assert view.state.phase == "warmup"
-    view.fold(_progress(_rows(range(0, 3), hit=0, read_s=0.002, load_s=0.03)))
+    view.fold(_progress(_rows(range(0, 3), hit=0, input_s=0.002, load_s=0.03)))
     assert view.state.phase == "warmup"  # no measured image yet
-    view.fold(_progress(_rows(range(3, 10), hit=0, read_s=0.002, load_s=0.03)))
+    view.fold(_progress(_rows(range(3, 10), hit=0, input_s=0.002, load_s=0.03)))
     assert view.state.phase == "measuring"
     assert (_sum(view, "images", "cold", "warmup"), _sum(view, "images", "cold", "measured")) == (4, 6)
     assert (_sum(view, "latency", "cold", "warmup"), _sum(view, "latency", "cold", "measured")) == (4, 6)
@@ -56,7 +59,8 @@ def test_warm_up_images_are_labelled_apart_from_the_measured_ones():
     # cold: every image loaded its model; the loads follow the images' phases
     assert (_sum(view, "model_loads", "cold", "warmup"), _sum(view, "model_loads", "cold", "measured")) == (4, 6)
     assert not view.state.cache_hits
-    assert view.state.stage[("cold", "measured", "load")].count == 6
+    assert view.state.stage[("cold", "measured", "read")].count == 6
+    assert ("cold", "measured", "wait") not in view.state.stage  # no wait: not observed
     assert {k[1] for k in view.state.images} == {"warmup", "measured"}
     assert {k[3] for k in view.state.images} == set(LABELS)  # worker names unique across hosts
 
@@ -67,9 +71,9 @@ def test_stages_that_did_not_happen_are_not_observed_and_the_preload_counts_as_l
     view.add_preload(len(MODELS))
     view.sending()
     assert view.state.phase == "measuring"
-    view.fold(_progress(_rows(range(6), hit=1, read_s=0.0, load_s=0.0)))
+    view.fold(_progress(_rows(range(6), hit=1, input_s=0.0, load_s=0.0)))
     stages = {k[2]: h.count for k, h in view.state.stage.items()}
-    assert "read" not in stages and "decode" not in stages and "load" not in stages  # in memory, resident
+    assert not {"input", "decode", "wait", "read", "build", "copy"} & set(stages)  # in memory, resident
     assert stages["infer"] == stages["queue"] == stages["send_delay"] == stages["transport"] == 6
     assert view.state.model_loads == {("cached", "setup", w): len(MODELS) for w in LABELS}
     assert _sum(view, "cache_hits", "cached", "measured") == 6
@@ -79,7 +83,7 @@ def test_failed_images_are_counted_but_not_timed():
     view = _view()
     view.start_mode("cold", total=4, warmup=0)
     view.sending()
-    view.fold(_progress(_rows(range(4), hit=-1, read_s=0.002, load_s=0.0, outcome="model_error")))
+    view.fold(_progress(_rows(range(4), hit=-1, input_s=0.002, load_s=0.0, outcome="model_error")))
     assert _sum(view, "images", "cold", "measured") == 4
     assert not view.state.latency and not view.state.stage and not view.state.model_loads
 
@@ -88,14 +92,14 @@ def test_progress_is_given_per_mode_and_over_the_run():
     view = _view(modes=2)
     view.start_mode("cached", total=10, warmup=0)
     view.sending()
-    view.fold(_progress(_rows(range(5), hit=1, read_s=0.0, load_s=0.0)))
+    view.fold(_progress(_rows(range(5), hit=1, input_s=0.0, load_s=0.0)))
     assert (view.state.mode_progress_ratio, view.state.progress_ratio) == (0.5, 0.25)
     view.close_mode()
     assert (view.state.mode_progress_ratio, view.state.progress_ratio) == (1.0, 0.5)
     view.start_mode("cold", total=10, warmup=0)
     assert view.state.phase == "preparing" and view.state.mode == "cold"
     view.sending()
-    view.fold(_progress(_rows(range(2), hit=0, read_s=0.002, load_s=0.03)))
+    view.fold(_progress(_rows(range(2), hit=0, input_s=0.002, load_s=0.03)))
     assert view.state.mode_progress_ratio == 0.2 and view.state.progress_ratio == pytest.approx(0.6)
     view.finish()
     assert (view.state.progress_ratio, view.state.phase) == (1.0, "done")
@@ -126,7 +130,7 @@ def test_the_server_shows_the_run_phase_from_the_first_fold_to_done():
         view.start_mode("cold", total=6, warmup=2)
         view.sending()
         assert phase() == "warmup"
-        view.fold(_progress(_rows(range(6), hit=0, read_s=0.002, load_s=0.03)))
+        view.fold(_progress(_rows(range(6), hit=0, input_s=0.002, load_s=0.03)))
         assert phase() == "measuring"
         view.finish()
         assert phase() == "done"

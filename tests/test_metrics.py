@@ -115,7 +115,7 @@ def test_record_images_accepts_names_instead_of_codes():
 def test_merge_of_shards_equals_one_state_of_all_values():
     a_cols, b_cols = _columns(2, 700), _columns(3, 500)
     shard_a, shard_b = _state([a_cols]), _state([b_cols])
-    shard_a.record_stages("cached", {"infer": a_cols[3], "load": np.full(700, np.nan)})
+    shard_a.record_stages("cached", {"infer": a_cols[3], "read": np.full(700, np.nan)})
     shard_b.record_stages("cached", {"infer": b_cols[3], "queue": b_cols[3] / 10})
     shard_a.add_model_loads("gpu:0", 3, mode="cached")
     shard_b.add_model_loads("gpu:0", 2, mode="cached")
@@ -137,7 +137,7 @@ def test_merge_of_shards_equals_one_state_of_all_values():
             assert np.array_equal(got[k].counts, want[k].counts), k
             assert got[k].count == want[k].count
             assert got[k].sum_s == pytest.approx(want[k].sum_s)
-    assert ("cached", "measured", "load") not in merged.stage   # all-NaN stage: no empty series
+    assert ("cached", "measured", "read") not in merged.stage   # all-NaN stage: no empty series
     assert merged.model_loads == {("cached", "measured", "gpu:0"): 5}
     assert merged.cache_hits == {("cached", "measured", "gpu:1"): 9}
     assert merged.inflight == {"gpu:0": 4, "gpu:1": 7}
@@ -311,7 +311,7 @@ def test_dashboard_queries_only_metrics_that_are_exposed():
     # The rendered exposition really has those sample names.
     state = MetricsState(run_id="r", mode="cold", backend="onnxruntime", progress_ratio=0.5)
     state.record_group("cold", "nin", "gpu:0", [0.1])
-    state.record_stages("cold", {"load": [0.05]})
+    state.record_stages("cold", {"read": [0.05]})
     state.add_model_loads("gpu:0", mode="cold")
     state.add_cache_hits("gpu:0", mode="cold")
     state.set_inflight("gpu:0", 1)

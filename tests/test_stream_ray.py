@@ -222,9 +222,10 @@ def _check_metrics(server: MetricsServer, run: StreamRun, pool: cluster.WorkerPo
     setup = _per(fams["cortexbench_model_loads"], "cortexbench_model_loads_total", "mode", "worker", phase="setup")
     assert setup == {("cached", w): len(MODELS) for w in labels}  # cached mode's preload, every model everywhere
     stages = _per(fams["cortexbench_stage_seconds"], "cortexbench_stage_seconds_count", "mode", "stage")
-    assert ("cached", "load") not in stages and ("cached", "read") not in stages  # did not happen: not observed
-    # one lane per worker, so no image waits for another's load: one load observed per model load
-    assert stages[("lru:1", "load")] == _per(fams["cortexbench_model_loads"], "cortexbench_model_loads_total",
+    for stage in ("input", "decode", "read", "build", "copy", "wait"):  # did not happen: not observed
+        assert ("cached", stage) not in stages, stage
+    # every model load reads the model's file: one `read` observed per model load
+    assert stages[("lru:1", "read")] == _per(fams["cortexbench_model_loads"], "cortexbench_model_loads_total",
                                              "mode")["lru:1"]
     assert stages[("cached", "infer")] == latency_total(fams, "cached")
     assert {s.labels["worker"] for s in fams["cortexbench_inflight"].samples} == labels

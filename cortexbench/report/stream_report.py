@@ -15,6 +15,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from cortexbench.report import tiers
 from cortexbench.report.stream_summary import BASELINE_MODE, LATE_SEND_S, REFERENCE, STAGES
 from cortexbench.report.tables import (
     MISSING,
@@ -33,9 +34,12 @@ PLOTS = ("latency_cdf.png", "per_model_latency.png", "timeline.png", "worker_bal
 STAGE_MEANING = {
     "send_delay": "driver: sent after the scheduled time",
     "queue": "worker: waiting for a free lane",
-    "read": "worker: reading the image file",
+    "input": "worker: reading the image file",
     "decode": "worker: decoding and preprocessing",
-    "load": "worker: loading the model (miss) or waiting for it",
+    "wait": "worker: waiting for the model loader, a device slot, or another lane's load",
+    "read": "worker: reading the model's bytes (disk to host; 0 from host memory)",
+    "build": "worker: the network's structure and binding its weights",
+    "copy": "worker: host to device (not overlapped with the read) and precision conversion",
     "infer": "worker: inference at batch size 1",
     "free": "worker: freeing the model / evicted models",
     "transport": "Ray calls, serialisation, waiting for the rest of its group (not timed by the worker)",
@@ -226,6 +230,7 @@ def warnings(results: Mapping[str, Any]) -> list[str]:
         if losses:
             out.append(f"{name}: worker(s) died and were replaced: "
                        + ", ".join(f"{w} ×{n}" for w, n in losses.items()) + "; their images were retried.")
+    out += tiers.warnings(results)
     return out
 
 
@@ -337,6 +342,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
                       markdown_table(("stage", "what", "mean (ms)", "p50 (ms)", "p99 (ms)", "share of mean latency"),
                                      stage_rows, "llrrrr")]
 
+    lines += tiers.markdown_lines(results)
     lines += ["## Warnings", ""]
     lines += [f"- {w}" for w in warns] if warns else ["None."]
     lines += ["", "## How to read this", "", HOW_TO_READ]

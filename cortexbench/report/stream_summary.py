@@ -212,9 +212,17 @@ def summarize_mode(mode: str, ledger: Ledger, hists: HistogramSet, *, warmup: in
     m_count = _per_index(model_idx, counted, len(ledger.models))
     m_ok = _per_index(model_idx, c_ok, len(ledger.models))
     per_model: dict[str, Any] = {}
+    stage_cols = {st: ledger.column(f"{st}_s").astype(np.float64) for st in WORKER_STAGES}
+    hit_col = ledger.column("hit")
     for i, name in enumerate(ledger.models):
         per_model[name] = {"count": int(m_count[i]), "ok": int(m_ok[i]), "failed": int(m_count[i] - m_ok[i]),
                            "latency": _summary_dict(per_model_hists.get(("latency", name)))}
+        sel = c_ok & (model_idx == i)
+        if sel.any():
+            per_model[name]["stages_mean_s"] = _stage_means(stage_cols, sel)
+            miss = sel & (hit_col == 0)
+            if miss.any():  # the images that loaded the model: what a load costs
+                per_model[name]["miss_stages_mean_s"] = _stage_means(stage_cols, miss)
 
     # Per worker.
     per_worker_hists = hists.rollup(lambda k: (k[0], k[2]) if k[0] == "latency" else k)
@@ -251,6 +259,16 @@ def summarize_mode(mode: str, ledger: Ledger, hists: HistogramSet, *, warmup: in
     return to_jsonable({"summary": summary, "per_model": per_model, "per_worker": per_worker,
                         "imbalance": imbalance, "stages": stages, "timeline": timeline,
                         "min_samples": MIN_SAMPLES})
+
+
+def _stage_means(cols: Mapping[str, np.ndarray], mask: np.ndarray) -> dict[str, float]:
+    """Mean seconds of each worker stage over the rows in ``mask`` (NaN where no row measured it)."""
+    out = {}
+    for name, col in cols.items():
+        v = col[mask]
+        v = v[np.isfinite(v)]
+        out[name] = float(v.mean()) if v.size else math.nan
+    return out
 
 
 def _per_index(idx: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:

@@ -27,8 +27,8 @@ def make_ledger(n: int = 4000, *, seed: int = 0, failed_every: int = 0, late_eve
                 worker_of: np.ndarray | None = None, latency_scale_s: float = 0.005) -> Ledger:
     """A ledger of ``n`` images due every 1/rate s with known latencies and stage times.
 
-    Per image: send delay 0.1 ms (2 ms for every ``late_every``-th), worker stages each 1/8 of the rest,
-    transport the last 1/8 - 0.1 ms..., so that the stages add up to the latency."""
+    Per image: send delay 0.1 ms (2 ms for every ``late_every``-th), worker stages and transport each an
+    equal share of the rest, so that the stages add up to the latency."""
     rng = np.random.default_rng(seed)
     item = np.arange(n)
     sched = item / rate_per_s
@@ -38,7 +38,7 @@ def make_ledger(n: int = 4000, *, seed: int = 0, failed_every: int = 0, late_eve
         delay[::late_every] = 2e-3
     sent = sched + delay
     done = sched + lat
-    per_stage = (lat - delay) / 8  # six worker stages + transport (2/8)
+    per_stage = (lat - delay) / (len(WORKER_STAGES) + 1)  # the worker stages + transport
     stages = np.repeat(per_stage[:, None], len(WORKER_STAGES), axis=1)
     outcome = np.zeros(n, np.int8)
     if failed_every:
@@ -98,9 +98,10 @@ def test_stages_add_up_to_the_latency():
     mask = led.column("item") >= 100
     delay = (led.column("sent_s") - led.column("scheduled_s"))[mask]
     assert stages["send_delay"]["mean_s"] == pytest.approx(float(delay.mean()), rel=1e-9)
-    # transport = done - sent - sum(worker stages) = 2/8 of (latency - delay) here
+    # transport = done - sent - sum(worker stages) = one share of (latency - delay) here
     lat = led.column("latency_s")[mask]
-    assert stages["transport"]["mean_s"] == pytest.approx(float(((lat - delay) / 4).mean()), rel=1e-5)
+    share = len(WORKER_STAGES) + 1
+    assert stages["transport"]["mean_s"] == pytest.approx(float(((lat - delay) / share).mean()), rel=1e-5)
 
 
 def test_transport_is_clamped_at_zero():

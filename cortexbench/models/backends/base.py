@@ -1,8 +1,14 @@
 """The one small interface every backend implements, and what is shared between backends.
 
 A backend turns a ``ModelSpec`` into files in ``model_dir`` (``export``) and loads those files onto a
-device (``load``) as a ``LoadedModel`` that predicts one batch at a time.  Loading is always a real read
-from disk: the stream's cold mode measures exactly that.
+device (``load``, or ``load_blobs`` from file contents already read) as a ``LoadedModel`` that predicts one
+batch at a time.  Loading is always a real read from disk: the stream's cold mode measures exactly that.
+
+On-demand loads (the stream's ``cold`` and ``swap`` modes, and LRU misses) go through a ``ModelLoader``
+(``Backend.loader``): it reads the model's files from disk (tier ``disk``) or from host memory filled
+before the run (tier ``host``), builds the model and copies it to the device, timing each part
+(``LoadTimes``).  ``BlobLoader`` here does this for any backend (read the files, then ``load_blobs``); the
+torch backend has a faster one of its own (``torch_loader``).
 
 Devices are written ``cpu`` or ``gpu:N``.  Inputs and outputs are host numpy arrays; ``predict`` includes
 the host-to-device copy, the computation, the copy back and the device synchronisation, so its wall time
@@ -22,17 +28,21 @@ File layout (the same for random-init exports and for real weights a user puts t
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-from cortexbench.errors import ModelFileError, ModelNotFoundError
+from cortexbench.errors import CortexbenchError, ModelFileError, ModelNotFoundError
 from cortexbench.models.registry import ModelSpec
 
 BackendId = Literal["mxnet", "torch", "onnxruntime"]
+Tier = Literal["disk", "host"]
 BACKEND_IDS: tuple[BackendId, ...] = ("mxnet", "torch", "onnxruntime")
 
 # Operator types that --profile-ops reports; every backend maps its own operator names onto these.
@@ -111,6 +121,18 @@ class Backend(Protocol):
         Raises ModelNotFoundError (no file) or ModelFileError (unreadable file)."""
         ...
 
+    def load_blobs(self, spec: ModelSpec, blobs: Sequence[bytes], paths: Sequence[Path], device: str,
+                   options: LoadOptions = LoadOptions()) -> LoadedModel:
+        """``load`` from the contents of ``model_files`` already read (``blobs``, in that order; ``paths``
+        name them in errors).  Raises ModelFileError for contents that do not load."""
+        ...
+
+    def loader(self, model_dir: Path, device: str, options: LoadOptions, tier: Tier, *,
+               drop_cache: bool = False, rebuild: bool = False, slots: int = 0) -> ModelLoader:
+        """The on-demand loader of this backend for ``device`` (see the module docstring); ``slots``: how
+        many loaded models may exist at once (0: the lanes + 1)."""
+        ...
+
     def profile_ops(self, model: LoadedModel, batch: np.ndarray, runs: int) -> dict[str, float]:
         """Seconds per batch spent in each operator type (keys from OP_TYPES), from the backend's own
         profiler, averaged over ``runs`` predictions."""
@@ -120,6 +142,122 @@ class Backend(Protocol):
         """Mean seconds of one training step (forward, backward, SGD update) at ``batch_size``
         for a small (trainable) model; raises NotImplementedError where the backend cannot train."""
         ...
+
+
+@dataclass
+class LoadTimes:
+    """Seconds of one on-demand load, filled in by a ``ModelLoader``."""
+
+    wait_s: float = 0.0  # for the loader (another load in progress) or a free device slot
+    read_s: float = 0.0  # the model's bytes, disk to host (0 from the host tier)
+    build_s: float = 0.0  # the network's structure and binding the weights to it
+    copy_s: float = 0.0  # host to device (the part not overlapped with the read) and precision conversion
+
+
+@runtime_checkable
+class ModelLoader(Protocol):
+    """Loads models on demand for one device, one load at a time (the loads in flight queue for it)."""
+
+    tier: Tier
+
+    def prepare(self, specs: Sequence[ModelSpec]) -> dict[str, float]:
+        """Before the run: what the loader keeps (structures, buffers, the host tier's bytes).  Returns
+        figures for the results (seconds, bytes, measured bandwidths)."""
+        ...
+
+    def load(self, spec: ModelSpec, times: LoadTimes) -> LoadedModel:
+        """The model on the device, loaded now; ``close()`` frees it.  Raises ModelFileError or
+        ModelNotFoundError for a file that is missing or does not load."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+def read_file(path: Path, drop_cache: bool = False) -> bytes:
+    """The whole file, read now (a real read; ``drop_cache`` first asks the kernel to forget its cached
+    pages).  OSError as the file system raises it."""
+    if drop_cache:
+        drop_page_cache(path)
+    with open(path, "rb", buffering=0) as f:
+        return f.read()
+
+
+def drop_page_cache(path: Path) -> None:
+    """Ask the kernel to forget a file's cached pages, so the next read goes to the disk."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except (OSError, AttributeError):
+        pass
+    finally:
+        os.close(fd)
+
+
+class BlobLoader:
+    """The loader for any backend: read the model's files (disk tier) or take them from host memory (host
+    tier, read in ``prepare``), then ``Backend.load_blobs``.  ``read`` is the file read, ``build``
+    everything the backend does after it (copy to the device included: the backend does not tell)."""
+
+    def __init__(self, backend: Backend, model_dir: Path, device: str, options: LoadOptions, tier: Tier, *,
+                 drop_cache: bool = False, clock: Any = time.perf_counter) -> None:
+        self.backend, self.model_dir, self.device, self.options = backend, Path(model_dir), device, options
+        self.tier: Tier = tier
+        self.drop_cache = drop_cache
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._held: dict[str, tuple[bytes, ...] | CortexbenchError] = {}
+
+    def prepare(self, specs: Sequence[ModelSpec]) -> dict[str, float]:
+        t0 = self.clock()
+        held = 0
+        if self.tier == "host":
+            for spec in specs:
+                try:
+                    blobs = self._read(spec)
+                except (ModelFileError, ModelNotFoundError) as e:
+                    self._held[spec.name] = e  # every image of this model fails with this error
+                    continue
+                self._held[spec.name] = blobs
+                held += sum(len(b) for b in blobs)
+        return {"prepare_s": self.clock() - t0, "host_bytes": float(held)}
+
+    def _read(self, spec: ModelSpec) -> tuple[bytes, ...]:
+        files = self.backend.model_files(spec, self.model_dir)
+        require_files(spec, files, self.backend.name)
+        blobs = []
+        for f in files:
+            try:
+                blobs.append(read_file(f, self.drop_cache))
+            except OSError as e:
+                raise corrupt(spec, f, self.backend.name, e.strerror or e) from None
+        return tuple(blobs)
+
+    def load(self, spec: ModelSpec, times: LoadTimes) -> LoadedModel:
+        t0 = self.clock()
+        with self._lock:
+            t1 = self.clock()
+            if self.tier == "host":
+                held = self._held.get(spec.name)
+                if held is None:
+                    raise ModelNotFoundError(f"model '{spec.name}' was not held in host memory (not in the run's models)")
+                if isinstance(held, CortexbenchError):
+                    raise held
+                blobs = held
+            else:
+                blobs = self._read(spec)
+            t2 = self.clock()
+            files = self.backend.model_files(spec, self.model_dir)
+            model = self.backend.load_blobs(spec, blobs, files, self.device, self.options)
+            t3 = self.clock()
+        times.wait_s, times.read_s, times.build_s, times.copy_s = t1 - t0, t2 - t1, t3 - t2, 0.0
+        return model
+
+    def close(self) -> None:
+        self._held.clear()
 
 
 def seed_for(name: str, seed: int) -> int:
@@ -205,13 +343,15 @@ def export_null_result(spec: ModelSpec, model_dir: Path, backend: BackendId, sta
                         "user" if existed else "random-init", None, time.perf_counter() - started)
 
 
-def load_null(spec: ModelSpec, model_dir: Path, device: str) -> NullModel:
+def load_null(spec: ModelSpec, model_dir: Path, device: str, data: bytes | None = None) -> NullModel:
+    """The null model from its file (a real read, like every other model), or from its bytes ``data``."""
     path = null_file(model_dir)
-    try:
-        data = path.read_bytes()  # a real read, like every other model
-    except FileNotFoundError:
-        raise ModelNotFoundError(
-            f"model 'null': {path} is missing; make it with 'python -m cortexbench.models export --models null'") from None
+    if data is None:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ModelNotFoundError(f"model 'null': {path} is missing; make it with "
+                                     "'python -m cortexbench.models export --models null'") from None
     try:
         json.loads(data)
     except ValueError as e:

@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import mxnet as mx
@@ -38,16 +38,20 @@ from mxnet import autograd, gluon
 from cortexbench.errors import ConfigError, DeviceError
 from cortexbench.models.backends import mxnet_nets
 from cortexbench.models.backends.base import (
+    BlobLoader,
     ExportResult,
     LoadedModel,
     LoadOptions,
+    ModelLoader,
     NullModel,
+    Tier,
     corrupt,
     export_null,
     files_size,
     load_null,
     null_file,
     parse_device,
+    read_file,
     require_files,
     seed_for,
 )
@@ -331,20 +335,38 @@ class MxnetBackend:
                             files_size(files), "random-init", seed, time.perf_counter() - start)
 
     def load(self, spec: ModelSpec, model_dir: Path, device: str, options: LoadOptions = _DEFAULT_OPTIONS) -> LoadedModel:
-        ctx = context_of(device)
+        context_of(device)
         if spec.is_null:
             return load_null(spec, Path(model_dir), device)
-        if options.precision == "fp16" and ctx.device_type == "cpu":
-            raise ConfigError("precision 'fp16' needs a GPU with the mxnet backend; use fp32 on cpu")
         files = self.model_files(spec, Path(model_dir))
         require_files(spec, files, NAME)
-        sym_file, params_file = files
-        sym = _load_symbol(spec, sym_file)
+        blobs = []
+        for f in files:
+            try:
+                blobs.append(read_file(f))
+            except OSError as e:
+                raise corrupt(spec, f, NAME, e.strerror or e) from None
+        return self.load_blobs(spec, blobs, files, device, options)
+
+    def load_blobs(self, spec: ModelSpec, blobs: Sequence[bytes], paths: Sequence[Path], device: str,
+                   options: LoadOptions = _DEFAULT_OPTIONS) -> LoadedModel:
+        ctx = context_of(device)
+        if spec.is_null:
+            return load_null(spec, paths[0].parent.parent, device, blobs[0])
+        if options.precision == "fp16" and ctx.device_type == "cpu":
+            raise ConfigError("precision 'fp16' needs a GPU with the mxnet backend; use fp32 on cpu")
+        sym_file, params_file = paths
+        sym_blob, params_blob = blobs
+        try:
+            sym = mx.sym.load_json(bytes(sym_blob).decode())
+        except Exception as e:
+            raise corrupt(spec, sym_file, NAME, e) from None
         shapes, count = _infer(spec, sym, sym_file)
         try:
             with _quiet():
                 net = gluon.SymbolBlock(sym, mx.sym.var(_INPUT))
-                net.collect_params().load(str(params_file), ctx=ctx, cast_dtype=True, dtype_source="saved")
+                net.collect_params().load_dict(mx.nd.load_frombuffer(bytes(params_blob)), ctx=ctx, cast_dtype=True,
+                                               dtype_source="saved", filename=str(params_file))
         except Exception as e:
             raise corrupt(spec, params_file, NAME, e) from None
         dtypes = set()
@@ -359,7 +381,11 @@ class MxnetBackend:
         if dtypes != {np.dtype(want)}:
             net.cast(want)
         net.hybridize(static_alloc=True)
-        return MxnetModel(spec, device, net, ctx, options, count, files_size(files))
+        return MxnetModel(spec, device, net, ctx, options, count, sum(len(b) for b in blobs))
+
+    def loader(self, model_dir: Path, device: str, options: LoadOptions, tier: Tier, *,
+               drop_cache: bool = False, rebuild: bool = False, slots: int = 0) -> ModelLoader:
+        return BlobLoader(self, model_dir, device, options, tier, drop_cache=drop_cache)
 
     def profile_ops(self, model: LoadedModel, batch: np.ndarray, runs: int) -> dict[str, float]:
         if isinstance(model, NullModel):

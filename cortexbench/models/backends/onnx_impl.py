@@ -32,7 +32,7 @@ import threading
 import time
 import types
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +44,20 @@ from cortexbench.errors import BackendUnavailableError, ConfigError, DeviceError
 from cortexbench.models.backends.base import (
     OP_TYPES,
     BackendId,
+    BlobLoader,
     ExportResult,
     LoadedModel,
     LoadOptions,
+    ModelLoader,
     NullModel,
+    Tier,
     corrupt,
     export_null_result,
     files_size,
     load_null,
     null_file,
     parse_device,
+    read_file,
     require_files,
 )
 from cortexbench.models.registry import ModelSpec, file_stem
@@ -366,19 +370,33 @@ class OnnxBackend:
         if spec.is_null:
             parse_device(device)
             return load_null(spec, model_dir, device)
+        self._check_options(options)
+        self._providers(device)  # device errors before the (slow) read
+        files = self.model_files(spec, model_dir)
+        require_files(spec, files, self.name)
+        try:
+            data = read_file(files[0])
+        except OSError as e:
+            raise corrupt(spec, files[0], self.name, e.strerror or e) from None
+        return self.load_blobs(spec, [data], files, device, options)
+
+    def _check_options(self, options: LoadOptions) -> None:
         if options.precision == "fp16":
             raise ConfigError("precision 'fp16' is not supported by the onnxruntime backend; "
                               "use the torch backend for fp16 (--backend torch)")
         if options.lanes < 1:
             raise ConfigError(f"lanes must be 1 or more, got {options.lanes}")
-        self._providers(device)  # device errors before the (slow) read
-        files = self.model_files(spec, model_dir)
-        require_files(spec, files, self.name)
-        (path,) = files
+
+    def load_blobs(self, spec: ModelSpec, blobs: Sequence[bytes], paths: Sequence[Path], device: str,
+                   options: LoadOptions = _DEFAULTS) -> LoadedModel:
+        if spec.is_null:
+            parse_device(device)
+            return load_null(spec, paths[0].parent.parent, device, blobs[0])
+        self._check_options(options)
+        (path,), (data,) = paths, blobs
         try:
-            data = path.read_bytes()
-            session = self._session(data, device, ort.SessionOptions())
-        except (DeviceError, OSError):
+            session = self._session(bytes(data), device, ort.SessionOptions())
+        except DeviceError:
             raise
         except Exception as e:  # onnxruntime's InvalidProtobuf, Fail, InvalidGraph, ...
             raise corrupt(spec, path, self.name, e) from None
@@ -390,6 +408,10 @@ class OnnxBackend:
             raise corrupt(spec, path, self.name, problem)
         params = int(meta["params"]) if meta.get("params", "").isdigit() else None
         return OnnxModel(spec, device, session, path, len(data), options.lanes, params)
+
+    def loader(self, model_dir: Path, device: str, options: LoadOptions, tier: Tier, *,
+               drop_cache: bool = False, rebuild: bool = False, slots: int = 0) -> ModelLoader:
+        return BlobLoader(self, model_dir, device, options, tier, drop_cache=drop_cache)
 
     def profile_ops(self, model: LoadedModel, batch: np.ndarray, runs: int) -> dict[str, float]:
         if isinstance(model, NullModel):

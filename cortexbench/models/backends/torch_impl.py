@@ -28,7 +28,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,9 @@ from cortexbench.models.backends.base import (
     ExportResult,
     LoadedModel,
     LoadOptions,
+    ModelLoader,
     NullModel,
+    Tier,
     corrupt,
     export_null_result,
     files_size,
@@ -102,6 +104,14 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
             pos += got
     if pos != size or size < 8:
         raise ValueError(f"read {pos} of {size} bytes (file truncated or changed while reading)")
+    return parse_state_dict(buf)
+
+
+def parse_state_dict(buf: np.ndarray) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a whole safetensors file held in ``buf`` (uint8), as views of it, plus metadata."""
+    size = len(buf)
+    if size < 8:
+        raise ValueError(f"{size} bytes is too short for a safetensors file")
     n = int.from_bytes(buf[:8].tobytes(), "little")
     if n > size - 8:
         raise ValueError(f"header length {n} is larger than the file (truncated?)")
@@ -165,7 +175,10 @@ class TorchModel:
     """A torch network on one device (see the module docstring for the GPU serving path)."""
 
     def __init__(self, spec: ModelSpec, device: str, net: nn.Module, path: Path, size_bytes: int,
-                 options: LoadOptions) -> None:
+                 options: LoadOptions, lanes: list[_Lane] | None = None,
+                 on_close: Callable[[], None] | None = None) -> None:
+        """``lanes``: lanes shared with other models (an on-demand loader's: their streams and I/O buffers
+        outlive the model); ``on_close``: called once when the model is closed (frees its weights' slot)."""
         self.spec, self.device, self.path, self.size_bytes = spec, device, path, size_bytes
         self.param_count = sum(p.numel() for p in net.parameters())
         self.options = options
@@ -174,8 +187,9 @@ class TorchModel:
         kind, index = parse_device(device)
         self._cuda = torch.device("cuda", index) if kind == "gpu" else None
         self._graphs = bool(options.cuda_graphs and self._cuda is not None)
-        self._lanes = [_Lane(torch.cuda.Stream(device=self._cuda) if self._cuda is not None else None)
-                       for _ in range(options.lanes)]
+        self._shared_lanes = lanes is not None
+        self._lanes = lanes if lanes is not None else make_lanes(self._cuda, options.lanes)
+        self._on_close = on_close
 
     @property
     def net(self) -> nn.Module:
@@ -206,7 +220,8 @@ class TorchModel:
             with torch.inference_mode():
                 return self._forward(torch.from_numpy(x)).numpy()
         state = self._lanes[lane]
-        slot = state.slots.get(len(x)) or self._new_slot(state, len(x))
+        key = (len(x), self.spec.input_shape, self.spec.num_classes)
+        slot = state.slots.get(key) or self._new_slot(state, key)
         np.copyto(slot.host_in.numpy(), x)
         with torch.cuda.device(self._cuda), torch.cuda.stream(state.stream):
             slot.dev_in.copy_(slot.host_in, non_blocking=True)
@@ -222,12 +237,13 @@ class TorchModel:
         state.stream.synchronize()
         return slot.host_out.numpy().copy()
 
-    def _new_slot(self, state: _Lane, n: int) -> _Slot:
+    def _new_slot(self, state: _Lane, key: tuple[Any, ...]) -> _Slot:
+        n = key[0]
         shape = (n, *self.spec.input_shape)
         slot = _Slot(host_in=torch.empty(shape, dtype=torch.float32, pin_memory=True),
                      dev_in=torch.empty(shape, dtype=torch.float32, device=self._cuda),
                      host_out=torch.empty((n, self.spec.num_classes), dtype=torch.float32, pin_memory=True))
-        state.slots[n] = slot
+        state.slots[key] = slot
         return slot
 
     def _capture(self, state: _Lane, slot: _Slot) -> None:
@@ -247,9 +263,19 @@ class TorchModel:
             slot.graph, slot.static_out = graph, static_out
 
     def close(self) -> None:
-        for state in self._lanes:
-            state.slots.clear()
+        if self._net is None:
+            return
+        if not self._shared_lanes:
+            for state in self._lanes:
+                state.slots.clear()
         self._net = None
+        if self._on_close is not None:
+            self._on_close()
+
+
+def make_lanes(cuda: torch.device | None, n: int) -> list[_Lane]:
+    """``n`` lanes, each with its own CUDA stream on a GPU."""
+    return [_Lane(torch.cuda.Stream(device=cuda) if cuda is not None else None) for _ in range(n)]
 
 
 # --- per-operator profile ---------------------------------------------------------------------------
@@ -426,6 +452,25 @@ class TorchBackend:
             state, meta = read_state_dict(path)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise corrupt(spec, path, self.name, e) from None
+        return self._build(spec, state, meta, path, files_size(files), device, options)
+
+    def load_blobs(self, spec: ModelSpec, blobs: Sequence[bytes], paths: Sequence[Path], device: str,
+                   options: LoadOptions = _DEFAULTS) -> LoadedModel:
+        if spec.is_null:
+            parse_device(device)
+            return load_null(spec, paths[0].parent.parent, device, blobs[0])
+        self._check_device(device, options)
+        (path,), (blob,) = paths, blobs
+        try:
+            with warnings.catch_warnings():  # read-only bytes: the weights are only ever read
+                warnings.filterwarnings("ignore", message=".*not writable.*")
+                state, meta = parse_state_dict(np.frombuffer(blob, np.uint8))
+        except (ValueError, KeyError, TypeError) as e:
+            raise corrupt(spec, path, self.name, e) from None
+        return self._build(spec, state, meta, path, len(blob), device, options)
+
+    def _build(self, spec: ModelSpec, state: dict[str, torch.Tensor], meta: dict[str, str], path: Path,
+               size_bytes: int, device: str, options: LoadOptions) -> TorchModel:
         if meta.get("model") not in (None, spec.name):
             raise corrupt(spec, path, self.name, f"it holds model '{meta['model']}'")
         with torch.device("meta"):
@@ -447,7 +492,16 @@ class TorchBackend:
             net.to(torch.device("cuda", index))
             if options.precision == "fp16":
                 net.half()
-        return TorchModel(spec, device, net, path, files_size(files), options)
+        return TorchModel(spec, device, net, path, size_bytes, options)
+
+    def loader(self, model_dir: Path, device: str, options: LoadOptions, tier: Tier, *,
+               drop_cache: bool = False, rebuild: bool = False, slots: int = 0) -> ModelLoader:
+        """The fast loader (``torch_loader.TorchLoader``)."""
+        from cortexbench.models.backends.torch_loader import TorchLoader
+
+        self._check_device(device, options)
+        return TorchLoader(self, Path(model_dir), device, options, tier, drop_cache=drop_cache, rebuild=rebuild,
+                           slots=slots)
 
     def profile_ops(self, model: LoadedModel, batch: np.ndarray, runs: int) -> dict[str, float]:
         if isinstance(model, NullModel):
