@@ -47,7 +47,8 @@ def run_main(body: Callable[[], int], prog: str) -> int:
 
 def add_common_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by single and stream; each overrides its config.json key (see overrides_from)."""
-    p.add_argument("--config", metavar="PATH", help="config file (default: ./config.json)")
+    p.add_argument("--config", metavar="PATH",
+                   help="config file (default: ./config.json, else the built-in default)")
     p.add_argument("--models", metavar="A,B", help="models or groups (imagenet, small, all) [models]")
     p.add_argument("--backend", metavar="NAME", help="mxnet, torch, onnxruntime or auto [backend]")
     p.add_argument("--precision", metavar="P", help="fp32 or fp16 [precision]")
@@ -70,6 +71,11 @@ def overrides_from(args: argparse.Namespace, keys: dict[str, str]) -> dict[str, 
         if value is not None:
             out[key] = value
     return out
+
+
+def flags_of(keys: dict[str, str]) -> dict[str, str]:
+    """Dotted config key -> the flag that sets it (``batchsize`` -> ``--batch-sizes``), for error messages."""
+    return {key: "--" + attr.replace("_", "-") for attr, key in keys.items()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 import queue
+import socket
 import sys
 import threading
 import time
@@ -144,7 +145,7 @@ class WorkerActor:
         return self.worker.state()
 
     def info(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(),
+        return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "host": socket.gethostname(),
                 "node_id": ray.get_runtime_context().get_node_id(), "device": self.worker.spec.device,
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 

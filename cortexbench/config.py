@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -30,6 +31,10 @@ DispatchName = Literal["auto", "actor", "grouped", "compiled"]
 RecordsFormat = Literal["csv.gz", "none"]
 
 DEFAULT_CONFIG = Path("config.json")
+# The repository's config.json, shipped inside the package: what a run uses when there is no ./config.json
+# (an installed ``cortexbench stream`` run from any directory).  Its relative paths resolve against the
+# current directory, so data goes to ./data and results to ./results wherever the command is run.
+BUILTIN_CONFIG = Path(__file__).with_name("default_config.json")
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,7 @@ class StreamConfig:
     cpu_workers: int = 0
     address: str | None = None
     metrics_port: int = 8000
+    metrics_host: str = "127.0.0.1"
     linger_s: float = 0.0
     dispatch: DispatchName = "auto"
     drivers: int = 0
@@ -103,6 +109,7 @@ class Config:
     # Not keys of the file: where each dotted key's value came from, and the file that was read.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
     path: Path | None = field(default=None, compare=False)
+    builtin: bool = field(default=False, compare=False)  # path is the built-in default (no ./config.json)
 
     def source(self, key: str) -> str:
         """'default', 'file', 'cpu_fallback' or 'flag' for a dotted key such as 'stream.rate'."""
@@ -114,12 +121,24 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """The effective values as plain JSON types (for results.json)."""
         out = _to_plain(self)
-        out.pop("sources", None)
-        out.pop("path", None)
+        for k in _NOT_KEYS:
+            out.pop(k, None)
         return out
 
+    def describe(self) -> str:
+        """One line saying which config file is in use (or the built-in default) and whether its
+        ``cpu_fallback`` was applied, for the start of a run."""
+        if self.path is None:
+            where = "the dataclass defaults (no file)"
+        elif self.builtin:
+            where = f"the built-in default ({self.path}; paths relative to {Path.cwd()})"
+        else:
+            where = str(self.path.resolve())
+        fallback = any(v == "cpu_fallback" for v in self.sources.values())
+        return f"config: {where}" + (", with its cpu_fallback (no GPU)" if fallback else "")
 
-_NOT_KEYS = {"sources", "path"}
+
+_NOT_KEYS = {"sources", "path", "builtin"}
 
 
 def keys_of(cls: type) -> list[str]:
@@ -141,15 +160,38 @@ def load_config(
     overrides: Mapping[str, Any] | None = None,
     *,
     has_gpu: bool | None = None,
+    flags: Mapping[str, str] | None = None,
 ) -> Config:
     """Read config.json (or ``path``), apply ``cpu_fallback`` when ``has_gpu`` is False, then ``overrides``.
 
-    ``overrides`` maps dotted keys (``"stream.rate"``) to values from the command line.  When ``path`` is
-    None, ``./config.json`` is read if it exists and the built-in defaults are used if it does not.
-    Raises ConfigError with one line naming the key and the nearest valid choice.
+    ``overrides`` maps dotted keys (``"stream.rate"``) to values from the command line; ``flags`` maps
+    those keys to the flags that set them, so that an error about a flag's value names the flag.  When
+    ``path`` is None, ``./config.json`` is read if it exists, else the built-in default
+    (``BUILTIN_CONFIG``, the repository's config.json) with its relative paths under the current directory.
+    Raises ConfigError with one line naming the key (and the flag) and the nearest valid choice.
     """
+    try:
+        return _load(path, overrides or {}, has_gpu)
+    except ConfigError as e:
+        key = _key_of(str(e))
+        flag = (flags or {}).get(key or "")
+        if flag and key in (overrides or {}) and not str(e).startswith("--"):
+            raise ConfigError(f"{flag}: {e}") from None
+        raise
+
+
+def _key_of(message: str) -> str | None:
+    """The dotted key an error message is about: every message starts with it quoted ('stream.rate' ...)."""
+    m = re.match(r"'([a-z_0-9]+(?:\.[a-z_0-9]+)?)'", message)
+    return m.group(1) if m else None
+
+
+def _load(path: Path | str | None, overrides: Mapping[str, Any], has_gpu: bool | None) -> Config:
     explicit = path is not None
     file_path = Path(path) if path is not None else DEFAULT_CONFIG
+    builtin = not explicit and not file_path.exists()
+    if builtin:
+        file_path = BUILTIN_CONFIG
     raw: dict[str, Any] = {}
     if file_path.exists():
         try:
@@ -160,7 +202,7 @@ def load_config(
             raise ConfigError(f"{file_path}: the top level must be a JSON object")
     elif explicit:
         raise ConfigError(f"--config {file_path}: no such file")
-    base_dir = file_path.resolve().parent if file_path.exists() else Path.cwd()
+    base_dir = file_path.resolve().parent if file_path.exists() and not builtin else Path.cwd()
 
     flat: dict[str, tuple[Any, str]] = {}
     _flatten(raw, "", flat, "file", str(file_path))
@@ -171,7 +213,7 @@ def load_config(
         fb: dict[str, tuple[Any, str]] = {}
         _flatten(fallback, "", fb, "cpu_fallback", f"{file_path} (cpu_fallback)")
         flat.update(fb)
-    for key, value in (overrides or {}).items():
+    for key, value in overrides.items():
         if value is not None:
             if key in ("img_dir", "result_dir", "model_dir") and isinstance(value, (str, Path)) and str(value):
                 value = str(Path(value).expanduser().absolute())  # a flag's path is relative to the cwd
@@ -194,7 +236,8 @@ def load_config(
         sources[key] = origin
     cfg = _build(Config, nested, "", base_dir)
     cfg = dataclasses.replace(cfg, cpu_fallback=dict(fallback) if isinstance(fallback, dict) else {},
-                              sources=sources, path=file_path if file_path.exists() else None)
+                              sources=sources, path=file_path if file_path.exists() else None,
+                              builtin=builtin and file_path.exists())
     _check_semantics(cfg)
     return cfg
 
@@ -355,6 +398,9 @@ def _check_semantics(cfg: Config) -> None:
     _positive(st.image_pool, "stream.image_pool")
     if not 0 <= st.metrics_port <= 65535:
         raise ConfigError(f"'stream.metrics_port' must be a port number (0 to 65535; 0 turns metrics off), not {st.metrics_port}")
+    for name in ("linger_s", "drain_timeout_s"):
+        if getattr(st, name) < 0:
+            raise ConfigError(f"'stream.{name}' must be 0 or more seconds, not {getattr(st, name)}")
     if st.model_weights and any(w < 0 for w in st.model_weights):
         raise ConfigError("'stream.model_weights' must be 0 or more each")
     _positive(cfg.images.synth_count, "images.synth_count")

@@ -19,6 +19,7 @@ import asyncio
 import math
 import os
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -33,7 +34,7 @@ from cortexbench.errors import DeviceError, Interrupted, ModelNotFoundError, Wor
 from cortexbench.images.dataset import ensure_images
 from cortexbench.ledger import Ledger
 from cortexbench.live import LiveView
-from cortexbench.metrics import MetricsServer
+from cortexbench.metrics import MetricsServer, MetricsState
 from cortexbench.models.backends import get_backend, resolve_backend
 from cortexbench.models.export import ensure_models, missing_models
 from cortexbench.models.registry import expand_model_names
@@ -83,6 +84,7 @@ def plan_stream(cfg: Config, resources: dict[str, float], *, quiet: bool = False
             raise DeviceError(f"--gpus {n_gpu}: the {'cluster' if st.address else 'machine'} has "
                               f"{have_gpus} GPU(s); use {fix}--gpus 0 for CPU workers")
     gpu = n_gpu > 0
+    check_precision(cfg, gpu)
     n_workers = n_gpu if gpu else (st.cpu_workers or max(1, min(8, cpus // 2)))
     cpus_each = max(1.0, (cpus - 1) / n_workers) if not gpu else max(1.0, min(2.0, (cpus - 1) / n_workers))
     cpus_each = float(math.floor(cpus_each)) if cpus_each >= 1 else cpus_each
@@ -194,6 +196,9 @@ class StreamRun:
         if self.interrupted:  # Ctrl-C while the workers were setting up: the mode is not run at all
             self.live.close_mode()
             return
+        if parse_mode(mode).kind == "cached":  # set_mode loaded every model on every worker
+            self.live.add_preload(len(plan.models))
+        self.live.sending()
         lru = parse_mode(mode).capacity or None
         names = tuple(self.pool.names)
         if plan.drivers <= 1:
@@ -304,7 +309,17 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
     pool: cluster.WorkerPool | None = None
     server: MetricsServer | None = None
     run_dir: Path | None = None
+    host = socket.gethostname()
+    say = (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr))
+    say(cfg.describe())
     try:
+        # Metrics first, so that a dashboard shows the run (phase "preparing") from its first second, and a
+        # port in use stops the run before anything starts.
+        server = MetricsServer(cfg.stream.metrics_port, cfg.stream.metrics_host) if cfg.stream.metrics_port else None
+        port = server.start() if server is not None else None
+        if server is not None:
+            server.update(MetricsState(host=host, phase="preparing"), copy=False)
+            say(f"metrics on {server.url}")
         if own_ray and not cfg.stream.address:
             plan = plan_stream(cfg, _local_resources(), quiet=quiet)
             resources = cluster.init_ray(None, os.cpu_count())
@@ -313,36 +328,33 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
             resources = cluster.init_ray(cfg.stream.address, None if cfg.stream.address else os.cpu_count())
             plan = plan_stream(cfg, resources, quiet=quiet)
         run_dir = new_run_dir(cfg.result_dir, "stream")
-        server = MetricsServer(cfg.stream.metrics_port) if cfg.stream.metrics_port else None
-        port = server.start() if server is not None else None
-        say = (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr))
         where = f"{len(plan.workers)} {'GPU' if plan.gpu else 'CPU'} worker(s)"
         od = cfg.stream.on_demand_images
         also = f"; {od} counted in the modes that load on demand" if od and od < cfg.times else ""
         say(f"stream: {len(plan.schedule)} images ({plan.schedule.warmup} warm-up{also}), {len(plan.models)} models, "
-            f"{where}, backend {plan.backend}, dispatch {plan.dispatch}, drivers {plan.drivers}"
-            + (f", metrics on http://127.0.0.1:{port}/metrics" if port else ""))
+            f"{where}, backend {plan.backend}, dispatch {plan.dispatch}, drivers {plan.drivers}")
         say(f"starting {where} (loading frameworks) ...")
         pool = cluster.start_workers(plan.workers, gpu=plan.gpu, cpus_each=plan.cpus_each,
                                      threads_each=plan.threads_each)
         live = LiveView(plan.models, pool.names, server=server, run_id=run_dir.name, backend=plan.backend,
-                        quiet=quiet)
+                        quiet=quiet, host=host, worker_labels=worker_labels(pool, host),
+                        modes=len(cfg.stream.modes))
         run = StreamRun(plan, pool, live)
         try:
             asyncio.run(run.run())
         except KeyboardInterrupt:
             run.interrupted = True
         finally:
-            live.close_mode()
+            live.finish()
         results = _results(plan, pool, run, port, started, argv)
         _write(run_dir, results, run)
-        if not quiet:
-            print(stream_report.console_summary(results))
-            print(f"results: {run_dir}")
-            if not plan.gpu and cfg.from_flag("models") is False and cfg.source("times") != "flag":
-                print("this was the small CPU run; scale up on a GPU machine or a Ray cluster with e.g.: "
-                      "python -m cortexbench.stream --gpus 8 --models imagenet --images 100000 "
-                      "--mode cached,cold,lru:2 (add --address auto to join a cluster)")
+        # --quiet drops the progress only: the summary and where the results went are always printed.
+        print(stream_report.console_summary(results))
+        print(f"results: {run_dir}")
+        if not quiet and not plan.gpu and cfg.from_flag("models") is False and cfg.source("times") != "flag":
+            print("this was the small CPU run; scale up on a GPU machine or a Ray cluster with e.g.: "
+                  "python -m cortexbench.stream --gpus 8 --models imagenet --images 100000 "
+                  "--mode cached,cold,lru:2 (add --address auto to join a cluster)")
         if server is not None and cfg.stream.linger_s > 0 and not run.interrupted and not run.error:
             say(f"metrics stay up for {cfg.stream.linger_s:g} s (--linger)")
             time.sleep(cfg.stream.linger_s)
@@ -361,6 +373,23 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
             cluster.shutdown_ray()
         if run_dir is not None and not any(run_dir.iterdir()):
             run_dir.rmdir()  # a run that could not start leaves no empty folder behind
+
+
+def worker_labels(pool: cluster.WorkerPool, host: str) -> list[str]:
+    """The worker label of the metrics: ``<host it runs on>/<name>``, unique across the hosts that one
+    Prometheus scrapes (every run calls its first worker cpu0 or gpu0)."""
+    return [f"{info.get('host') or host}/{name}" for name, info in zip(pool.names, pool.infos, strict=True)]
+
+
+def check_precision(cfg: Config, gpu: bool) -> None:
+    """fp16 needs GPU workers and a backend that has it: said before anything starts, not by a worker."""
+    if cfg.precision != "fp16":
+        return
+    if not gpu:
+        raise DeviceError("'precision' fp16 needs GPU workers, and this run has none (no GPU, or --gpus 0); "
+                          "use --precision fp32 on the CPU")
+    if cfg.backend == "onnxruntime":
+        raise DeviceError("'precision' fp16: the onnxruntime backend runs fp32 only; use --backend torch or mxnet")
 
 
 def _local_resources() -> dict[str, float]:

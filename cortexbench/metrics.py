@@ -57,11 +57,22 @@ STAGES: tuple[str, ...] = ("send_delay", "transport", *WORKER_STAGES)
 # The outcome of an image that succeeded; other outcome names are the stream's failure kinds.
 OK = "ok"
 
+# Label ``phase`` of the per-image series: the first ``stream.warmup`` images of each mode are "warmup"
+# (sent, not counted in the results), the rest "measured" (what the report counts).  Model loads also
+# have "setup": cached mode's preload before the mode's first image.
+WARMUP, MEASURED, SETUP = "warmup", "measured", "setup"
+PHASES: tuple[str, ...] = (WARMUP, MEASURED)
+LOAD_PHASES: tuple[str, ...] = (SETUP, WARMUP, MEASURED)
+# cortexbench_run_phase: what the run is doing now.  "preparing" covers starting Ray and the workers,
+# exporting models, synthesising images and each mode's setup; "done" is after the last mode.
+RUN_PHASES: tuple[str, ...] = ("preparing", "warmup", "measuring", "done")
+
 # Every metric family this module exposes (the names Prometheus sees, before _bucket/_sum/_count).
 METRIC_NAMES: tuple[str, ...] = (
     "cortexbench_image_latency_seconds", "cortexbench_stage_seconds", "cortexbench_images_total",
     "cortexbench_model_loads_total", "cortexbench_cache_hits_total", "cortexbench_inflight",
-    "cortexbench_device_memory_bytes", "cortexbench_run_info", "cortexbench_run_progress_ratio",
+    "cortexbench_device_memory_bytes", "cortexbench_host_memory_bytes", "cortexbench_run_info",
+    "cortexbench_run_progress_ratio", "cortexbench_mode_progress_ratio", "cortexbench_run_phase",
 )
 
 
@@ -155,22 +166,27 @@ def _codes(values: ArrayLike, table: Sequence[str] | None, what: str) -> tuple[n
 class MetricsState:
     """Everything /metrics shows, as plain data: picklable, and mergeable across driver shards.
 
-    Counters and histograms add on ``merge``; gauges (``inflight``, ``device_memory_bytes``) take the other
-    state's values for its workers, since shards own disjoint workers.  The run fields (``run_id``, ``mode``,
-    ``backend``, ``progress_ratio``) are the coordinator's: ``merge`` takes the other's when it has them.
+    Counters and histograms add on ``merge``; gauges (``inflight``, ``device_memory_bytes``,
+    ``host_memory_bytes``) take the other state's values for its workers, since shards own disjoint workers.
+    The run fields (``run_id``, ``mode``, ``backend``, ``host``, ``phase``, the progress ratios) are the
+    coordinator's: ``merge`` takes the other's when it has them.  Every series carries the label ``host``.
     """
 
-    latency: dict[tuple[str, str, str], BucketCounts] = field(default_factory=dict)   # (mode, model, worker)
-    stage: dict[tuple[str, str], BucketCounts] = field(default_factory=dict)          # (mode, stage)
-    images: dict[tuple[str, str, str, str], int] = field(default_factory=dict)        # (mode, model, worker, outcome)
-    model_loads: dict[str, int] = field(default_factory=dict)                         # worker
-    cache_hits: dict[str, int] = field(default_factory=dict)                          # worker
-    inflight: dict[str, int] = field(default_factory=dict)                            # worker (gauge)
-    device_memory_bytes: dict[str, int] = field(default_factory=dict)                 # worker (gauge)
+    latency: dict[tuple[str, str, str, str], BucketCounts] = field(default_factory=dict)  # (mode, phase, model, worker)
+    stage: dict[tuple[str, str, str], BucketCounts] = field(default_factory=dict)         # (mode, phase, stage)
+    images: dict[tuple[str, str, str, str, str], int] = field(default_factory=dict)  # (mode, phase, model, worker, outcome)
+    model_loads: dict[tuple[str, str, str], int] = field(default_factory=dict)            # (mode, phase, worker)
+    cache_hits: dict[tuple[str, str, str], int] = field(default_factory=dict)             # (mode, phase, worker)
+    inflight: dict[str, int] = field(default_factory=dict)                                # worker (gauge)
+    device_memory_bytes: dict[str, int] = field(default_factory=dict)                     # worker (gauge)
+    host_memory_bytes: dict[str, int] = field(default_factory=dict)                       # worker (gauge)
     run_id: str = ""
     mode: str = ""
     backend: str = ""
-    progress_ratio: float | None = None
+    host: str = ""
+    phase: str = ""  # one of RUN_PHASES, or "" before the run says
+    progress_ratio: float | None = None  # over all modes
+    mode_progress_ratio: float | None = None  # of the mode being run
 
     # -- updates ---------------------------------------------------------------------------------------
 
@@ -186,14 +202,16 @@ class MetricsState:
         workers: Sequence[str] | None = None,
         outcomes: Sequence[str] | None = None,
         timed_outcomes: Collection[str] = (OK,),
+        phase: str = MEASURED,
     ) -> None:
-        """Count a column of finished images of one mode and add their latencies, vectorised.
+        """Count a column of finished images of one mode and phase and add their latencies, vectorised.
 
         ``model``, ``worker`` and ``outcome`` are equal-length arrays of integer codes into ``models``,
         ``workers`` and ``outcomes``, or arrays of names when that table is None.  Every image is counted
         in ``images``; only those whose outcome is in ``timed_outcomes`` (and whose latency is not NaN)
         go into the latency histogram, so that fast failures do not pull the percentiles down.
         """
+        _check_phase(phase, PHASES)
         m, m_names = _codes(model, models, "model")
         w, w_names = _codes(worker, workers, "worker")
         o, o_names = _codes(outcome, outcomes, "outcome")
@@ -206,7 +224,7 @@ class MetricsState:
         mw = m * nw + w
         keys, counts = np.unique(mw * no + o, return_counts=True)
         for key, n in zip(keys.tolist(), counts.tolist(), strict=True):
-            k = (mode, m_names[key // (nw * no)], w_names[key // no % nw], o_names[key % no])
+            k = (mode, phase, m_names[key // (nw * no)], w_names[key // no % nw], o_names[key % no])
             self.images[k] = self.images.get(k, 0) + n
 
         timed = np.array([name in timed_outcomes for name in o_names] or [False])
@@ -222,45 +240,73 @@ class MetricsState:
         sums = np.bincount(inv, weights=lat, minlength=uniq.size).tolist()
         ns = np.bincount(inv, minlength=uniq.size).tolist()
         for i, key in enumerate(uniq.tolist()):
-            k3 = (mode, m_names[key // nw], w_names[key % nw])
+            k3 = (mode, phase, m_names[key // nw], w_names[key % nw])
             h = self.latency.get(k3)
             if h is None:
                 h = self.latency[k3] = BucketCounts()
             h.add_counts(binned[i], sums[i], ns[i])
 
     def record_group(self, mode: str, model: str, worker: str, latency_s: np.ndarray | Sequence[float],
-                     outcome: str = OK, *, timed: bool | None = None) -> None:
-        """Count images of one (mode, model, worker, outcome) and add their latencies (when ``timed``,
+                     outcome: str = OK, *, timed: bool | None = None, phase: str = MEASURED) -> None:
+        """Count images of one (mode, phase, model, worker, outcome) and add their latencies (when ``timed``,
         which defaults to outcome == 'ok')."""
+        _check_phase(phase, PHASES)
         lat = np.asarray(latency_s, dtype=np.float64).ravel()
         if lat.size == 0:
             return
-        k = (mode, model, worker, outcome)
+        k = (mode, phase, model, worker, outcome)
         self.images[k] = self.images.get(k, 0) + int(lat.size)
         if (timed if timed is not None else outcome == OK) and not np.isnan(lat).all():
-            self.latency.setdefault((mode, model, worker), BucketCounts()).observe_many(lat)
+            self.latency.setdefault((mode, phase, model, worker), BucketCounts()).observe_many(lat)
 
-    def record_stages(self, mode: str, stages_s: Mapping[str, np.ndarray | Sequence[float]]) -> None:
-        """Add per-image stage times (seconds) by stage name; NaN means the stage did not happen."""
+    def record_stages(self, mode: str, stages_s: Mapping[str, np.ndarray | Sequence[float]], *,
+                      phase: str = MEASURED) -> None:
+        """Add per-image stage times (seconds) by stage name; NaN means the stage did not happen and is not
+        observed."""
+        _check_phase(phase, PHASES)
         for name, values in stages_s.items():
             if name not in STAGES:
                 raise ValueError(f"unknown stage '{name}' (valid: {', '.join(STAGES)})")
             v = np.asarray(values, dtype=np.float64).ravel()
             v = v[~np.isnan(v)]
             if v.size:
-                self.stage.setdefault((mode, name), BucketCounts()).observe_many(v)
+                self.stage.setdefault((mode, phase, name), BucketCounts()).observe_many(v)
 
-    def add_model_loads(self, worker: str, n: int = 1) -> None:
-        self.model_loads[worker] = self.model_loads.get(worker, 0) + int(n)
+    def record_residency(self, mode: str, worker: ArrayLike, hit: ArrayLike, *, workers: Sequence[str] | None = None,
+                         phase: str = MEASURED) -> None:
+        """Count, per worker, the images whose model was resident (``hit`` 1: a cache hit) and those that
+        loaded it (``hit`` 0: a model load); ``hit`` -1 (failed before the model was looked up) counts as
+        neither.  ``worker`` holds codes into ``workers``, or names when that table is None."""
+        _check_phase(phase, PHASES)
+        w, w_names = _codes(worker, workers, "worker")
+        h = np.asarray(hit).ravel()
+        if w.size != h.size:
+            raise ValueError(f"record_residency: columns differ in length ({w.size}, {h.size})")
+        for counter, value in ((self.cache_hits, 1), (self.model_loads, 0)):
+            for code, n in enumerate(np.bincount(w[h == value], minlength=len(w_names)).tolist()):
+                if n:
+                    k = (mode, phase, w_names[code])
+                    counter[k] = counter.get(k, 0) + n
 
-    def add_cache_hits(self, worker: str, n: int = 1) -> None:
-        self.cache_hits[worker] = self.cache_hits.get(worker, 0) + int(n)
+    def add_model_loads(self, worker: str, n: int = 1, *, mode: str, phase: str = MEASURED) -> None:
+        """Count ``n`` models loaded by ``worker`` (phase "setup" for cached mode's preload)."""
+        _check_phase(phase, LOAD_PHASES)
+        k = (mode, phase, worker)
+        self.model_loads[k] = self.model_loads.get(k, 0) + int(n)
+
+    def add_cache_hits(self, worker: str, n: int = 1, *, mode: str, phase: str = MEASURED) -> None:
+        _check_phase(phase, PHASES)
+        k = (mode, phase, worker)
+        self.cache_hits[k] = self.cache_hits.get(k, 0) + int(n)
 
     def set_inflight(self, worker: str, n: int) -> None:
         self.inflight[worker] = int(n)
 
     def set_device_memory(self, worker: str, size_bytes: int) -> None:
         self.device_memory_bytes[worker] = int(size_bytes)
+
+    def set_host_memory(self, worker: str, size_bytes: int) -> None:
+        self.host_memory_bytes[worker] = int(size_bytes)
 
     # -- merging ---------------------------------------------------------------------------------------
 
@@ -278,11 +324,16 @@ class MetricsState:
                 counter_self[kc] = counter_self.get(kc, 0) + n
         self.inflight.update(other.inflight)
         self.device_memory_bytes.update(other.device_memory_bytes)
+        self.host_memory_bytes.update(other.host_memory_bytes)
         self.run_id = other.run_id or self.run_id
         self.mode = other.mode or self.mode
         self.backend = other.backend or self.backend
+        self.host = other.host or self.host
+        self.phase = other.phase or self.phase
         if other.progress_ratio is not None:
             self.progress_ratio = other.progress_ratio
+        if other.mode_progress_ratio is not None:
+            self.mode_progress_ratio = other.mode_progress_ratio
         return self
 
     @classmethod
@@ -295,8 +346,7 @@ class MetricsState:
 
     def copy(self) -> MetricsState:
         """A deep copy (about 1 ms for 3 modes x 8 models x 8 workers)."""
-        return MetricsState(run_id=self.run_id, mode=self.mode, backend=self.backend,
-                            progress_ratio=self.progress_ratio).merge(self)
+        return MetricsState().merge(self)
 
     @property
     def images_total(self) -> int:
@@ -306,46 +356,70 @@ class MetricsState:
     # -- rendering -------------------------------------------------------------------------------------
 
     def families(self) -> list[Metric]:
-        """The metric families of this state, as prometheus_client renders them."""
-        lat = HistogramMetricFamily("cortexbench_image_latency_seconds",
-                                    "Per-image latency from scheduled send to result, by mode, model, worker",
-                                    labels=("mode", "model", "worker"))
-        for k, h in sorted(self.latency.items()):
-            lat.add_metric(list(k), list(zip(_LE, h.cumulative(), strict=True)), h.sum_s)
-        stage = HistogramMetricFamily("cortexbench_stage_seconds",
-                                      "Time of each stage of an image (see docs/metrics.md), by mode and stage",
-                                      labels=("mode", "stage"))
-        for ks, h in sorted(self.stage.items()):
-            stage.add_metric(list(ks), list(zip(_LE, h.cumulative(), strict=True)), h.sum_s)
-        images = CounterMetricFamily("cortexbench_images", "Images finished, by mode, model, worker and outcome",
-                                     labels=("mode", "model", "worker", "outcome"))
-        for ki, n in sorted(self.images.items()):
-            images.add_metric(list(ki), n)
-        loads = CounterMetricFamily("cortexbench_model_loads", "Models loaded onto a device, by worker",
-                                    labels=("worker",))
-        for w, n in sorted(self.model_loads.items()):
-            loads.add_metric([w], n)
-        hits = CounterMetricFamily("cortexbench_cache_hits", "Images whose model was already resident, by worker",
-                                   labels=("worker",))
-        for w, n in sorted(self.cache_hits.items()):
-            hits.add_metric([w], n)
-        inflight = GaugeMetricFamily("cortexbench_inflight", "Images sent to the worker and not yet answered",
-                                     labels=("worker",))
-        for w, n in sorted(self.inflight.items()):
-            inflight.add_metric([w], n)
-        mem = GaugeMetricFamily("cortexbench_device_memory_bytes",
-                                "Device memory in use by the worker's models, bytes", labels=("worker",))
-        for w, n in sorted(self.device_memory_bytes.items()):
-            mem.add_metric([w], n)
+        """The metric families of this state, as prometheus_client renders them (every series with ``host``)."""
+        host = self.host
+
+        def hist(name: str, doc: str, labels: tuple[str, ...], data: Mapping[Any, BucketCounts]) -> Metric:
+            fam = HistogramMetricFamily(name, doc, labels=(*labels, "host"))
+            for k, h in sorted(data.items()):
+                fam.add_metric([*k, host], list(zip(_LE, h.cumulative(), strict=True)), h.sum_s)
+            return fam
+
+        def counter(name: str, doc: str, labels: tuple[str, ...], data: Mapping[Any, int]) -> Metric:
+            fam = CounterMetricFamily(name, doc, labels=(*labels, "host"))
+            for k, n in sorted(data.items()):
+                fam.add_metric([*k, host], n)
+            return fam
+
+        def per_worker(name: str, doc: str, data: Mapping[str, int]) -> Metric:
+            fam = GaugeMetricFamily(name, doc, labels=("worker", "host"))
+            for w, n in sorted(data.items()):
+                fam.add_metric([w, host], n)
+            return fam
+
+        out = [
+            hist("cortexbench_image_latency_seconds",
+                 "Per-image latency from scheduled send to result of ok images, by mode, phase, model, worker",
+                 ("mode", "phase", "model", "worker"), self.latency),
+            hist("cortexbench_stage_seconds",
+                 "Time of each stage of an ok image that went through it (see docs/metrics.md)",
+                 ("mode", "phase", "stage"), self.stage),
+            counter("cortexbench_images", "Images finished, by mode, phase, model, worker and outcome",
+                    ("mode", "phase", "model", "worker", "outcome"), self.images),
+            counter("cortexbench_model_loads", "Models loaded onto a worker's device, by mode, phase (setup: "
+                    "cached mode's preload) and worker", ("mode", "phase", "worker"), self.model_loads),
+            counter("cortexbench_cache_hits", "Images whose model was already resident, by mode, phase, worker",
+                    ("mode", "phase", "worker"), self.cache_hits),
+            per_worker("cortexbench_inflight", "Images sent to the worker and not yet answered", self.inflight),
+            per_worker("cortexbench_device_memory_bytes",
+                       "GPU memory held by the worker's process, bytes (GPU workers only)", self.device_memory_bytes),
+            per_worker("cortexbench_host_memory_bytes", "Resident host memory (RSS) of the worker's process, bytes",
+                       self.host_memory_bytes),
+        ]
         info = GaugeMetricFamily("cortexbench_run_info", "The run: id, mode being run, backend (always 1)",
-                                 labels=("run_id", "mode", "backend"))
+                                 labels=("run_id", "mode", "backend", "host"))
         if self.run_id or self.mode or self.backend:
-            info.add_metric([self.run_id, self.mode, self.backend], 1)
+            info.add_metric([self.run_id, self.mode, self.backend, host], 1)
         progress = GaugeMetricFamily("cortexbench_run_progress_ratio",
-                                     "Fraction of the run's images done, 0 to 1")
+                                     "Fraction of the run's images done, 0 to 1, over all modes", labels=("host",))
         if self.progress_ratio is not None:
-            progress.add_metric([], self.progress_ratio)
-        return [lat, stage, images, loads, hits, inflight, mem, info, progress]
+            progress.add_metric([host], self.progress_ratio)
+        mode_progress = GaugeMetricFamily("cortexbench_mode_progress_ratio",
+                                          "Fraction of the mode being run's images done, 0 to 1",
+                                          labels=("mode", "host"))
+        if self.mode_progress_ratio is not None:
+            mode_progress.add_metric([self.mode, host], self.mode_progress_ratio)
+        phase = GaugeMetricFamily("cortexbench_run_phase", "What the run is doing: 1 for the current phase "
+                                  "(preparing, warmup, measuring, done), 0 for the others", labels=("phase", "host"))
+        if self.phase:
+            for p in RUN_PHASES:
+                phase.add_metric([p, host], 1.0 if p == self.phase else 0.0)
+        return [*out, info, progress, mode_progress, phase]
+
+
+def _check_phase(phase: str, valid: Sequence[str]) -> None:
+    if phase not in valid:
+        raise ValueError(f"unknown phase '{phase}' (valid: {', '.join(valid)})")
 
 
 class _StateCollector:

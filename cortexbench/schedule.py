@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from cortexbench.errors import ConfigError, DatasetError
+from cortexbench.errors import ConfigError, DatasetError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -44,16 +44,16 @@ def parse_popularity(text: str, key: str = "popularity") -> Popularity:
     t = text.strip().lower()
     if t == "uniform":
         return Popularity("uniform")
-    if t.startswith("zipf"):
+    if t == "zipf" or t.startswith("zipf:"):  # not 'zipfian' or 'zipf1.1': unknown spellings are refused
         _, _, s = t.partition(":")
         try:
-            value = float(s) if s else 1.0
+            value = float(s)
         except ValueError:
             value = -1.0
         if value > 0:
             return Popularity("zipf", value)
         raise ConfigError(f"'{key}': '{text}' needs an exponent above 0, as in 'zipf:1.1'")
-    raise ConfigError(f"'{key}': unknown popularity '{text}' (valid: uniform, zipf:S)")
+    raise ConfigError(f"'{key}': unknown popularity '{text}'{did_you_mean(t, ['uniform', 'zipf:1.1'])}")
 
 
 @dataclass(frozen=True, eq=False)

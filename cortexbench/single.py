@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from cortexbench import machine
-from cortexbench.cli import COMMON_KEYS, ArgumentParser, add_common_flags, overrides_from, run_main
+from cortexbench.cli import COMMON_KEYS, ArgumentParser, add_common_flags, flags_of, overrides_from, run_main
 from cortexbench.config import Config, load_config
 from cortexbench.errors import BackendUnavailableError, DatasetError, DeviceError, Interrupted
 from cortexbench.models.backends import get_backend, resolve_backend
@@ -135,7 +135,8 @@ def resolve_devices(requested: Sequence[str], backend_name: str) -> tuple[str, t
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
-    cfg = load_config(args.config, overrides_from(args, SINGLE_KEYS), has_gpu=bool(machine.gpus()))
+    cfg = load_config(args.config, overrides_from(args, SINGLE_KEYS), has_gpu=bool(machine.gpus()),
+                      flags=flags_of(SINGLE_KEYS))
     models = expand_model_names(cfg.models)
     backend, devices, notes = resolve_devices(cfg.single.devices, cfg.backend)
     return Plan(cfg, backend, models, devices, tuple(dict.fromkeys(cfg.batchsize)),
@@ -241,6 +242,8 @@ def _body(argv: Sequence[str], args: argparse.Namespace) -> int:
     plan = make_plan(args)
     cfg = plan.cfg
     quiet = bool(args.quiet)
+    if not quiet:
+        print(cfg.describe(), file=sys.stderr)
     backend = get_backend(plan.backend)
     paths = ensure_images(cfg.img_dir, cfg.images.synth_count, seed=cfg.images.seed,
                           create=not cfg.from_flag("img_dir"), progress=not quiet)

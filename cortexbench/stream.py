@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from cortexbench import machine
-from cortexbench.cli import COMMON_KEYS, ArgumentParser, add_common_flags, overrides_from, run_main
+from cortexbench.cli import COMMON_KEYS, ArgumentParser, add_common_flags, flags_of, overrides_from, run_main
 from cortexbench.config import load_config
 
 PROG = "python -m cortexbench.stream"
@@ -19,7 +19,7 @@ STREAM_KEYS = {
     **COMMON_KEYS, "gpus": "gpu_num", "images": "times", "cpu_workers": "stream.cpu_workers",
     "mode": "stream.modes", "weights": "stream.model_weights", "balancer": "stream.balancer",
     "concurrency": "stream.concurrency", "rate": "stream.rate", "address": "stream.address",
-    "metrics_port": "stream.metrics_port", "duration": "stream.duration_s", "linger": "stream.linger_s",
+    "metrics_port": "stream.metrics_port", "metrics_host": "stream.metrics_host", "duration": "stream.duration_s", "linger": "stream.linger_s",
     "warmup": "stream.warmup", "popularity": "stream.popularity", "dispatch": "stream.dispatch",
     "drivers": "stream.drivers", "max_group": "stream.max_group", "lanes": "stream.lanes",
     "retries": "stream.retries", "image_pool": "stream.image_pool", "drain_timeout": "stream.drain_timeout_s",
@@ -39,7 +39,7 @@ def build_parser() -> ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_flags(p)
     a = p.add_argument
-    a("--gpus", type=int, metavar="N", help="GPU workers, one per GPU; 0 = CPU workers [gpu_num]")
+    a("--gpus", metavar="N", help="GPU workers, one per GPU; auto = every GPU; 0 = CPU workers [gpu_num]")
     a("--cpu-workers", type=int, metavar="N", help="CPU workers when there is no GPU [stream.cpu_workers]")
     a("--mode", metavar="M,M", help="cached, swap, cold, lru:K; several run one after another [stream.modes]")
     a("--images", type=int, metavar="N", help="images in the stream [times]")
@@ -51,7 +51,9 @@ def build_parser() -> ArgumentParser:
     a("--duration", type=float, metavar="S", help="stop after S seconds [stream.duration_s]")
     a("--warmup", type=int, metavar="N", help="images sent first and not counted [stream.warmup]")
     a("--address", metavar="ADDR", help="join this Ray cluster ('auto' for the local one) [stream.address]")
-    a("--metrics-port", type=int, metavar="PORT", help="Prometheus port on 127.0.0.1; 0 = off [stream.metrics_port]")
+    a("--metrics-port", type=int, metavar="PORT", help="Prometheus /metrics port; 0 = off [stream.metrics_port]")
+    a("--metrics-host", metavar="ADDR",
+      help="address /metrics listens on (0.0.0.0: every interface) [stream.metrics_host]")
     a("--linger", type=float, metavar="S", help="keep /metrics up S seconds after the run [stream.linger_s]")
     a("--dispatch", metavar="D", help="actor, grouped, compiled or auto [stream.dispatch]")
     a("--drivers", type=int, metavar="N", help="load-generator shards; 0 = auto [stream.drivers]")
@@ -79,12 +81,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         from cortexbench.coordinator import run_stream
 
         overrides = overrides_from(args, STREAM_KEYS)
-        no_gpu = not machine.gpus() and args.address is None and not (args.gpus or 0) > 0
-        cfg = load_config(args.config, overrides, has_gpu=not no_gpu)
+        no_gpu = not machine.gpus() and args.address is None and not _positive_int(args.gpus)
+        cfg = load_config(args.config, overrides, has_gpu=not no_gpu, flags=flags_of(STREAM_KEYS))
         run_stream(cfg, quiet=args.quiet, argv=list(sys.argv) if argv is None else [PROG, *argv])
         return 0
 
     return run_main(body, PROG)
+
+
+def _positive_int(text: str | None) -> bool:
+    """Whether ``--gpus`` asks for one GPU worker or more ('auto' and bad values do not; the config check
+    reports a bad value)."""
+    try:
+        return text is not None and int(text) > 0
+    except ValueError:
+        return False
 
 
 if __name__ == "__main__":

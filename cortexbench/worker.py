@@ -138,7 +138,8 @@ class WorkerState:
     model_bytes_read: int = 0
     image_bytes_read: int = 0
     inflight: int = 0
-    memory_bytes: int = 0
+    memory_bytes: int = -1  # GPU memory of this process; -1 on a CPU worker or when it cannot be read
+    host_memory_bytes: int = 0  # this process's RSS
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ class ResultGroup:
         s = self.state
         return _encode_result(len(self.rows), self.rows.astype(np.float64, copy=False).tobytes(), self.errors,
                               (s.loads_total, s.hits_total, s.misses_total, s.model_bytes_read,
-                               s.image_bytes_read, s.inflight, s.memory_bytes))
+                               s.image_bytes_read, s.inflight, s.memory_bytes, s.host_memory_bytes))
 
     @staticmethod
     def from_bytes(data: bytes) -> ResultGroup:
@@ -170,7 +171,7 @@ class ResultGroup:
         return ResultGroup(rows, errors, WorkerState(*state))
 
 
-_RESULT_HEAD = struct.Struct("=II7q")
+_RESULT_HEAD = struct.Struct("=II8q")
 _ONE_REQUEST = struct.Struct("=3q")  # one image's request on the wire
 _ONE_ROW = struct.Struct(f"={N_COLS}d")
 
@@ -230,7 +231,7 @@ class ModelWorker:
         self._inflight = 0
         self._loads = self._hits = self._misses = 0
         self._model_bytes = self._image_bytes = 0
-        self._memory = 0
+        self._memory = (-1, 0)
         self._memory_at = -math.inf
 
     # --- setup between runs (not timed) ---------------------------------------------------------
@@ -604,14 +605,14 @@ class ModelWorker:
     def state(self) -> WorkerState:
         return WorkerState(*self._counters())
 
-    def _counters(self) -> tuple[int, int, int, int, int, int, int]:
+    def _counters(self) -> tuple[int, int, int, int, int, int, int, int]:
         """WorkerState's fields, in order."""
         now = self.clock()
         if now - self._memory_at >= MEMORY_REFRESH_S:
-            self._memory = memory_bytes(self.spec.device)
+            self._memory = (device_memory_bytes(self.spec.device), host_memory_bytes())
             self._memory_at = now
         return (self._loads, self._hits, self._misses, self._model_bytes, self._image_bytes, self._inflight,
-                self._memory)
+                *self._memory)
 
     def close(self) -> None:
         with self._lock:
@@ -708,15 +709,38 @@ class _Job:
             self.future.set_result(self.result)
 
 
-def memory_bytes(device: str) -> int:
-    """Device memory in use: torch's allocator on a GPU when torch is loaded, else this process's RSS."""
-    if device.startswith("gpu:") and "torch" in sys.modules:
+def device_memory_bytes(device: str) -> int:
+    """GPU memory this process holds on ``device``: torch's reserved memory (its caching allocator) when
+    torch is loaded, else this process's use from NVML (pynvml, when installed); -1 on the CPU or when
+    neither can say."""
+    if not device.startswith("gpu:"):
+        return -1
+    index = int(device[4:])
+    if "torch" in sys.modules:
         try:
             import torch
 
-            return int(torch.cuda.memory_allocated(int(device[4:])))
+            if torch.cuda.is_initialized():
+                return int(torch.cuda.memory_reserved(index))
         except Exception:
-            return 0
+            pass
+    try:
+        import pynvml  # type: ignore[import-not-found]
+
+        pynvml.nvmlInit()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+        physical = visible[index].strip() if index < len(visible) and visible[index].strip() else str(index)
+        handle = (pynvml.nvmlDeviceGetHandleByIndex(int(physical)) if physical.isdigit()
+                  else pynvml.nvmlDeviceGetHandleByUUID(physical))
+        pid = os.getpid()
+        return int(sum(p.usedGpuMemory or 0 for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+                       if p.pid == pid))
+    except Exception:
+        return -1
+
+
+def host_memory_bytes() -> int:
+    """This process's resident host memory (RSS), bytes; 0 when /proc cannot say."""
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

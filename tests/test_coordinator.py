@@ -98,3 +98,58 @@ def test_ctrl_c_while_workers_set_up_runs_no_more_of_the_mode(monkeypatch, tmp_p
     coordinator._write(run_dir, results, run)
     assert json.loads((run_dir / "results.json").read_text())["complete"] is False
     assert (run_dir / "records-cached.csv.gz").is_file() and not (run_dir / "records-cold.csv.gz").exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_metrics_are_served_before_ray_models_and_images_are_prepared(monkeypatch, tmp_path):
+    """The server is up, phase 'preparing', when planning starts (exporting models, synthesising images,
+    then Ray), so a dashboard shows the run from its first second; on --metrics-host, with the host label."""
+    import socket
+
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from cortexbench.errors import ConfigError
+
+    port = _free_port()
+    seen: list[dict[str, float]] = []
+
+    def plan_stream(cfg: Config, resources: dict[str, float], *, quiet: bool = False) -> Any:
+        text = httpx.get(f"http://127.0.0.2:{port}/metrics", timeout=5.0).text
+        (fam,) = [f for f in text_string_to_metric_families(text) if f.name == "cortexbench_run_phase"]
+        seen.append({s.labels["phase"]: s.value for s in fam.samples})
+        assert {s.labels["host"] for s in fam.samples} == {socket.gethostname()}
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(coordinator, "plan_stream", plan_stream)
+    monkeypatch.setattr(coordinator.cluster, "init_ray", lambda *a, **k: {"CPU": 2.0})
+    cfg = Config(result_dir=tmp_path, stream=StreamConfig(metrics_port=port, metrics_host="127.0.0.2"))
+    with pytest.raises(ConfigError, match="stop here"):
+        coordinator.run_stream(cfg, quiet=True)
+    assert seen == [{"preparing": 1.0, "warmup": 0.0, "measuring": 0.0, "done": 0.0}]
+    with pytest.raises(httpx.ConnectError):  # and stopped when the run ended
+        httpx.get(f"http://127.0.0.2:{port}/metrics", timeout=5.0)
+
+
+def test_fp16_without_gpu_workers_is_refused_before_anything_starts(monkeypatch, tmp_path):
+    from cortexbench.errors import DeviceError
+
+    def no(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("started something before checking the precision")
+
+    monkeypatch.setattr(coordinator, "ensure_models", no)
+    monkeypatch.setattr(coordinator, "ensure_images", no)
+    cfg = Config(models=MODELS, precision="fp16", gpu_num=0, model_dir=tmp_path / "m", img_dir=tmp_path / "i")
+    with pytest.raises(DeviceError, match="'precision' fp16 needs GPU workers"):
+        coordinator.plan_stream(cfg, {"CPU": 2.0, "GPU": 0.0})
+    cfg = Config(models=MODELS, precision="fp16", backend="onnxruntime", model_dir=tmp_path / "m",
+                 img_dir=tmp_path / "i")
+    with pytest.raises(DeviceError, match="onnxruntime backend runs fp32 only"):
+        coordinator.plan_stream(cfg, {"CPU": 2.0, "GPU": 1.0})

@@ -89,11 +89,11 @@ def test_record_images_counts_every_image_and_times_only_ok():
     for mi, model in enumerate(MODELS):
         for wi, worker in enumerate(WORKERS):
             sel = (m == mi) & (w == wi)
-            assert s.images[("cached", model, worker, "ok")] == int((sel & (o == 0)).sum())
-            assert s.images[("cached", model, worker, "error")] == int((sel & (o == 1)).sum())
+            assert s.images[("cached", "measured", model, worker, "ok")] == int((sel & (o == 0)).sum())
+            assert s.images[("cached", "measured", model, worker, "error")] == int((sel & (o == 1)).sum())
             expected = BucketCounts()
             expected.observe_many(lat[sel & (o == 0)])
-            got = s.latency[("cached", model, worker)]
+            got = s.latency[("cached", "measured", model, worker)]
             assert np.array_equal(got.counts, expected.counts)
             assert got.count == expected.count
             assert got.sum_s == pytest.approx(expected.sum_s)
@@ -117,9 +117,9 @@ def test_merge_of_shards_equals_one_state_of_all_values():
     shard_a, shard_b = _state([a_cols]), _state([b_cols])
     shard_a.record_stages("cached", {"infer": a_cols[3], "read": np.full(700, np.nan)})
     shard_b.record_stages("cached", {"infer": b_cols[3], "queue": b_cols[3] / 10})
-    shard_a.add_model_loads("gpu:0", 3)
-    shard_b.add_model_loads("gpu:0", 2)
-    shard_b.add_cache_hits("gpu:1", 9)
+    shard_a.add_model_loads("gpu:0", 3, mode="cached")
+    shard_b.add_model_loads("gpu:0", 2, mode="cached")
+    shard_b.add_cache_hits("gpu:1", 9, mode="cached")
     shard_a.set_inflight("gpu:0", 4)
     shard_b.set_inflight("gpu:1", 7)
     shard_a.set_device_memory("gpu:0", 1 << 30)
@@ -137,15 +137,39 @@ def test_merge_of_shards_equals_one_state_of_all_values():
             assert np.array_equal(got[k].counts, want[k].counts), k
             assert got[k].count == want[k].count
             assert got[k].sum_s == pytest.approx(want[k].sum_s)
-    assert ("cached", "read") not in merged.stage           # all-NaN stage: no empty series
-    assert merged.model_loads == {"gpu:0": 5}
-    assert merged.cache_hits == {"gpu:1": 9}
+    assert ("cached", "measured", "read") not in merged.stage   # all-NaN stage: no empty series
+    assert merged.model_loads == {("cached", "measured", "gpu:0"): 5}
+    assert merged.cache_hits == {("cached", "measured", "gpu:1"): 9}
     assert merged.inflight == {"gpu:0": 4, "gpu:1": 7}
     assert merged.device_memory_bytes == {"gpu:0": 1 << 30}
     assert (merged.run_id, merged.mode, merged.backend) == ("run-1", "cached", "torch")
     # merging does not change the shards
-    assert shard_a.model_loads == {"gpu:0": 3}
+    assert shard_a.model_loads == {("cached", "measured", "gpu:0"): 3}
     assert shard_a.latency[next(iter(shard_a.latency))] is not merged.latency[next(iter(shard_a.latency))]
+
+
+def test_warmup_and_measured_images_are_separate_series():
+    m, w, o, lat = _columns(6, 400)
+    s = MetricsState()
+    s.record_images("cold", m[:40], w[:40], o[:40], lat[:40], models=MODELS, workers=WORKERS, outcomes=OUTCOMES,
+                    phase="warmup")
+    s.record_images("cold", m[40:], w[40:], o[40:], lat[40:], models=MODELS, workers=WORKERS, outcomes=OUTCOMES)
+    s.record_stages("cold", {"infer": lat[:40]}, phase="warmup")
+    per_phase = {p: sum(n for k, n in s.images.items() if k[1] == p) for p in ("warmup", "measured")}
+    assert per_phase == {"warmup": 40, "measured": 360}
+    timed = {p: sum(h.count for k, h in s.latency.items() if k[1] == p) for p in ("warmup", "measured")}
+    assert timed == {"warmup": int((o[:40] == 0).sum()), "measured": int((o[40:] == 0).sum())}
+    assert set(s.stage) == {("cold", "warmup", "infer")}
+    with pytest.raises(ValueError, match="unknown phase 'warm-up'"):
+        s.record_images("cold", [0], [0], [0], [0.1], models=MODELS, workers=WORKERS, outcomes=OUTCOMES,
+                        phase="warm-up")
+
+
+def test_record_residency_counts_hits_and_loads_per_worker():
+    s = MetricsState()
+    s.record_residency("lru:1", [0, 0, 1, 1, 1, 0], [1, 0, 0, 0, 1, -1], workers=WORKERS, phase="warmup")
+    assert s.cache_hits == {("lru:1", "warmup", "gpu:0"): 1, ("lru:1", "warmup", "gpu:1"): 1}
+    assert s.model_loads == {("lru:1", "warmup", "gpu:0"): 1, ("lru:1", "warmup", "gpu:1"): 2}  # -1: neither
 
 
 def test_unknown_stage_is_refused():
@@ -159,10 +183,12 @@ def test_scrape_shows_exact_counts_buckets_sums_and_labels():
     m, w, o, lat = _columns(4, 2000)
     state = _state([(m, w, o, lat)])
     state.record_stages("cached", {"decode": [50e-6, 1e-3, 1e-3], "infer": [0.02]})
-    state.add_model_loads("gpu:0", 8)
-    state.add_cache_hits("gpu:1", 1990)
+    state.add_model_loads("gpu:0", 8, mode="cached", phase="setup")
+    state.add_cache_hits("gpu:1", 1990, mode="cached")
     state.set_inflight("gpu:1", 3)
     state.set_device_memory("gpu:0", 123_456_789)
+    state.set_host_memory("gpu:1", 987_654_321)
+    state.host, state.phase, state.mode_progress_ratio = "node-a", "measuring", 0.75
 
     with MetricsServer(0) as server:
         assert server.port > 0
@@ -172,8 +198,9 @@ def test_scrape_shows_exact_counts_buckets_sums_and_labels():
     sample_names = {s.name for samples in fam.values() for s in samples}
     for name in METRIC_NAMES:
         assert name in sample_names or f"{name}_count" in sample_names, name
-    images = {(s.labels["mode"], s.labels["model"], s.labels["worker"], s.labels["outcome"]): s.value
-              for s in fam["cortexbench_images"] if s.name == "cortexbench_images_total"}
+    assert {s.labels["host"] for samples in fam.values() for s in samples} == {"node-a"}  # on every series
+    images = {(s.labels["mode"], s.labels["phase"], s.labels["model"], s.labels["worker"], s.labels["outcome"]):
+              s.value for s in fam["cortexbench_images"] if s.name == "cortexbench_images_total"}
     assert images == {k: float(v) for k, v in state.images.items()}
     assert sum(images.values()) == 2000
 
@@ -201,12 +228,19 @@ def test_scrape_shows_exact_counts_buckets_sums_and_labels():
         return {s.labels.get("worker", ""): s.value for s in fam[name]}
 
     assert one("cortexbench_model_loads") == {"gpu:0": 8}
+    assert [s.labels["phase"] for s in fam["cortexbench_model_loads"]] == ["setup"]
     assert one("cortexbench_cache_hits") == {"gpu:1": 1990}
     assert one("cortexbench_inflight") == {"gpu:1": 3}
     assert one("cortexbench_device_memory_bytes") == {"gpu:0": 123_456_789}
+    assert one("cortexbench_host_memory_bytes") == {"gpu:1": 987_654_321}
     (info,) = fam["cortexbench_run_info"]
-    assert info.labels == {"run_id": "run-1", "mode": "cached", "backend": "torch"} and info.value == 1
+    assert info.labels == {"run_id": "run-1", "mode": "cached", "backend": "torch", "host": "node-a"}
+    assert info.value == 1
     assert fam["cortexbench_run_progress_ratio"][0].value == 0.25
+    (mode_progress,) = fam["cortexbench_mode_progress_ratio"]
+    assert mode_progress.labels["mode"] == "cached" and mode_progress.value == 0.75
+    assert {s.labels["phase"]: s.value for s in fam["cortexbench_run_phase"]} == {
+        "preparing": 0, "warmup": 0, "measuring": 1, "done": 0}
 
 
 def test_update_keeps_a_snapshot_and_can_be_replaced():
@@ -278,12 +312,29 @@ def test_dashboard_queries_only_metrics_that_are_exposed():
     state = MetricsState(run_id="r", mode="cold", backend="onnxruntime", progress_ratio=0.5)
     state.record_group("cold", "nin", "gpu:0", [0.1])
     state.record_stages("cold", {"read": [0.05]})
-    state.add_model_loads("gpu:0")
-    state.add_cache_hits("gpu:0")
+    state.add_model_loads("gpu:0", mode="cold")
+    state.add_cache_hits("gpu:0", mode="cold")
     state.set_inflight("gpu:0", 1)
     state.set_device_memory("gpu:0", 1)
+    state.set_host_memory("gpu:0", 1)
+    state.mode_progress_ratio, state.phase = 0.5, "warmup"
     rendered = {s.name for f in state.families() for s in f.samples}
     assert used <= rendered, used - rendered
+
+
+def test_dashboard_shows_measured_images_only_and_filters_by_host():
+    """Warm-up images are left out of every per-image panel (as the report leaves them out), and every
+    series is filtered by the dashboard's host variable, which lists the hosts of cortexbench_run_info."""
+    per_image = ("cortexbench_image_latency_seconds", "cortexbench_images_total", "cortexbench_stage_seconds",
+                 "cortexbench_cache_hits_total")
+    selectors = [m for e in _dashboard_exprs() for m in re.finditer(r"\b(cortexbench_[a-z_]+)(\{[^}]*\})?", e)]
+    assert selectors
+    for m in selectors:
+        assert m.group(2) and 'host=~"$host"' in m.group(2), m.group(0)
+        if m.group(1).startswith(per_image):
+            assert 'phase="measured"' in m.group(2), m.group(0)
+    (host,) = [v for v in json.loads(DASHBOARD.read_text())["templating"]["list"] if v["name"] == "host"]
+    assert host["query"]["query"] == "label_values(cortexbench_run_info, host)" and host["includeAll"]
 
 
 def test_docs_and_deploy_files_name_only_exposed_metrics():
@@ -369,7 +420,7 @@ def test_real_prometheus_scrapes_the_state_and_accepts_the_dashboard_queries(tmp
             assert float(quantile["result"][0]["value"][1]) == 30.0   # 42 s lies beyond the last bound
             # Every dashboard expression parses and runs (Grafana's variables given plain values).
             for expr in _dashboard_exprs():
-                query(expr.replace("$__rate_interval", "30s").replace("$__interval", "1s"))
+                query(expr.replace("$__rate_interval", "30s").replace("$__interval", "1s").replace("$host", ".*"))
         finally:
             proc.kill()
             proc.wait(timeout=10)

@@ -16,6 +16,9 @@ def test_parse_popularity_kept():
     assert str(parse_popularity("uniform")) == "uniform"
     with pytest.raises(ConfigError):
         parse_popularity("zipf:-1")
+    for spelling in ("zipfian", "zipf", "zipf1.1", "Uniformly"):  # unknown spellings are refused, not guessed
+        with pytest.raises(ConfigError, match="popularity"):
+            parse_popularity(spelling)
 
 
 def test_same_arguments_same_schedule_and_seed_changes_it():

@@ -88,6 +88,29 @@ def test_a_small_run_of_every_mode_writes_complete_results(model_dir, image_dir,
         img = cv2.imread(str(png))
         assert img is not None and img.shape[0] > 100 and img.shape[1] > 100 and img.std() > 0
     assert f"results: {run_dir}" in proc.stdout
+    # no config.json in the working directory: the built-in default, said first
+    assert proc.stderr.startswith(f"config: the built-in default ({Path(__file__).parents[1] / 'cortexbench'}")
+
+
+def test_from_a_directory_without_config_json_quiet_runs_the_built_in_cpu_default(tmp_path):
+    """What an installed ``cortexbench stream`` does anywhere: the packaged config.json with its CPU fallback
+    (4 small models, exported to ./data/models; 200 synthetic images in ./data/images; results in
+    ./results), and --quiet drops the progress only: the summary and the results path are printed."""
+    cmd = [sys.executable, "-m", "cortexbench.stream", "--images", "20", "--warmup", "4", "--mode", "cached",
+           "--metrics-port", "0", "--quiet"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.strip() == "", proc.stderr[-3000:]  # no progress, no plan line
+    run_dir = _run_dir(tmp_path / "results")
+    assert f"results: {run_dir}" in proc.stdout and proc.stdout.splitlines()[2].startswith("cached ")
+    results = json.loads((run_dir / "results.json").read_text())
+    cfg = results["config"]
+    assert cfg["models"] == ["squeezenet", "nin", "mnist_cnn", "digits_cnn"]  # cpu_fallback, not the 8 ImageNet
+    assert (cfg["stream"]["concurrency"], cfg["stream"]["image_pool"], cfg["times"]) == (4, 64, 20)
+    assert cfg["img_dir"] == str(tmp_path / "data" / "images")
+    assert len(list((tmp_path / "data" / "images").rglob("*.jpg"))) == 200
+    assert {p.name.split("-")[0] for p in (tmp_path / "data" / "models").rglob("*-symbol.json")} == {
+        "squeezenet", "nin", "mnist_cnn", "digits_cnn"}
 
 
 # --- bad input: exit 2, one line, no traceback, nothing run ------------------------------------------
@@ -99,6 +122,7 @@ BAD = {
     "empty-img-dir": ("--img-dir", "{empty}"),
     "gpus": ("--gpus", "3"),
     "corrupt-model": ("--model-dir", "{corrupt}"),
+    "fp16-on-cpu": ("--precision", "fp16"),
 }
 EXPECT = {
     "unknown-model": "resnet9000",
@@ -107,6 +131,7 @@ EXPECT = {
     "empty-img-dir": "no images",
     "gpus": "--gpus 3",
     "corrupt-model": "digits_cnn",
+    "fp16-on-cpu": "'precision' fp16 needs GPU workers",
 }
 
 

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cortexbench import cluster
 from cortexbench.balancer import make_balancer
 from cortexbench.config import Config, StreamConfig
-from cortexbench.coordinator import StreamPlan, StreamRun, run_stream
+from cortexbench.coordinator import StreamPlan, StreamRun, run_stream, worker_labels
 from cortexbench.driver import Driver, DriverOptions, DriverResult, Progress
 from cortexbench.errors import CortexbenchError, WorkerError
 from cortexbench.images.dataset import list_images
@@ -156,15 +156,30 @@ def _plan(cfg: Config, pool: cluster.WorkerPool, images: tuple[str, ...], driver
                       1, 4, sched)
 
 
+class ScrapingView(LiveView):
+    """A LiveView that scrapes /metrics once in the middle of each mode's measured images (from the fold
+    that the driver calls, so no waiting on time)."""
+
+    scrapes: dict[str, dict[str, Any]]
+
+    def fold(self, p: Progress, rows: Any = None) -> None:
+        super().fold(p, rows)
+        if self.server is not None and self.mode not in self.scrapes and self.done >= self.warmup + 20:
+            self.scrapes[self.mode] = _scrape(self.server)
+
+
 def _stream_run(pool: cluster.WorkerPool, images: tuple[str, ...], model_dir: Path, drivers: int,
                 server: MetricsServer | None) -> StreamRun:
     cfg = Config(models=MODELS, model_dir=model_dir, times=150,
                  stream=StreamConfig(modes=("cached", "lru:1"), concurrency=4, warmup=10, model_weights=(4, 1, 1)))
     plan = _plan(cfg, pool, images, drivers)
-    live = LiveView(MODELS, pool.names, server=server, run_id="test", backend="mxnet", quiet=True)
+    live = ScrapingView(MODELS, pool.names, server=server, run_id="test", backend="mxnet", quiet=True,
+                        host="here", worker_labels=worker_labels(pool, "here"), modes=2)
+    live.scrapes = {}
     run = StreamRun(plan, pool, live)
+    run.live_scrapes = live.scrapes  # type: ignore[attr-defined]
     asyncio.run(run.run())
-    live.close_mode()
+    live.finish()
     return run
 
 
@@ -173,22 +188,71 @@ def _scrape(server: MetricsServer) -> dict[str, Any]:
     return {f.name: f for f in text_string_to_metric_families(text)}
 
 
-def _per_mode(family: Any, sample_name: str) -> dict[str, float]:
-    out: dict[str, float] = {}
+def _per(family: Any, sample_name: str, *labels: str, **where: str) -> dict[Any, float]:
+    """Sum of the samples named ``sample_name`` matching ``where``, by the values of ``labels``."""
+    out: dict[Any, float] = {}
     for s in family.samples:
-        if s.name == sample_name:
-            out[s.labels["mode"]] = out.get(s.labels["mode"], 0) + s.value
+        if s.name == sample_name and all(s.labels.get(k) == v for k, v in where.items()):
+            key = tuple(s.labels[k] for k in labels)
+            key = key[0] if len(key) == 1 else key
+            out[key] = out.get(key, 0) + s.value
     return out
 
 
-def _check_metrics(server: MetricsServer, run: StreamRun) -> None:
+def _check_metrics(server: MetricsServer, run: StreamRun, pool: cluster.WorkerPool) -> None:
+    """Every metric means what docs/metrics.md says, checked against the ledgers after the run."""
     fams = _scrape(server)
-    images = _per_mode(fams["cortexbench_images"], "cortexbench_images_total")
-    latency = _per_mode(fams["cortexbench_image_latency_seconds"], "cortexbench_image_latency_seconds_count")
-    for mode, m in run.modes.items():
-        assert images[mode] == m.result.sent
-        assert latency[mode] == m.result.ledger.outcome_counts()["ok"]
-    assert set(images) == set(run.modes)
+    labels = set(worker_labels(pool, "here"))
+    warmup = run.plan.schedule.warmup
+    for phase in ("warmup", "measured"):
+        images = _per(fams["cortexbench_images"], "cortexbench_images_total", "mode", phase=phase)
+        latency = _per(fams["cortexbench_image_latency_seconds"], "cortexbench_image_latency_seconds_count", "mode",
+                       phase=phase)
+        hits = _per(fams["cortexbench_cache_hits"], "cortexbench_cache_hits_total", "mode", phase=phase)
+        loads = _per(fams["cortexbench_model_loads"], "cortexbench_model_loads_total", "mode", phase=phase)
+        for mode, m in run.modes.items():
+            ledger = m.result.ledger
+            sel = (ledger.column("item") >= warmup) == (phase == "measured")
+            assert images[mode] == int(sel.sum()) == (warmup if phase == "warmup" else m.result.sent - warmup)
+            assert latency[mode] == int((sel & ledger.ok_mask()).sum())
+            if phase == "measured":  # the report's counted images are the measured ones
+                assert latency[mode] == m.hists.rollup(lambda k: k[:1]).get(("latency",)).count
+            assert hits.get(mode, 0) == int((sel & (ledger.column("hit") == 1)).sum())
+            assert loads.get(mode, 0) == int((sel & (ledger.column("hit") == 0)).sum())
+    setup = _per(fams["cortexbench_model_loads"], "cortexbench_model_loads_total", "mode", "worker", phase="setup")
+    assert setup == {("cached", w): len(MODELS) for w in labels}  # cached mode's preload, every model everywhere
+    stages = _per(fams["cortexbench_stage_seconds"], "cortexbench_stage_seconds_count", "mode", "stage")
+    for stage in ("input", "decode", "read", "build", "copy", "wait"):  # did not happen: not observed
+        assert ("cached", stage) not in stages, stage
+    # every model load reads the model's file: one `read` observed per model load
+    assert stages[("lru:1", "read")] == _per(fams["cortexbench_model_loads"], "cortexbench_model_loads_total",
+                                             "mode")["lru:1"]
+    assert stages[("cached", "infer")] == latency_total(fams, "cached")
+    assert {s.labels["worker"] for s in fams["cortexbench_inflight"].samples} == labels
+    assert {s.labels["worker"] for s in fams["cortexbench_host_memory_bytes"].samples} == labels
+    assert all(s.value > 10e6 for s in fams["cortexbench_host_memory_bytes"].samples)  # an RSS, not a stub
+    assert not fams["cortexbench_device_memory_bytes"].samples  # CPU workers have no device memory
+    assert {s.labels["host"] for f in fams.values() for s in f.samples} == {"here"}
+    assert fams["cortexbench_run_progress_ratio"].samples[0].value == 1.0
+    assert {s.labels["phase"] for s in fams["cortexbench_run_phase"].samples if s.value == 1} == {"done"}
+    # during each mode: measuring it, progress between the modes' shares, the earlier mode's counts kept
+    during = run.live_scrapes  # type: ignore[attr-defined]
+    assert set(during) == {"cached", "lru:1"}
+    for i, mode in enumerate(("cached", "lru:1")):
+        fam = during[mode]
+        assert {s.labels["phase"] for s in fam["cortexbench_run_phase"].samples if s.value == 1} == {"measuring"}
+        run_ratio = fam["cortexbench_run_progress_ratio"].samples[0].value
+        (mode_ratio,) = [s for s in fam["cortexbench_mode_progress_ratio"].samples]
+        assert mode_ratio.labels["mode"] == mode and 0 < mode_ratio.value <= 1  # (one fold may hold them all)
+        assert run_ratio == pytest.approx((i + mode_ratio.value) / 2)
+        seen = _per(fam["cortexbench_images"], "cortexbench_images_total", "mode")
+        assert warmup + 20 <= seen[mode] <= run.modes[mode].result.sent
+        assert seen.get("lru:1", 0) == (0 if mode == "cached" else seen["lru:1"])
+
+
+def latency_total(fams: dict[str, Any], mode: str) -> float:
+    return sum(_per(fams["cortexbench_image_latency_seconds"], "cortexbench_image_latency_seconds_count", "mode",
+                    mode=mode).values())
 
 
 @pytest.mark.parametrize("drivers", [1, 2], ids=["in-process", "shards"])
@@ -212,7 +276,7 @@ def test_stream_run_merges_ledgers_histograms_and_metrics(pool, images, model_di
                 assert per.min() > 0
             if mode == "cached":
                 assert s["hit_ratio"] == 1.0
-        _check_metrics(server, run)
+        _check_metrics(server, run, pool)
     finally:
         server.stop()
 

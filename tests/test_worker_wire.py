@@ -25,13 +25,24 @@ def test_a_request_group_survives_the_wire():
 def test_a_result_group_survives_the_wire_with_errors_nans_and_state():
     rows = np.arange(3 * len(RESULT_COLS), dtype=np.float64).reshape(3, len(RESULT_COLS)) / 7
     rows[1, 4] = math.nan
-    state = WorkerState(1, 2, 3, 4 << 33, 5, 6, 7 << 30)
+    state = WorkerState(1, 2, 3, 4 << 33, 5, 6, 7 << 30, 9 << 30)
     res = ResultGroup(rows, {1: "model 'x': cannot load /m/x.params: bad magic"}, state)
     back = ResultGroup.from_bytes(res.to_bytes())
     assert np.array_equal(back.rows, rows, equal_nan=True)
     assert back.errors == res.errors and back.state == state
     empty = ResultGroup.from_bytes(ResultGroup(np.zeros((0, len(RESULT_COLS)))).to_bytes())
     assert len(empty) == 0 and empty.errors == {} and empty.state == WorkerState()
+
+
+def test_memory_is_the_device_s_on_a_gpu_and_the_rss_on_the_host():
+    """A CPU worker has no device memory (-1: not exported); the host figure is this process's RSS."""
+    from cortexbench.worker import device_memory_bytes, host_memory_bytes
+
+    assert device_memory_bytes("cpu") == -1
+    rss = host_memory_bytes()
+    status = Path("/proc/self/status").read_text()
+    vm_rss = int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) * 1024
+    assert rss > 10e6 and abs(rss - vm_rss) < 0.05 * vm_rss
 
 
 def test_many_callers_at_once_each_get_their_own_images_timed(tmp_path: Path, image_dir: Path):

@@ -120,6 +120,20 @@ def read_url_list(path: Path, tally: _Tally) -> Iterator[tuple[str, str]]:
             yield image_id, url
 
 
+def foreign_images(out: Path) -> int:
+    """How many images lie in sub-directories of ``out`` (fetch writes only ``out/<id>.<ext>``): another set,
+    such as the synthetic one (``<nnnn>/img_<i>.jpg``), that a stream over ``out`` would mix in."""
+    from cortexbench.images.dataset import list_images
+
+    if not out.is_dir():
+        return 0
+    root = out.resolve()
+    try:
+        return sum(1 for p in list_images(out) if p.parent != root)
+    except DatasetError:  # no images at all
+        return 0
+
+
 def _existing_ids(out: Path) -> set[str]:
     ids = set()
     for entry in os.scandir(out):

@@ -197,3 +197,33 @@ def test_fetch_with_enough_images_already_requests_nothing(tmp_path, server):
     assert (s.ok, s.existing, s.have) == (0, 3, 3)
     assert not server.hits
     assert sorted(_saved(out)) == ["old0.jpg", "old1.jpg", "old2.jpg"]
+
+
+def test_fetch_command_exits_1_and_says_so_when_the_list_runs_out(tmp_path, server, capsys):
+    from cortexbench.images.__main__ import main
+
+    urls = _list(tmp_path, [f"n0\t{server.url}/good/0.jpg", f"gone\t{server.url}/missing"])
+    out = tmp_path / "out"
+    assert main(["fetch", "--urls", str(urls), "--out", str(out), "--count", "3", "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert "1 of 3 images" in captured.out
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith("python -m cortexbench.images fetch: error: --count 3: got 1 image(s)")
+    assert "ran out of usable URLs" in line
+    assert main(["fetch", "--urls", str(urls), "--out", str(out), "--count", "1", "--quiet"]) == 0  # enough
+
+
+def test_fetch_command_defaults_to_its_own_directory_and_warns_about_a_mixed_one(tmp_path, server, capsys,
+                                                                                    monkeypatch):
+    from cortexbench.images.__main__ import FETCH_DIR, main
+    from cortexbench.images.synth import synthesize
+
+    monkeypatch.chdir(tmp_path)
+    urls = _list(tmp_path, [f"n{i}\t{server.url}/good/{i}.jpg" for i in range(2)])
+    assert main(["fetch", "--urls", str(urls), "--count", "2", "--quiet"]) == 0
+    assert sorted(_saved(tmp_path / FETCH_DIR)) == ["n0.jpg", "n1.jpg"]
+    assert "warning" not in capsys.readouterr().err
+    synthesize(tmp_path / "data" / "images", 3, seed=0, workers=1, progress=False)
+    assert main(["fetch", "--urls", str(urls), "--out", "data/images", "--count", "2", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: data/images already holds 3 image(s)" in err and str(FETCH_DIR) in err
