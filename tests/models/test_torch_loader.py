@@ -5,6 +5,7 @@ here, skipped without one."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 
@@ -93,7 +94,7 @@ def test_chunks_cover_the_data_and_start_aligned(n, readers):
     chunk that starts mid-element cannot be viewed as fp32) and the chunks cover 0..n exactly."""
     parts = chunks(n, readers)
     assert parts[0][0] == 0 and parts[-1][1] == n
-    assert all(b == a2 for (_, b), (a2, _) in zip(parts, parts[1:], strict=False))
+    assert all(b == a2 for (_, b), (a2, _) in itertools.pairwise(parts))
     assert all(a % CHUNK_ALIGN == 0 and 0 < b - a <= MAX_CHUNK for a, b in parts)
 
 
