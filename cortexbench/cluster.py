@@ -23,7 +23,6 @@ import asyncio
 import os
 import queue
 import socket
-import sys
 import threading
 import time
 from collections import deque
@@ -115,9 +114,6 @@ class WorkerActor:
     times the whole call on a compiled graph."""
 
     def __init__(self, spec: WorkerSpec, threads: int) -> None:
-        interval = os.environ.get("CORTEXBENCH_SWITCH_INTERVAL_S")  # a tuning knob for bench/cold.py's A/B
-        if interval:
-            sys.setswitchinterval(float(interval))
         if threads > 0 and spec.backend == "torch":
             try:
                 import torch

@@ -64,7 +64,7 @@ from cortexbench.models.backends.torch_impl import _DTYPES, TorchModel, _check_k
 from cortexbench.models.registry import ModelSpec
 
 MIN_CHUNK = 1 << 20
-MAX_CHUNK = 4 << 20  # small enough that copies follow the reads closely (a burst is readers x chunk)
+MAX_CHUNK = 8 << 20  # copies follow the reads in bursts of readers x chunk; each chunk costs a GIL hand-off
 STAGING = 2
 CHUNK_ALIGN = 1 << 16
 _ALIGN = 256
