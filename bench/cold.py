@@ -182,6 +182,8 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "cb-cold")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "results")))
     ap.add_argument("--skip-stream", action="store_true")
+    ap.add_argument("--c1-modes", default="cached,cold,swap",
+                    help="modes of the concurrency-1 run (cached checks the other tiers' answers)")
     ap.add_argument("--switch-interval", type=float, default=0.0,
                     help="also run c=16 with the workers' GIL switch interval in the loading modes at this value "
                          "(an A/B against cortexbench's 0.0005 s)")
@@ -236,7 +238,7 @@ def main() -> int:
         cfg = work / "config.json"
         cfg.write_text(json.dumps({"models": names, "img_dir": str(img_dir), "model_dir": str(model_dir),
                                    "result_dir": str(work / "results"), "backend": "torch"}))
-        out["c1"] = run_stream(cfg, "cached,cold,swap", 1, args.images, 16, args.precision, [])
+        out["c1"] = run_stream(cfg, args.c1_modes, 1, args.images, 16, args.precision, [])
         out["c16"] = run_stream(cfg, "cold,swap", 16, args.images16, 64, args.precision, [])
         if args.switch_interval:  # A/B: the workers' GIL switch interval
             out["c16_switch"] = run_stream(cfg, "cold,swap", 16, args.images16, 64, args.precision, [],
