@@ -182,6 +182,7 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "cb-cold")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "results")))
     ap.add_argument("--skip-stream", action="store_true")
+    ap.add_argument("--ab", action="store_true", help="only the A/B of the loader's tuning knobs (cold, c=16)")
     ap.add_argument("--c1-modes", default="cached,cold,swap",
                     help="modes of the concurrency-1 run (cached checks the other tiers' answers)")
     ap.add_argument("--switch-interval", type=float, default=0.0,
@@ -207,6 +208,22 @@ def main() -> int:
     mean_bytes = statistics.mean(sizes.values())
     out: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0) if gpu else None, "torch": torch.__version__,
                            "precision": args.precision, "models": names, "bytes": sizes, "mean_bytes": mean_bytes}
+    if args.ab and gpu:  # only the A/B of the loader's tuning knobs: cold at c=16, one run per variant
+        cfg = work / "config.json"
+        cfg.write_text(json.dumps({"models": names, "img_dir": str(img_dir), "model_dir": str(model_dir),
+                                   "result_dir": str(work / "results"), "backend": "torch"}))
+        variants = {"as shipped": {}, "switch 5 ms": {"CORTEXBENCH_SWITCH_INTERVAL_S": "0.005"},
+                    "chunks 16 MB": {"CORTEXBENCH_CHUNK_MB": "16"}, "no input overlap": {"CORTEXBENCH_INPUT_OVERLAP": "0"},
+                    "as shipped again": {}}
+        ab = {k: run_stream(cfg, "cold", 16, args.images16, 64, args.precision, [], env=v) for k, v in variants.items()}
+        out["ab"] = ab
+        print_table("A/B: cold at c=16", ["variant", "img/s", "mean ms", "read ms", "copy ms", "wait ms", "infer ms"],
+                    [[k, (r.get("cold") or {}).get("img_per_s", float("nan")),
+                      *((((r.get("cold") or {}).get(key) or float("nan")) * 1e3) for key in ("mean_s",)),
+                      *((((r.get("cold") or {}).get("stages") or {}).get(st) or float("nan")) * 1e3
+                        for st in ("read", "copy", "wait", "infer"))] for k, r in ab.items()])
+        write_json(args.out / "cold_ab.json", out)
+        return 0
     # 1. the hardware
     biggest = max(paths.values(), key=lambda p: p.stat().st_size)
     buf = torch.empty(biggest.stat().st_size, dtype=torch.uint8, pin_memory=gpu).numpy()

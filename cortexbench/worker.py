@@ -85,6 +85,8 @@ MEMORY_REFRESH_S = 0.25  # WorkerState.memory_bytes is read again at most this o
 _NAN = float("nan")
 _DEFAULT_SWITCH_S = sys.getswitchinterval()
 LOADING_SWITCH_S = float(os.environ.get("CORTEXBENCH_SWITCH_INTERVAL_S", "0.0005"))
+# cold: read and decode the image while the model loads (a tuning knob for bench/cold.py's A/B runs)
+INPUT_OVERLAP = os.environ.get("CORTEXBENCH_INPUT_OVERLAP", "1") != "0"
 _BLANK = (ERROR, -1.0, *(_NAN,) * N_STAGES, -1.0, -1.0, _NAN)  # a row's columns after the item, until filled
 
 
@@ -479,10 +481,14 @@ class ModelWorker:
                 k = image_idx % len(pool)
                 x = pool[k:k + 1]
                 out[_INPUT_IDX] = self._pool_files[spec.input_shape][k]
-            else:  # cold: the image is read and decoded while the model loads
+            elif INPUT_OVERLAP:  # cold: the image is read and decoded while the model loads
                 out[_INPUT_IDX] = image_idx % len(self.spec.images)
                 assert self._input_threads is not None
                 pending = self._input_threads.submit(self._read_input, image_idx, spec)
+            else:
+                out[_INPUT_IDX] = image_idx % len(self.spec.images)
+                x, t1, t2 = self._read_input(image_idx, spec)
+                pending = _done_future((x, t1, t2))
             model, res, hit, t3, times = self._acquire(spec, t0)
             out[2] = hit
             try:
@@ -632,6 +638,12 @@ class ModelWorker:
             self._input_threads = None
         for _ in self._threads:
             self._jobs.put(None)
+
+
+def _done_future(value: Any) -> Future[Any]:
+    f: Future[Any] = Future()
+    f.set_result(value)
+    return f
 
 
 class _Call:

@@ -64,7 +64,9 @@ from cortexbench.models.backends.torch_impl import _DTYPES, TorchModel, _check_k
 from cortexbench.models.registry import ModelSpec
 
 MIN_CHUNK = 1 << 20
-MAX_CHUNK = 8 << 20  # copies follow the reads in bursts of readers x chunk; each chunk costs a GIL hand-off
+# Copies follow the reads in bursts of readers x chunk; each chunk costs a GIL hand-off.  The environment
+# variable is a tuning knob for bench/cold.py's A/B runs.
+MAX_CHUNK = int(float(os.environ.get("CORTEXBENCH_CHUNK_MB", "8")) * (1 << 20))
 STAGING = 2
 CHUNK_ALIGN = 1 << 16
 _ALIGN = 256
