@@ -202,6 +202,46 @@ def test_a_missing_or_corrupt_model_file_is_a_model_error(model_dir, images, tmp
         w.close()
 
 
+@pytest.mark.parametrize("mode", ["cold", "swap"])
+@pytest.mark.parametrize("backend", ["mxnet", "torch"])
+@pytest.mark.parametrize("when", ["before the run", "during the run"])
+def test_a_damaged_model_file_fails_its_images_in_cold_and_swap_and_the_run_goes_on(model_dir, images, tmp_path,
+                                                                                     mode, backend, when):
+    """A file corrupt before the run (swap holds what it could read: nothing) or truncated during it (cold
+    reads it again for every image; swap already holds the good bytes) fails exactly its model's images."""
+    if backend == "torch":
+        pytest.importorskip("torch")
+        mine = tmp_path / "models"
+        for name in MODELS:
+            get_backend("torch").export(get_spec(name), mine, seed=0)
+    else:
+        mine = tmp_path / "models"
+        shutil.copytree(model_dir, mine)
+    target = get_backend(backend).model_files(get_spec("digits_cnn"), mine)[-1]
+    good = target.read_bytes()
+
+    def damage() -> None:
+        target.write_bytes(good[: len(good) // 2] if when == "during the run" else b"not a model file" * 10)
+
+    if when == "before the run":
+        damage()
+    spec = WorkerSpec(name="w0", device="cpu", backend=backend, model_dir=str(mine), models=MODELS,
+                      images=tuple(str(p) for p in images), lanes=1, image_pool=8)
+    w = ModelWorker(spec)
+    try:
+        w.set_mode(mode)
+        if when == "during the run":
+            damage()
+        res = w.run(RequestGroup.of(range(6), [0, 1, 2, 1, 0, 2], range(6)))
+        swap_kept_it = mode == "swap" and when == "during the run"
+        bad = OK if swap_kept_it else MODEL_ERROR
+        assert res.rows[:, 1].tolist() == [OK, bad, OK, bad, OK, OK], res.errors
+        if not swap_kept_it:
+            assert set(res.errors) == {1, 3} and all("digits_cnn" in m and "\n" not in m for m in res.errors.values())
+    finally:
+        w.close()
+
+
 def test_two_lanes_run_two_images_at_once(model_dir, images):
     w = _worker(model_dir, images, models=("null:0.05",), lanes=2)
     try:
