@@ -115,6 +115,8 @@ def test_check_complete_catches_lost_and_duplicated_images():
     led.check_complete(100)
     with pytest.raises(WorkerError, match="100 images, but 101 were sent: 1 unaccounted"):
         led.check_complete(101)
+    with pytest.raises(WorkerError, match="100 images, but 99 were sent: 1 recorded but never sent"):
+        led.check_complete(99)
     dup = Ledger(MODELS, WORKERS)
     dup.add_many(**_rows(100, items=np.r_[np.arange(99), 42]))
     with pytest.raises(WorkerError, match=r"1 images recorded twice \(items 42\)"):

@@ -161,6 +161,16 @@ def test_merge_is_recording_both_sets():
     assert a == both
 
 
+def test_merge_keeps_the_values_clamped_above_the_top():
+    a, b, both = LatencyHistogram(), LatencyHistogram(), LatencyHistogram()
+    a.record_many([0.001, 150.0])
+    b.record_many([0.002, 1e4, 200.0])
+    both.record_many([0.001, 150.0, 0.002, 1e4, 200.0])
+    a.merge(b)
+    assert a.clamped_count == both.clamped_count == 3
+    assert a == both and a.max_s == 1e4 and a.count == 5
+
+
 def test_pickle_and_bytes_round_trip(recorded):
     values, h = recorded["bimodal_cached_cold"]
     data = h.to_bytes()
