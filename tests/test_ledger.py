@@ -191,3 +191,60 @@ def test_csv_of_empty_ledger(tmp_path):
     back = Ledger.from_csv_gz(path, models=MODELS, workers=WORKERS)
     assert len(back) == 0
     back.check_complete(0)
+
+
+def test_merge_maps_each_shards_model_names_and_finds_a_duplicate_anywhere():
+    a = Ledger(("x", "y"), ("w0",))
+    a.add_many(item=np.array([0, 2]), model_idx=np.array([0, 1]), image_idx=0, worker=0, outcome=0,
+               scheduled_s=0.0, sent_s=0.0, done_s=1.0)
+    b = Ledger(("y", "z"), ("w1",))  # another shard's own model order
+    b.add_many(item=np.array([1, 3]), model_idx=np.array([0, 1]), image_idx=0, worker=0, outcome=0,
+               scheduled_s=0.0, sent_s=0.0, done_s=1.0)
+    merged = Ledger.merge([a, b])
+    assert merged.models == ("x", "y", "z") and merged.workers == ("w0", "w1")
+    names = np.array(merged.models)[merged.column("model_idx")]
+    assert names.tolist() == ["x", "y", "y", "z"] and merged.column("worker").tolist() == [0, 1, 0, 1]
+    c = Ledger(("x",), ("w2",))
+    c.add_many(item=np.array([5, 3, 2]), model_idx=0, image_idx=0, worker=0, outcome=0, scheduled_s=0.0,
+               sent_s=0.0, done_s=1.0)
+    with pytest.raises(WorkerError, match=r"2 items appear in more than one shard \(first: 2\)"):
+        Ledger.merge([a, b, c])
+    with pytest.raises(ValueError, match="needs at least one ledger"):
+        Ledger.merge([])
+
+
+def test_an_empty_ledger_pickles_and_grows_afterwards():
+    back = pickle.loads(pickle.dumps(Ledger(MODELS, WORKERS)))
+    assert len(back) == 0 and back.models == MODELS
+    rows = _rows(50, seed=6)
+    back.add_many(**rows)
+    whole = Ledger(MODELS, WORKERS)
+    whole.add_many(**rows)
+    _same(back, whole)
+
+
+def test_csv_rows_write_unknown_values_as_empty_strings():
+    led = Ledger(MODELS, WORKERS)
+    led.add_many(item=np.arange(4), model_idx=np.array([0, 2, 3, -2]), image_idx=0,
+                 worker=np.array([1, -1, 3, 0]), outcome=0, hit=np.array([1, 0, -1, -1]), scheduled_s=0.0,
+                 sent_s=0.0, done_s=0.5, infer_s=np.array([0.25, np.nan, 0.125, np.nan]))
+    rows = list(led.to_rows())
+    col = {name: [r[i] for r in rows] for i, name in enumerate(Ledger.header())}
+    assert col["model"] == ["resnet", "null", "", ""]  # out of range either way: unknown
+    assert col["worker"] == ["gpu:1", "", "", "gpu:0"]
+    assert col["hit"] == [1, 0, "", ""]
+    assert col["infer_s"] == [0.25, "", 0.125, ""] and col["queue_s"] == ["", "", "", ""]
+    assert col["latency_s"] == [0.5] * 4
+
+
+def test_reading_a_file_that_is_not_a_ledger_says_so(tmp_path):
+    path = tmp_path / "other.csv.gz"
+    with gzip.open(path, "wt") as f:
+        f.write("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="not a cortexbench ledger \\(expected header item,model,"):
+        Ledger.from_csv_gz(path)
+    empty = tmp_path / "empty.csv.gz"
+    with gzip.open(empty, "wt") as f:
+        f.write("")
+    with pytest.raises(ValueError, match="not a cortexbench ledger"):
+        Ledger.from_csv_gz(empty)
