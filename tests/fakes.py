@@ -23,8 +23,8 @@ class VirtualTime:
     """The clock of ``run_virtual``.  ``block(s)`` moves it on without running the loop: what a call that
     blocks the event loop's thread (a slow serialisation, a GC pause) does to a real driver."""
 
-    def __init__(self) -> None:
-        self.now = 0.0
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start  # not 0: a driver that mixes up absolute and relative times shows
 
     def __call__(self) -> float:
         return self.now

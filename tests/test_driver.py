@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from cortexbench.balancer import make_balancer
-from cortexbench.driver import Driver, DriverOptions
-from cortexbench.ledger import OUTCOMES
+from cortexbench.driver import CANCELLED, ERROR, TIMEOUT, WORKER_DIED, Driver, DriverOptions
+from cortexbench.ledger import OUTCOMES, WORKER_STAGES
 from cortexbench.live import LiveView
 from cortexbench.report.stream_summary import histograms, summarize_mode
 from cortexbench.schedule import make_schedule
@@ -59,6 +59,17 @@ def _check_end_of_run(driver, res, sched, seen, view):
     assert res.sent + res.not_sent == len(sched)
     res.ledger.check_complete(res.sent)
     assert len(res.ledger) == res.sent
+    led = res.ledger
+    ok = led.column("outcome") == 0
+    assert (seen[-1].done, seen[-1].failed, seen[-1].sent) == (int(ok.sum()), int((~ok).sum()), res.sent)
+    scheduled, sent, done = led.column("scheduled_s"), led.column("sent_s"), led.column("done_s")
+    assert (scheduled >= 0).all() and (sent >= scheduled).all() and (done >= sent).all()
+    assert (done <= res.finished_s - res.started_s).all()
+    lost = np.isin(led.column("outcome"), [WORKER_DIED, TIMEOUT, CANCELLED, ERROR])  # failed in the driver
+    assert (led.column("hit")[lost] == -1).all()  # nothing known from the worker
+    for stage in WORKER_STAGES:
+        assert np.isnan(led.column(f"{stage}_s")[lost]).all()
+        assert not np.isnan(led.column(f"{stage}_s")[ok]).any()
 
 
 def _by_item(res, column):
@@ -151,11 +162,11 @@ def test_a_driver_that_falls_behind_sends_late_and_the_latency_counts_the_wait()
     h = _BlocksTheLoop("w0", clock, block_at=10, block_s=0.5, service_s=0.001, lanes=64)
     sched, res, _ = _drive([h], count=300, rate=100.0, clock=clock)
     assert res.ledger.outcome_counts()["ok"] == 300
-    start, end = h.blocked
+    _, end = (t - res.started_s for t in h.blocked)
     due = sched.send_at_s
     np.testing.assert_allclose(_by_item(res, "scheduled_s"), due, rtol=0, atol=1e-9)
     # the images that fell due while the loop was blocked go out when it is free again, each at once
-    behind = (due > start) & (due <= end)
+    behind = (np.arange(300) > 9) & (due <= end)  # after the 10th image, whose submit blocked
     assert 30 < behind.sum() < 70
     expect_sent = np.where(behind, end, due)
     expect_done = np.maximum(expect_sent, np.where(np.arange(300) == 9, end, 0)) + 0.001
@@ -348,6 +359,26 @@ def test_a_call_never_answered_times_out_and_the_run_goes_on():
     assert counts["timeout"] == 1 and counts["ok"] == 99
     res.ledger.check_complete(res.sent)
     assert "did not answer within 5 s" in res.error_samples["timeout"]
+
+
+def test_a_timed_out_call_frees_its_slot_for_the_queued_images():
+    # one worker, one call at a time: the images queued behind the hung call go out once it times out
+    handles = [_NeverAnswers("w0")]
+    _, res, _ = _drive(handles, count=4, concurrency=4, depth=1, call_timeout_s=5.0, stop_after=60.0)
+    assert not res.stopped_early
+    assert res.ledger.outcome_counts()["timeout"] == 1 and res.ledger.outcome_counts()["ok"] == 3
+    assert res.sent == 4 and res.finished_s - res.started_s == pytest.approx(5.03)
+
+
+class _FailsLong(FakeWorkerHandle):
+    async def call(self, group):
+        raise RuntimeError("x" * 500 + "\nsecond line")
+
+
+def test_an_error_sample_is_the_first_line_cut_to_300_characters():
+    _, res, _ = _drive([_FailsLong("w0")], count=2, concurrency=1)
+    assert res.error_samples == {"error": "RuntimeError: " + "x" * 286}
+    assert res.ledger.outcome_counts()["error"] == 2
 
 
 def test_open_loop_duration_counts_after_the_warmup():
