@@ -248,3 +248,23 @@ def test_reading_a_file_that_is_not_a_ledger_says_so(tmp_path):
         f.write("")
     with pytest.raises(ValueError, match="not a cortexbench ledger"):
         Ledger.from_csv_gz(empty)
+
+
+def test_check_complete_refuses_unknown_outcomes_and_names_the_counts():
+    rows = _rows(10)
+    rows["outcome"] = np.array([0] * 8 + [len(OUTCOMES), 0])
+    bad = Ledger(MODELS, WORKERS)
+    bad.add_many(**rows)
+    with pytest.raises(WorkerError, match=r"^ledger: 1 images have an unknown outcome code \(valid: 0\.\.6\)$"):
+        bad.check_complete(10)
+    rows["outcome"] = np.array([0] * 7 + [2, 3, 5])
+    led = Ledger(MODELS, WORKERS)
+    led.add_many(**rows)
+    with pytest.raises(WorkerError, match=r"^ledger: 7 ok \+ 3 failed = 10 images, but 12 were sent: "
+                                          r"2 unaccounted for \(lost\)$"):
+        led.check_complete(12)
+    dup = Ledger(MODELS, WORKERS)
+    dup.add_many(**_rows(12, items=np.array([5, 4, 3, 2, 1, 0] * 2)))
+    with pytest.raises(WorkerError, match=r"^ledger: 6 images recorded twice \(items 0, 1, 2, 3, 4\); "
+                                          r"a result was counted more than once$"):
+        dup.check_complete(12)
