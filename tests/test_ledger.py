@@ -268,3 +268,12 @@ def test_check_complete_refuses_unknown_outcomes_and_names_the_counts():
     with pytest.raises(WorkerError, match=r"^ledger: 6 images recorded twice \(items 0, 1, 2, 3, 4\); "
                                           r"a result was counted more than once$"):
         dup.check_complete(12)
+
+
+def test_defaults_a_scalar_row_and_an_unknown_column():
+    led = Ledger(MODELS, WORKERS)
+    led.add(0, 0, 0, 0, "ok", scheduled_s=0.0, sent_s=0.0, done_s=1.0)
+    led.add_many(item=1, model_idx=0, image_idx=0, worker=0, outcome=0, scheduled_s=0.0, sent_s=0.0, done_s=1.0)
+    assert len(led) == 2 and led.column("attempts").tolist() == [1, 1] and led.column("hit").tolist() == [-1, -1]
+    with pytest.raises(KeyError, match=r"no ledger column 'nope' \(columns: item, model_idx, "):
+        led.column("nope")
