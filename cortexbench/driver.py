@@ -149,6 +149,7 @@ class Driver:
         self.ledger = Ledger(capacity=max(n, 1), models=schedule.models, workers=names)
         self.states: dict[str, WorkerState] = {}
         self._restarted = [False] * nw  # a worker lost since its last state: its counters start again
+        self._life = [0] * nw  # how many times each worker was lost: a call knows which life it was sent to
         self.losses: dict[str, int] = {}
         self.n_sent = self.n_done = self.n_failed = self.n_retries = self.n_cancelled = 0
         self.dispatched = 0
@@ -164,8 +165,8 @@ class Driver:
         self.error: str | None = None
         self.error_samples: dict[str, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        # calls in flight: future -> (worker, positions, its timeout timer)
-        self._calls: dict[asyncio.Future[Any], tuple[int, list[int], asyncio.TimerHandle | None]] = {}
+        # calls in flight: future -> (worker, positions, its timeout timer, the worker's life it was sent to)
+        self._calls: dict[asyncio.Future[Any], tuple[int, list[int], asyncio.TimerHandle | None, int]] = {}
         self._results: list[tuple[int, list[int], np.ndarray, float]] = []  # answered, not yet in the ledger
         self._loop: asyncio.AbstractEventLoop | None = None
         self._folded = 0
@@ -234,7 +235,7 @@ class Driver:
 
     def _cancel_rest(self) -> None:
         now = self.clock()
-        for fut, (w, positions, timer) in list(self._calls.items()):
+        for fut, (w, positions, timer, _) in list(self._calls.items()):
             del self._calls[fut]
             if timer is not None:
                 timer.cancel()
@@ -342,7 +343,7 @@ class Driver:
         if self.opt.call_timeout_s is not None:
             assert self._loop is not None
             timer = self._loop.call_later(self.opt.call_timeout_s, self._timed_out, fut)
-        self._calls[fut] = (w, positions, timer)
+        self._calls[fut] = (w, positions, timer, self._life[w])
         fut.add_done_callback(self._answered)
 
     def _answered(self, fut: asyncio.Future[Any]) -> None:
@@ -350,7 +351,7 @@ class Driver:
         entry = self._calls.pop(fut, None)
         if entry is None:  # timed out or cancelled: already counted
             return
-        w, positions, timer = entry
+        w, positions, timer, life = entry
         if timer is not None:
             timer.cancel()
         self.calls_inflight[w] -= 1
@@ -363,7 +364,7 @@ class Driver:
                 result, received = fut.result()
                 self._completed(w, positions, result, received)
             elif isinstance(err, WorkerLostError):
-                self._worker_lost(w, positions)
+                self._worker_lost(w, positions, life)
             else:  # an unexpected transport error: count the images as failed, keep going
                 self._call_failed(w, positions, ERROR, f"{type(err).__name__}: {err}")
         except Exception as e:  # a bug here must not leave the run waiting for images forever
@@ -376,7 +377,7 @@ class Driver:
         entry = self._calls.pop(fut, None)
         if entry is None:
             return
-        w, positions, _ = entry
+        w, positions, _, _ = entry
         self.calls_inflight[w] -= 1
         fut.cancel()
         self._call_failed(w, positions, TIMEOUT,
@@ -466,10 +467,15 @@ class Driver:
 
     # --- faults -------------------------------------------------------------------------------------
 
-    def _worker_lost(self, w: int, positions: list[int]) -> None:
+    def _worker_lost(self, w: int, positions: list[int], life: int) -> None:
+        """A call failed because its worker died.  One death fails every call in flight on the worker; the
+        first failure of a life counts the loss and starts the recovery, the others only retry their
+        images (a call sent before the death fails as part of it, even if it is answered after the
+        worker is back)."""
         name = self.handles[w].name
-        self.losses[name] = self.losses.get(name, 0) + 1
-        if self.alive[w]:
+        if life == self._life[w] and self.alive[w]:  # the first failure of this life: the worker died
+            self._life[w] += 1
+            self.losses[name] = self.losses.get(name, 0) + 1
             self.alive[w] = False
             self._n_down += 1
             self._restarted[w] = True

@@ -19,20 +19,34 @@ from cortexbench.errors import WorkerError, WorkerLostError
 from cortexbench.worker import INFER, RESULT_COLS, RequestGroup, ResultGroup, WorkerState
 
 
-def run_virtual(coro: Coroutine[Any, Any, Any]) -> Any:
+class VirtualTime:
+    """The clock of ``run_virtual``.  ``block(s)`` moves it on without running the loop: what a call that
+    blocks the event loop's thread (a slow serialisation, a GC pause) does to a real driver."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start  # not 0: a driver that mixes up absolute and relative times shows
+
+    def __call__(self) -> float:
+        return self.now
+
+    def block(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def run_virtual(coro: Coroutine[Any, Any, Any], clock: VirtualTime | None = None) -> Any:
     """Run ``coro`` on a loop with virtual time: waiting for a timer advances the clock at once."""
     loop = asyncio.new_event_loop()
-    now = [0.0]
+    now = clock if clock is not None else VirtualTime()
     select = loop._selector.select  # type: ignore[attr-defined]
 
     def virtual_select(timeout: float | None = None) -> Any:
         if timeout is not None and timeout > 0:
-            now[0] += timeout
+            now.now += timeout
             return select(0)
         return select(timeout)
 
     loop._selector.select = virtual_select  # type: ignore[attr-defined]
-    loop.time = lambda: now[0]  # type: ignore[method-assign]
+    loop.time = now  # type: ignore[method-assign]
     try:
         return loop.run_until_complete(coro)
     finally:
@@ -42,16 +56,20 @@ def run_virtual(coro: Coroutine[Any, Any, Any]) -> Any:
 class FakeWorkerHandle:
     """A worker with ``lanes`` parallel lanes and a fixed service time per image (virtual time).
 
-    ``die_at_call``: the n-th call raises WorkerLostError (the worker 'dies'); it comes back after
-    ``down_s`` seconds, or never when ``down_s`` is None.  ``fail_models``: model indices whose images
-    fail with a model error."""
+    ``die_at_call``: the worker process dies when its n-th call arrives (an int, or several call numbers,
+    one death each), and as on Ray every call in flight on it fails with WorkerLostError at that moment,
+    not only the call that triggered it; it comes back (``recover``) after ``down_s`` seconds with its
+    counters and lanes reset, or never when ``down_s`` is None.  Calls made while it is dead fail too
+    (Ray's ActorUnavailableError) and do not count as arrived.  ``fail_models``: model indices whose
+    images fail with a model error.  ``deaths`` and ``lost_images`` record what the deaths cost."""
 
-    def __init__(self, name: str, service_s: float = 0.01, lanes: int = 1, die_at_call: int | None = None,
-                 down_s: float | None = 0.5, fail_models: tuple[int, ...] = ()) -> None:
+    def __init__(self, name: str, service_s: float = 0.01, lanes: int = 1,
+                 die_at_call: int | tuple[int, ...] | None = None, down_s: float | None = 0.5,
+                 fail_models: tuple[int, ...] = ()) -> None:
         self.name = name
         self.service_s = service_s
         self.lanes = lanes
-        self.die_at_call = die_at_call
+        self.die_at = {die_at_call} if isinstance(die_at_call, int) else set(die_at_call or ())
         self.down_s = down_s
         self.fail_models = fail_models
         self.calls = 0
@@ -59,20 +77,36 @@ class FakeWorkerHandle:
         self.max_inflight = 0
         self.inflight = 0
         self.dead = False
+        self.deaths = 0
+        self.lost_images = 0  # images whose call failed because the worker died
+        self._deathwatch: set[asyncio.Future[None]] = set()  # one per call in flight: done when it dies
         self._lane_free = [0.0] * lanes
         self.groups: list[int] = []
 
     def submit(self, group: RequestGroup) -> asyncio.Future[tuple[ResultGroup, float]]:
         return asyncio.ensure_future(self.call(group))
 
+    def _lost(self, n: int) -> WorkerLostError:
+        self.lost_images += n
+        return WorkerLostError(f"worker {self.name} died")
+
+    def _die(self) -> None:
+        self.dead = True
+        self.deaths += 1
+        for watch in self._deathwatch:  # every call in flight fails now
+            if not watch.done():
+                watch.set_result(None)
+
     async def call(self, group: RequestGroup) -> tuple[ResultGroup, float]:
         loop = asyncio.get_running_loop()
-        self.calls += 1
-        if self.dead or (self.die_at_call is not None and self.calls == self.die_at_call):
-            self.dead = True
-            await asyncio.sleep(0.001)
-            raise WorkerLostError(f"worker {self.name} died")
         n = len(group)
+        if self.dead:
+            await asyncio.sleep(0.001)
+            raise self._lost(n)
+        self.calls += 1
+        if self.calls in self.die_at:
+            self._die()
+            raise self._lost(n)
         self.groups.append(n)
         self.inflight += n
         self.max_inflight = max(self.max_inflight, self.inflight)
@@ -91,8 +125,16 @@ class FakeWorkerHandle:
             finish = max(finish, end)
             if int(group.rows[i, 1]) in self.fail_models:
                 rows[i, 1] = 2  # model_error
-        await asyncio.sleep(max(0.0, finish - loop.time()))
+        watch: asyncio.Future[None] = loop.create_future()
+        self._deathwatch.add(watch)
+        try:
+            done, _ = await asyncio.wait([watch], timeout=max(0.0, finish - loop.time()))
+        finally:
+            self._deathwatch.discard(watch)
+        survived = not done
         self.inflight -= n
+        if not survived:
+            raise self._lost(n)
         self.images += n
         return ResultGroup(rows, {}, WorkerState(inflight=self.inflight)), loop.time()
 
@@ -101,7 +143,6 @@ class FakeWorkerHandle:
             raise WorkerError(f"worker {self.name} is gone")
         await asyncio.sleep(self.down_s)
         self.dead = False
-        self.die_at_call = None
         self._lane_free = [0.0] * self.lanes
 
 

@@ -217,3 +217,48 @@ def test_affinity_raises_lru_hit_ratio_over_round_robin():
     assert af_hit > 0.75
     assert af_hit > rr_hit + 0.4
     assert imbalance(af_counts) < 0.2  # spilling keeps the load reasonably even
+
+
+def _reference_order(seed: int, model: int, n_workers: int) -> list[int]:
+    """Rendezvous order: workers by a 64-bit blake2b of 'seed:model:worker' (little-endian), highest first."""
+    import hashlib
+
+    def weight(w: int) -> int:
+        return int.from_bytes(hashlib.blake2b(f"{seed}:{model}:{w}".encode(), digest_size=8).digest(), "little")
+
+    return sorted(range(n_workers), key=weight, reverse=True)
+
+
+def test_affinity_rankings_are_bounded_load_rendezvous_order():
+    for seed, n_models, n_workers, replicas in [(0, 8, 4, 1), (5, 6, 8, 3), (1, 3, 5, 2)]:
+        a = Affinity(n_models, n_workers, replicas, seed=seed)
+        cap = -(-n_models * replicas // n_workers)
+        load = [0] * n_workers
+        for m in range(n_models):
+            order = _reference_order(seed, m, n_workers)
+            homes = [w for w in order if load[w] < cap][:replicas]
+            for w in homes:
+                load[w] += 1
+            assert a.homes(m) == tuple(homes)
+            assert a._rank[m] == tuple(homes) + tuple(w for w in order if w not in homes)
+    assert Affinity(8, 4).homes(0) == Affinity(8, 4, seed=0).homes(0)  # seed 0 by default
+    assert Affinity(8, 4, lru_capacity=2).replicas == default_replicas(4, 8, 2) == 1
+    assert Affinity(4, 8, lru_capacity=2).replicas == default_replicas(8, 4, 2) == 4
+
+
+def test_affinity_checks_its_arguments():
+    assert Affinity(1, 1).homes(0) == (0,)
+    assert Affinity(2, 3, replicas=3, spill_at=1).replicas == 3
+    with pytest.raises(ConfigError, match=r"^affinity balancer needs 1 or more models and workers, not 0 and 2$"):
+        Affinity(0, 2)
+    with pytest.raises(ConfigError, match=r"not 2 and 0$"):
+        Affinity(2, 0)
+    with pytest.raises(ConfigError, match=r"^affinity: replicas must be between 1 and the 3 workers, not 4$"):
+        Affinity(2, 3, replicas=4)
+    with pytest.raises(ConfigError, match=r"^affinity: spill_at must be 1 or more images, not 0$"):
+        Affinity(2, 3, spill_at=0)
+
+
+def test_default_replicas_without_an_lru_and_for_one_model():
+    assert default_replicas(8, 4) == 2 and default_replicas(8, 4, None) == 2
+    assert default_replicas(3, 1) == 3 and default_replicas(3, 0) == 3

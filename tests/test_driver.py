@@ -8,33 +8,89 @@ import numpy as np
 import pytest
 
 from cortexbench.balancer import make_balancer
-from cortexbench.driver import Driver, DriverOptions
-from cortexbench.ledger import OUTCOMES
+from cortexbench.driver import CANCELLED, ERROR, TIMEOUT, WORKER_DIED, Driver, DriverOptions
+from cortexbench.ledger import OUTCOMES, WORKER_STAGES
+from cortexbench.live import LiveView
+from cortexbench.report.stream_summary import histograms, summarize_mode
 from cortexbench.schedule import make_schedule
-from tests.fakes import FakeWorkerHandle, run_virtual
+from tests.fakes import FakeWorkerHandle, VirtualTime, run_virtual
 
 MODELS = ("a", "b", "c", "d")
 
 
 def _drive(handles, *, count=400, rate=None, concurrency=8, max_group=1, depth=64, retries=2, warmup=0,
            balancer="least-outstanding", duration_s=None, stop_after=None, drain_timeout_s=10.0, seed=0,
-           call_timeout_s=None):
+           call_timeout_s=None, clock=None):
+    """Run a schedule over ``handles`` in virtual time (``clock``: a VirtualTime the handles may block);
+    check what must hold at the end of every run, however it ended."""
     sched = make_schedule(count=count, models=MODELS, n_images=50, rate=rate, warmup=warmup, seed=seed,
                           duration_s=duration_s if rate else None)
     opts = DriverOptions(mode="cached", concurrency=None if rate else concurrency, max_group=max_group,
                          depth=depth, retries=retries, duration_s=duration_s, drain_timeout_s=drain_timeout_s,
                          spin_s=0.0, fold_interval_s=0.05, call_timeout_s=call_timeout_s)
     seen = []
+    view = LiveView(MODELS, [h.name for h in handles], server=None, run_id="t", backend="fake", quiet=True)
+    view.start_mode("cached", len(sched), warmup)
+
+    def progress(p):
+        seen.append(p)
+        view.fold(p)
 
     async def main():
         loop = asyncio.get_running_loop()
         bal = make_balancer(balancer, len(handles), len(MODELS), seed=seed)
-        driver = Driver(sched, handles, bal, opts, clock=loop.time, on_progress=seen.append)
+        driver = Driver(sched, handles, bal, opts, clock=loop.time, on_progress=progress)
         if stop_after is not None:
             loop.call_later(stop_after, driver.stop)
-        return await driver.run()
+        return driver, await driver.run()
 
-    return sched, run_virtual(main()), seen
+    driver, res = run_virtual(main(), clock)
+    _check_end_of_run(driver, res, sched, seen, view)
+    return sched, res, seen
+
+
+def _check_end_of_run(driver, res, sched, seen, view):
+    """Nothing is left in flight or queued, every image sent has exactly one row, the gauges read zero."""
+    assert driver.outstanding.tolist() == [0] * len(driver.handles)
+    assert driver.calls_inflight == [0] * len(driver.handles)
+    assert not driver._calls and not any(driver.pending) and not driver._parked
+    assert seen and seen[-1].outstanding == [0] * len(driver.handles)
+    assert set(view.state.inflight.values()) == {0}  # the in-flight gauge of the metrics
+    assert res.sent + res.not_sent == len(sched)
+    res.ledger.check_complete(res.sent)
+    assert len(res.ledger) == res.sent
+    led = res.ledger
+    ok = led.column("outcome") == 0
+    assert (seen[-1].done, seen[-1].failed, seen[-1].sent) == (int(ok.sum()), int((~ok).sum()), res.sent)
+    scheduled, sent, done = led.column("scheduled_s"), led.column("sent_s"), led.column("done_s")
+    assert (scheduled >= 0).all() and (sent >= scheduled).all() and (done >= sent).all()
+    assert (done <= res.finished_s - res.started_s).all()
+    lost = np.isin(led.column("outcome"), [WORKER_DIED, TIMEOUT, CANCELLED, ERROR])  # failed in the driver
+    assert (led.column("hit")[lost] == -1).all()  # nothing known from the worker
+    for stage in WORKER_STAGES:
+        assert np.isnan(led.column(f"{stage}_s")[lost]).all()
+        assert not np.isnan(led.column(f"{stage}_s")[ok]).any()
+
+
+def _by_item(res, column):
+    """A ledger column in schedule order (rows are kept in the order their outcome was known)."""
+    return res.ledger.column(column)[np.argsort(res.ledger.column("item"))]
+
+
+def _lindley(scheduled, service_s):
+    """When each image of a single FIFO server with one call at a time is sent and done."""
+    sent, done = np.empty_like(scheduled), np.empty_like(scheduled)
+    free = -np.inf
+    for k, t in enumerate(scheduled):
+        sent[k] = max(t, free)
+        done[k] = free = sent[k] + service_s
+    return sent, done
+
+
+def _late_share(res):
+    summary = summarize_mode("cached", res.ledger, histograms(res.ledger, 0), warmup=0, sent=res.sent,
+                             not_sent=res.not_sent, retries=res.retries, cancelled=res.cancelled)
+    return summary["summary"]["late_share"]
 
 
 def test_closed_loop_accounts_for_every_image_and_respects_concurrency():
@@ -52,19 +108,73 @@ def test_closed_loop_accounts_for_every_image_and_respects_concurrency():
     assert res.finished_s - res.started_s == pytest.approx(400 / 800, rel=0.05)
 
 
-def test_open_loop_latency_counts_from_the_schedule_so_queueing_shows():
-    # one lane of 10 ms can do 100 images/s; offering 150/s must build a queue the latency shows
-    slow = [FakeWorkerHandle("w0", service_s=0.01, lanes=1)]
-    _sched, res, _ = _drive(slow, count=300, rate=150.0)
-    lat = res.ledger.column("latency_s")
+@pytest.mark.parametrize("who_queues", ["worker", "driver"])
+def test_open_loop_latency_counts_from_the_schedule_whoever_queues(who_queues):
+    # one lane of 10 ms does 100 images/s; 150/s builds a queue: in the worker (many calls in flight), or
+    # in the driver (one call at a time, the rest wait in its send queue).  Either way the latency is
+    # exactly that of a FIFO server fed at the scheduled times; only the send delay differs.
+    depth = 1000 if who_queues == "worker" else 1
+    sched, res, _ = _drive([FakeWorkerHandle("w0", service_s=0.01, lanes=1)], count=300, rate=150.0, depth=depth)
     assert res.ledger.outcome_counts()["ok"] == 300
-    assert lat[-20:].mean() > 0.4  # a growing queue: later images wait ~ (1/100 - 1/150) * i
-    # under capacity the latency is the service time
-    fast = [FakeWorkerHandle("w0", service_s=0.01, lanes=16)]
-    _, res2, _ = _drive(fast, count=300, rate=150.0)
-    assert np.percentile(res2.ledger.column("latency_s"), 99) < 0.0101
-    sent = res2.ledger.column("sent_s") - res2.ledger.column("scheduled_s")
+    scheduled = _by_item(res, "scheduled_s")
+    np.testing.assert_allclose(scheduled, sched.send_at_s, rtol=0, atol=1e-9)  # the schedule, never the send
+    sent, done = _lindley(sched.send_at_s, 0.01)
+    np.testing.assert_allclose(_by_item(res, "latency_s"), done - sched.send_at_s, rtol=0, atol=1e-9)
+    assert _by_item(res, "latency_s")[-20:].mean() == pytest.approx(1.10, abs=0.05)  # ~ (1/100 - 1/150) * i
+    delay = _by_item(res, "sent_s") - scheduled
+    if who_queues == "worker":
+        np.testing.assert_allclose(delay, 0.0, atol=1e-9)
+        assert _late_share(res) == 0.0
+    else:
+        np.testing.assert_allclose(delay, sent - sched.send_at_s, rtol=0, atol=1e-9)
+        assert delay.max() > 1.0
+        assert _late_share(res) == pytest.approx(np.mean(sent - sched.send_at_s > 1e-3))
+        assert 0.9 < _late_share(res) < 1.0
+
+
+def test_open_loop_under_capacity_the_latency_is_the_service_time():
+    _, res, _ = _drive([FakeWorkerHandle("w0", service_s=0.01, lanes=16)], count=300, rate=150.0)
+    np.testing.assert_allclose(res.ledger.column("latency_s"), 0.01, rtol=0, atol=1e-9)
+    sent = res.ledger.column("sent_s") - res.ledger.column("scheduled_s")
     assert np.abs(sent).max() < 1e-9  # the virtual clock sends exactly on schedule
+
+
+class _BlocksTheLoop(FakeWorkerHandle):
+    """A handle whose n-th submit blocks the event loop's thread (a slow serialisation, a GC pause)."""
+
+    def __init__(self, name, clock, block_at, block_s, **kw):
+        super().__init__(name, **kw)
+        self.clock, self.block_at, self.block_s = clock, block_at, block_s
+        self.submits = 0
+        self.blocked = (0.0, 0.0)
+
+    def submit(self, group):
+        self.submits += 1
+        if self.submits == self.block_at:
+            start = self.clock()
+            self.clock.block(self.block_s)
+            self.blocked = (start, self.clock())
+        return super().submit(group)
+
+
+def test_a_driver_that_falls_behind_sends_late_and_the_latency_counts_the_wait():
+    clock = VirtualTime()
+    h = _BlocksTheLoop("w0", clock, block_at=10, block_s=0.5, service_s=0.001, lanes=64)
+    sched, res, _ = _drive([h], count=300, rate=100.0, clock=clock)
+    assert res.ledger.outcome_counts()["ok"] == 300
+    _, end = (t - res.started_s for t in h.blocked)
+    due = sched.send_at_s
+    np.testing.assert_allclose(_by_item(res, "scheduled_s"), due, rtol=0, atol=1e-9)
+    # the images that fell due while the loop was blocked go out when it is free again, each at once
+    behind = (np.arange(300) > 9) & (due <= end)  # after the 10th image, whose submit blocked
+    assert 30 < behind.sum() < 70
+    expect_sent = np.where(behind, end, due)
+    expect_done = np.maximum(expect_sent, np.where(np.arange(300) == 9, end, 0)) + 0.001
+    np.testing.assert_allclose(_by_item(res, "sent_s"), expect_sent, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(_by_item(res, "latency_s"), expect_done - due, rtol=0, atol=1e-9)
+    delay = _by_item(res, "sent_s") - due
+    assert (delay[behind] > 0).all() and delay.max() == pytest.approx(end - due[behind].min())
+    assert _late_share(res) == pytest.approx(np.count_nonzero(end - due[behind] > 1e-3) / 300)
 
 
 def test_same_seed_same_schedule_for_every_mode():
@@ -81,23 +191,69 @@ def test_grouping_carries_several_images_per_call_and_keeps_per_image_rows():
     assert len(np.unique(res.ledger.column("item"))) == 512
 
 
-def test_dead_worker_images_are_retried_elsewhere_and_all_accounted():
+def test_one_death_fails_every_call_in_flight_and_counts_once():
+    # w0 dies as its 20th call arrives: as on Ray, that call and the 3 others in flight on it fail together
     handles = [FakeWorkerHandle("w0", die_at_call=20, down_s=0.2), FakeWorkerHandle("w1")]
     _, res, _ = _drive(handles, count=300, concurrency=8)
-    res.ledger.check_complete(res.sent)
-    counts = res.ledger.outcome_counts()
-    assert counts["ok"] == 300
-    assert res.retries >= 1 and res.worker_losses == {"w0": 1}
+    assert res.ledger.outcome_counts()["ok"] == 300
+    assert handles[0].deaths == 1 and handles[0].lost_images == 4
+    assert res.worker_losses == {"w0": 1}  # one death, however many calls it took with it
+    assert res.retries == 4
+    assert np.bincount(res.ledger.column("attempts"), minlength=3).tolist() == [0, 296, 4]
     assert handles[0].images > 0  # it came back after recovering
 
 
+def test_retried_images_keep_their_scheduled_time():
+    handles = [FakeWorkerHandle("w0", die_at_call=20, down_s=0.2), FakeWorkerHandle("w1")]
+    sched, res, _ = _drive(handles, count=300, rate=200.0)
+    assert res.ledger.outcome_counts()["ok"] == 300 and res.retries == handles[0].lost_images > 0
+    retried = _by_item(res, "attempts") == 2
+    assert retried.sum() == res.retries
+    scheduled = _by_item(res, "scheduled_s")
+    np.testing.assert_allclose(scheduled, sched.send_at_s, rtol=0, atol=1e-9)  # retried ones included
+    resent = _by_item(res, "sent_s")[retried]
+    assert (resent >= scheduled[retried]).all() and np.ptp(resent) < 1e-9  # sent again together, at the death
+    assert (resent > scheduled[retried]).sum() == res.retries - 1  # all but the call that killed it waited
+    latency = _by_item(res, "latency_s")
+    np.testing.assert_allclose(latency, _by_item(res, "done_s") - sched.send_at_s, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("retries", [0, 1, 2, 3])
+def test_a_worker_that_dies_on_every_call_gets_exactly_retries_plus_one_attempts(retries):
+    handles = [FakeWorkerHandle("w0", die_at_call=tuple(range(1, 10)), down_s=0.1)]
+    _, res, _ = _drive(handles, count=1, concurrency=1, retries=retries)
+    assert res.ledger.outcome_counts()["worker_died"] == 1
+    assert res.ledger.column("attempts").tolist() == [retries + 1]
+    assert res.retries == retries
+    assert res.worker_losses == {"w0": retries + 1} and handles[0].deaths == retries + 1
+
+
 def test_images_fail_as_worker_died_when_retries_run_out():
+    # 4 images go out at once; the 3rd call to arrive kills w0 for good, and with it the 3 others in flight
     handles = [FakeWorkerHandle("w0", die_at_call=3, down_s=None)]
     _, res, _ = _drive(handles, count=50, concurrency=4, retries=0)
     counts = res.ledger.outcome_counts()
-    assert counts["worker_died"] >= 1
-    assert counts["ok"] + sum(v for k, v in counts.items() if k != "ok") == res.sent
-    res.ledger.check_complete(res.sent)
+    assert handles[0].lost_images == counts["worker_died"] == 4
+    assert counts["ok"] == 0 and res.sent == 4 and res.not_sent == 46
+    assert res.worker_losses == {"w0": 1} and res.retries == 0
+    assert res.error is not None and "every worker is gone" in res.error
+
+
+def test_stop_counts_a_retried_image_still_queued():
+    # w0 dies with image 0; its retry waits in the queue of w1, busy with one slow call (depth 1), when the
+    # run stops: it was sent once, so it must end as worker_died, not vanish
+    handles = [FakeWorkerHandle("w0", die_at_call=1, down_s=None), FakeWorkerHandle("w1", service_s=5.0)]
+    _, res, _ = _drive(handles, count=10, concurrency=2, depth=1, stop_after=1.0)
+    assert res.sent == 2 and res.retries == 1
+    assert res.ledger.outcome_counts()["worker_died"] == 1 and res.ledger.outcome_counts()["ok"] == 1
+    assert _by_item(res, "attempts").tolist() == [1, 1]
+
+
+def test_least_outstanding_gives_a_faster_worker_more_images():
+    handles = [FakeWorkerHandle("fast", service_s=0.01), FakeWorkerHandle("slow", service_s=0.03)]
+    _, res, _ = _drive(handles, count=400, concurrency=4)
+    per = np.bincount(res.ledger.column("worker"), minlength=2)
+    assert per[0] > 2 * per[1]  # about 3 to 1: the slow worker's images stay outstanding 3 times as long
 
 
 def test_failed_images_are_counted_not_lost():
@@ -203,6 +359,26 @@ def test_a_call_never_answered_times_out_and_the_run_goes_on():
     assert counts["timeout"] == 1 and counts["ok"] == 99
     res.ledger.check_complete(res.sent)
     assert "did not answer within 5 s" in res.error_samples["timeout"]
+
+
+def test_a_timed_out_call_frees_its_slot_for_the_queued_images():
+    # one worker, one call at a time: the images queued behind the hung call go out once it times out
+    handles = [_NeverAnswers("w0")]
+    _, res, _ = _drive(handles, count=4, concurrency=4, depth=1, call_timeout_s=5.0, stop_after=60.0)
+    assert not res.stopped_early
+    assert res.ledger.outcome_counts()["timeout"] == 1 and res.ledger.outcome_counts()["ok"] == 3
+    assert res.sent == 4 and res.finished_s - res.started_s == pytest.approx(5.03)
+
+
+class _FailsLong(FakeWorkerHandle):
+    async def call(self, group):
+        raise RuntimeError("x" * 500 + "\nsecond line")
+
+
+def test_an_error_sample_is_the_first_line_cut_to_300_characters():
+    _, res, _ = _drive([_FailsLong("w0")], count=2, concurrency=1)
+    assert res.error_samples == {"error": "RuntimeError: " + "x" * 286}
+    assert res.ledger.outcome_counts()["error"] == 2
 
 
 def test_open_loop_duration_counts_after_the_warmup():

@@ -115,6 +115,8 @@ def test_check_complete_catches_lost_and_duplicated_images():
     led.check_complete(100)
     with pytest.raises(WorkerError, match="100 images, but 101 were sent: 1 unaccounted"):
         led.check_complete(101)
+    with pytest.raises(WorkerError, match="100 images, but 99 were sent: 1 recorded but never sent"):
+        led.check_complete(99)
     dup = Ledger(MODELS, WORKERS)
     dup.add_many(**_rows(100, items=np.r_[np.arange(99), 42]))
     with pytest.raises(WorkerError, match=r"1 images recorded twice \(items 42\)"):
@@ -189,3 +191,89 @@ def test_csv_of_empty_ledger(tmp_path):
     back = Ledger.from_csv_gz(path, models=MODELS, workers=WORKERS)
     assert len(back) == 0
     back.check_complete(0)
+
+
+def test_merge_maps_each_shards_model_names_and_finds_a_duplicate_anywhere():
+    a = Ledger(("x", "y"), ("w0",))
+    a.add_many(item=np.array([0, 2]), model_idx=np.array([0, 1]), image_idx=0, worker=0, outcome=0,
+               scheduled_s=0.0, sent_s=0.0, done_s=1.0)
+    b = Ledger(("y", "z"), ("w1",))  # another shard's own model order
+    b.add_many(item=np.array([1, 3]), model_idx=np.array([0, 1]), image_idx=0, worker=0, outcome=0,
+               scheduled_s=0.0, sent_s=0.0, done_s=1.0)
+    merged = Ledger.merge([a, b])
+    assert merged.models == ("x", "y", "z") and merged.workers == ("w0", "w1")
+    names = np.array(merged.models)[merged.column("model_idx")]
+    assert names.tolist() == ["x", "y", "y", "z"] and merged.column("worker").tolist() == [0, 1, 0, 1]
+    c = Ledger(("x",), ("w2",))
+    c.add_many(item=np.array([5, 3, 2]), model_idx=0, image_idx=0, worker=0, outcome=0, scheduled_s=0.0,
+               sent_s=0.0, done_s=1.0)
+    with pytest.raises(WorkerError, match=r"2 items appear in more than one shard \(first: 2\)"):
+        Ledger.merge([a, b, c])
+    with pytest.raises(ValueError, match="needs at least one ledger"):
+        Ledger.merge([])
+
+
+def test_an_empty_ledger_pickles_and_grows_afterwards():
+    back = pickle.loads(pickle.dumps(Ledger(MODELS, WORKERS)))
+    assert len(back) == 0 and back.models == MODELS
+    rows = _rows(50, seed=6)
+    back.add_many(**rows)
+    whole = Ledger(MODELS, WORKERS)
+    whole.add_many(**rows)
+    _same(back, whole)
+
+
+def test_csv_rows_write_unknown_values_as_empty_strings():
+    led = Ledger(MODELS, WORKERS)
+    led.add_many(item=np.arange(4), model_idx=np.array([0, 2, 3, -2]), image_idx=0,
+                 worker=np.array([1, -1, 3, 0]), outcome=0, hit=np.array([1, 0, -1, -1]), scheduled_s=0.0,
+                 sent_s=0.0, done_s=0.5, infer_s=np.array([0.25, np.nan, 0.125, np.nan]))
+    rows = list(led.to_rows())
+    col = {name: [r[i] for r in rows] for i, name in enumerate(Ledger.header())}
+    assert col["model"] == ["resnet", "null", "", ""]  # out of range either way: unknown
+    assert col["worker"] == ["gpu:1", "", "", "gpu:0"]
+    assert col["hit"] == [1, 0, "", ""]
+    assert col["infer_s"] == [0.25, "", 0.125, ""] and col["queue_s"] == ["", "", "", ""]
+    assert col["latency_s"] == [0.5] * 4
+
+
+def test_reading_a_file_that_is_not_a_ledger_says_so(tmp_path):
+    path = tmp_path / "other.csv.gz"
+    with gzip.open(path, "wt") as f:
+        f.write("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="not a cortexbench ledger \\(expected header item,model,"):
+        Ledger.from_csv_gz(path)
+    empty = tmp_path / "empty.csv.gz"
+    with gzip.open(empty, "wt") as f:
+        f.write("")
+    with pytest.raises(ValueError, match="not a cortexbench ledger"):
+        Ledger.from_csv_gz(empty)
+
+
+def test_check_complete_refuses_unknown_outcomes_and_names_the_counts():
+    rows = _rows(10)
+    rows["outcome"] = np.array([0] * 8 + [len(OUTCOMES), 0])
+    bad = Ledger(MODELS, WORKERS)
+    bad.add_many(**rows)
+    with pytest.raises(WorkerError, match=r"^ledger: 1 images have an unknown outcome code \(valid: 0\.\.6\)$"):
+        bad.check_complete(10)
+    rows["outcome"] = np.array([0] * 7 + [2, 3, 5])
+    led = Ledger(MODELS, WORKERS)
+    led.add_many(**rows)
+    with pytest.raises(WorkerError, match=r"^ledger: 7 ok \+ 3 failed = 10 images, but 12 were sent: "
+                                          r"2 unaccounted for \(lost\)$"):
+        led.check_complete(12)
+    dup = Ledger(MODELS, WORKERS)
+    dup.add_many(**_rows(12, items=np.array([5, 4, 3, 2, 1, 0] * 2)))
+    with pytest.raises(WorkerError, match=r"^ledger: 6 images recorded twice \(items 0, 1, 2, 3, 4\); "
+                                          r"a result was counted more than once$"):
+        dup.check_complete(12)
+
+
+def test_defaults_a_scalar_row_and_an_unknown_column():
+    led = Ledger(MODELS, WORKERS)
+    led.add(0, 0, 0, 0, "ok", scheduled_s=0.0, sent_s=0.0, done_s=1.0)
+    led.add_many(item=1, model_idx=0, image_idx=0, worker=0, outcome=0, scheduled_s=0.0, sent_s=0.0, done_s=1.0)
+    assert len(led) == 2 and led.column("attempts").tolist() == [1, 1] and led.column("hit").tolist() == [-1, -1]
+    with pytest.raises(KeyError, match=r"no ledger column 'nope' \(columns: item, model_idx, "):
+        led.column("nope")

@@ -34,8 +34,13 @@ class ReferenceLru:
 
 def test_parse_mode_kept():
     assert parse_mode("lru:3") == Mode("lru", 3)
-    with pytest.raises(ConfigError):
+    assert parse_mode(" LRU:1 ") == Mode("lru", 1) and parse_mode("Cold") == Mode("cold")
+    with pytest.raises(ConfigError, match=r"^'mode': 'lru:0' needs a capacity of 1 or more models, as in 'lru:2'$"):
         parse_mode("lru:0")
+    with pytest.raises(ConfigError, match=r"^'stream\.modes': 'lru:2:3' needs a capacity"):
+        parse_mode("lru:2:3", "stream.modes")
+    with pytest.raises(ConfigError, match=r"^'mode': unknown mode 'warm' \(valid: cached, cold, lru:K\)$"):
+        parse_mode("warm")
 
 
 @pytest.mark.parametrize("capacity", [1, 2, 3, 6, 10])
@@ -67,6 +72,7 @@ def test_lru_order_and_forget():
     assert lru.access("c").evict == ("b",)
     assert lru.resident() == ("a", "c")
     lru.forget("c")  # its load failed
+    lru.forget("never-loaded")  # nothing to forget: no error
     assert not lru.access("c").hit
     assert lru.access("c").hit
 
@@ -89,6 +95,9 @@ def test_cached_always_hits_its_models():
     other = cached.access("new")  # not loaded up front: miss, then kept
     assert not other.hit and other.keep
     assert cached.access("new").hit
+    assert not cached.access("newer").hit
+    assert (cached.hits, cached.misses) == (71, 2)
+    cached.forget("never-loaded")  # nothing to forget: no error
     cached.forget("m0")
     assert not cached.access("m0").hit
     cached.reset_counters()

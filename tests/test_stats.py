@@ -14,7 +14,7 @@ from cortexbench.stats import (
     HistogramSet,
     LatencyHistogram,
     LatencySummary,
-    _geometry,
+    _Geometry,
     enough_samples,
     rate_per_s,
     relative_spread,
@@ -57,7 +57,7 @@ def recorded() -> dict[str, tuple[np.ndarray, LatencyHistogram]]:
 
 def test_geometry_tables_match_the_hdr_package():
     h = LatencyHistogram()._hdr
-    geo = _geometry()
+    geo = _Geometry()  # a fresh one, not the cached tables (built before a mutation test forks)
     assert geo.counts_len == h.counts_len
     idx = np.arange(h.counts_len)
     lowest = [h.get_value_from_index(int(i)) for i in idx]
@@ -85,7 +85,7 @@ def test_percentiles_within_hdr_precision_of_numpy(recorded):
 def test_percentile_is_the_hdr_rank_rule_exactly(recorded):
     values, h = recorded["lognormal_3ms"]
     q = np.sort(np.floor(values * 1e6 + 0.5).astype(np.int64))
-    geo = _geometry()
+    geo = _Geometry()  # a fresh one, not the cached tables (built before a mutation test forks)
     for p in PS:
         target = max(1, int(p * len(q) / 100 + 0.5))
         expect_us = geo.highest_us[geo.index_of(int(q[target - 1]))]
@@ -159,6 +159,16 @@ def test_merge_is_recording_both_sets():
     assert empty == both
     a.merge(LatencyHistogram())
     assert a == both
+
+
+def test_merge_keeps_the_values_clamped_above_the_top():
+    a, b, both = LatencyHistogram(), LatencyHistogram(), LatencyHistogram()
+    a.record_many([0.001, 150.0])
+    b.record_many([0.002, 1e4, 200.0])
+    both.record_many([0.001, 150.0, 0.002, 1e4, 200.0])
+    a.merge(b)
+    assert a.clamped_count == both.clamped_count == 3
+    assert a == both and a.max_s == 1e4 and a.count == 5
 
 
 def test_pickle_and_bytes_round_trip(recorded):
@@ -279,7 +289,54 @@ def test_relative_spread():
     x = rng.normal(100.0, 10.0, 10_000)
     assert relative_spread(x) == pytest.approx(1.96 * x.std(ddof=1) / 100.0 / x.mean(), rel=1e-3)
     assert relative_spread(x[:10]) > relative_spread(x[:100]) > relative_spread(x)
-    for df, t in [(1, 12.706), (10, 2.228), (30, 2.042), (40, 2.021), (60, 2.000), (120, 1.980), (10**6, 1.960)]:
-        assert t_quantile_975(df) == pytest.approx(t, abs=6e-4)
+    table = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+             2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+             2.045, 2.042]  # Student's t, 97.5%, df 1..30, to 3 decimals
+    assert [t_quantile_975(df) for df in range(1, 31)] == table
+    # beyond the table: the expansion against the exact quantiles (6 decimals), within its 1e-4 and better
+    for df, t in [(31, 2.039513), (40, 2.021075), (60, 2.000298), (120, 1.979930), (1000, 1.962339),
+                  (10**6, 1.959966)]:
+        assert t_quantile_975(df) == pytest.approx(t, abs=2e-6)
     with pytest.raises(ValueError):
         t_quantile_975(0)
+
+
+def test_the_edges_are_exact():
+    top, many = LatencyHistogram(), LatencyHistogram()
+    top.record(HIGHEST_S)
+    many.record_many([HIGHEST_S])
+    assert top.clamped_count == many.clamped_count == 0  # 100 s is the top, not above it
+    one = LatencyHistogram()
+    one.record(0.003)
+    assert one.cumulative_counts([0.001, 0.003, 0.01]) == [0, 1, 1]
+    assert LatencyHistogram().cumulative_counts([0.001, 1.0]) == [0, 0]
+    # a bound one microsecond below an HDR bucket edge (2**19 us) must not take the next bucket in
+    edge = LatencyHistogram()
+    edge.record_many([0.4, 0.524287, 0.5243, 0.6])
+    assert edge.cumulative_counts([0.524287]) == [2]
+
+
+def test_from_bytes_refuses_what_is_not_a_histogram():
+    from hdrh.histogram import HdrHistogram
+
+    from cortexbench.stats import _HEADER, _MAGIC
+
+    empty = LatencyHistogram().to_bytes()
+    assert LatencyHistogram.from_bytes(empty[:_HEADER.size]) == LatencyHistogram()  # the header is enough
+    with pytest.raises(ValueError, match=r"^not a serialised LatencyHistogram \(too short\)$"):
+        LatencyHistogram.from_bytes(empty[:_HEADER.size - 1])
+    with pytest.raises(ValueError, match=r"^not a serialised LatencyHistogram \(header b'XXXX' v1\)$"):
+        LatencyHistogram.from_bytes(b"XXXX" + empty[len(_MAGIC):])
+    h = LatencyHistogram()
+    h.record_many([0.001, 0.002])
+    other = HdrHistogram(1, 1_000_000, 2, b64_wrap=False)  # another layout, the same count
+    other.record_value(1000)
+    other.record_value(2000)
+    forged = h.to_bytes()[:_HEADER.size] + bytes(other.encode())
+    with pytest.raises(ValueError, match=r"^not a serialised LatencyHistogram \(layout or count does not match\)$"):
+        LatencyHistogram.from_bytes(forged)
+
+
+def test_rate_and_spread_below_one():
+    assert rate_per_s(5, 0.5) == 10.0
+    assert relative_spread([0.4, 0.6]) == pytest.approx(12.706 * math.sqrt(0.02) / math.sqrt(2) / 0.5)

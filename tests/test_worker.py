@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -242,17 +243,54 @@ def test_a_damaged_model_file_fails_its_images_in_cold_and_swap_and_the_run_goes
         w.close()
 
 
+class RendezvousBackend(CountingBackend):
+    """The real backend; once ``armed``, each predict waits until ``parties`` predicts are running (a
+    barrier), so a test sees that images ran at the same time without reading the wall clock.  It also
+    records the most predicts that ran at once and the lanes they ran on."""
+
+    def __init__(self, inner: Any, parties: int) -> None:
+        super().__init__(inner)
+        self.barrier = threading.Barrier(parties)
+        self.armed = False
+        self.running = self.peak = 0
+        self.lanes_used: set[int] = set()
+        self._lock = threading.Lock()
+
+    def load(self, spec: Any, model_dir: Path, device: str, options: Any = None) -> Any:
+        model = super().load(spec, model_dir, device, options)
+        predict = model.predict
+
+        def rendezvous(batch: np.ndarray, lane: int = 0) -> np.ndarray:
+            if not self.armed:
+                return predict(batch, lane)
+            with self._lock:
+                self.running += 1
+                self.peak = max(self.peak, self.running)
+                self.lanes_used.add(lane)
+            try:
+                self.barrier.wait(timeout=10)  # broken (an error) unless another lane runs meanwhile
+                return predict(batch, lane)
+            finally:
+                with self._lock:
+                    self.running -= 1
+
+        model.predict = rendezvous
+        return model
+
+
 def test_two_lanes_run_two_images_at_once(model_dir, images):
-    w = _worker(model_dir, images, models=("null:0.05",), lanes=2)
+    backend = RendezvousBackend(get_backend("mxnet"), parties=2)
+    w = _worker(model_dir, images, models=("null:0.05",), lanes=2, backend=backend)
     try:
         w.set_mode("cached")
         group = RequestGroup.of(range(4), [0] * 4, range(4))
-        w.submit(group).result()  # first use of the lane threads, not measured
+        backend.armed = True
         t0 = time.perf_counter()
         res = w.submit(group).result()
         wall = time.perf_counter() - t0
-        assert (res.rows[:, 1] == OK).all()
-        assert 0.1 <= wall < 0.18  # 4 images of 50 ms on 2 lanes: 2 rounds, not 4
+        assert (res.rows[:, 1] == OK).all(), res.errors  # each image met another one running: 2 at a time
+        assert backend.peak == 2 and backend.lanes_used == {0, 1}  # never more than the lanes
+        assert wall >= 0.1  # 4 images of 50 ms on 2 lanes: at least 2 rounds (an upper bound is load's to say)
         infer = res.rows[:, 3 + WORKER_STAGES.index("infer")]
         assert (infer >= 0.05).all()
     finally:
