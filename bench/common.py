@@ -279,7 +279,8 @@ def worker_ceiling(model_dir: Path, images: list[str], *, lanes: int, group: int
                    seconds: float) -> dict[str, float]:
     """One ModelWorker, no Ray: ``inflight`` groups of ``group`` images in flight at once, each from its
     own caller thread through ``ModelWorker.run`` (as a threaded actor's calls arrive)."""
-    from cortexbench.worker import ModelWorker, RequestGroup, WorkerSpec
+    from cortexbench.protocol import RequestGroup
+    from cortexbench.worker import ModelWorker, WorkerSpec
 
     spec = WorkerSpec(name="ceiling", device="cpu", backend=null_backend(), model_dir=str(model_dir),
                       models=("null",), images=tuple(images), lanes=lanes, image_pool=len(images))
@@ -340,7 +341,7 @@ def compiled_idle_cpu(actor: Any, pid: int, seconds: float = 1.0) -> dict[str, f
         node = actor.execute.bind(inp)
     dag = node.experimental_compile(_max_inflight_executions=2)
     try:
-        from cortexbench.worker import RequestGroup
+        from cortexbench.protocol import RequestGroup
 
         dag.execute(RequestGroup.of([0], [0], [0]).to_bytes()).get()
         with_graph = idle_cpu_share([pid], seconds)

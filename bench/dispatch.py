@@ -142,7 +142,7 @@ def compare(args: Any) -> dict[str, Any]:
         "cortexbench compiled": lambda: drive(*w1, dispatch="compiled", seconds=1e-9, concurrency=1, max_group=1,
                                               depth=depth, warmup=args.latency_calls),
     }
-    from cortexbench.worker import RequestGroup
+    from cortexbench.protocol import RequestGroup
 
     one_image = RequestGroup.of([0], [0], [0]).to_bytes()
     lat_runs["bare compiled graph to a cortexbench worker"] = lambda: {

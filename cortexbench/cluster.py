@@ -3,7 +3,7 @@
 - ``WorkerActor`` wraps a ``ModelWorker``: one per GPU (``num_gpus=1``, placed through a placement group
   so a multi-node cluster gets one on every GPU), or CPU workers with a share of the cores.  Ray restarts
   a worker whose process dies; the driver retries its images elsewhere meanwhile.
-- Dispatch paths (``--dispatch``), all behind ``driver.WorkerHandle``:
+- Dispatch paths (``--dispatch``), all behind ``protocol.WorkerHandle``:
   ``actor``: one actor call per image (``ActorHandle``, groups of 1);
   ``grouped``: one actor call carries up to ``max_group`` images, each still run and timed on its own;
   ``compiled``: a Ray Compiled Graph per worker (``CompiledHandle``), several executions in flight, each
@@ -37,8 +37,9 @@ from cortexbench.balancer import make_balancer
 from cortexbench.driver import Driver, DriverOptions, DriverResult, Progress
 from cortexbench.errors import CortexbenchError, WorkerError, WorkerLostError
 from cortexbench.ledger import Ledger
+from cortexbench.protocol import RequestGroup, ResultGroup, WorkerState
 from cortexbench.schedule import Schedule
-from cortexbench.worker import ModelWorker, RequestGroup, ResultGroup, WorkerSpec, WorkerState
+from cortexbench.worker import ModelWorker, WorkerSpec
 
 _LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 # Calls one worker actor runs at once (its Ray threads).  More in flight wait in Ray's queue before the

@@ -36,34 +36,18 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from cortexbench.balancer import Balancer
 from cortexbench.errors import WorkerError, WorkerLostError
 from cortexbench.ledger import OUTCOMES, WORKER_STAGES, Ledger
+from cortexbench.protocol import RequestGroup, ResultGroup, WorkerHandle, WorkerState
 from cortexbench.schedule import Schedule
-from cortexbench.worker import RequestGroup, ResultGroup, WorkerState
 
 WORKER_DIED, TIMEOUT, CANCELLED, ERROR = (OUTCOMES.index(n) for n in ("worker_died", "timeout", "cancelled", "error"))
 LATE_S = 1e-3
-
-
-class WorkerHandle(Protocol):
-    """How the driver reaches one worker."""
-
-    name: str
-
-    def submit(self, group: RequestGroup) -> asyncio.Future[tuple[ResultGroup, float]]:
-        """Start running a group; never blocks.  The future gives the results and the driver-clock time
-        they were received, or fails with WorkerLostError when the worker died (its images may be retried
-        elsewhere).  The driver may cancel it (a call timed out, or the run is stopping)."""
-        ...
-
-    async def recover(self) -> None:
-        """Wait until a lost worker is back and set up again; raise WorkerError if it cannot be."""
-        ...
 
 
 @dataclass

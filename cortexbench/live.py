@@ -16,8 +16,8 @@ from cortexbench.driver import Progress as DriverProgress
 from cortexbench.ledger import OUTCOMES, WORKER_STAGES, Ledger
 from cortexbench.metrics import MEASURED, SETUP, WARMUP, MetricsServer, MetricsState
 from cortexbench.progress import Progress
+from cortexbench.protocol import WorkerState
 from cortexbench.stats import LatencyHistogram
-from cortexbench.worker import WorkerState
 
 
 class LiveView:

@@ -12,6 +12,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -105,3 +106,42 @@ def machine_info() -> dict[str, Any]:
         "gpus": [asdict(g) for g in gpus()],
         "libraries": library_versions(),
     }
+
+
+def device_memory_bytes(device: str) -> int:
+    """GPU memory this process holds on ``device``: torch's reserved memory (its caching allocator) when
+    torch is loaded, else this process's use from NVML (pynvml, when installed); -1 on the CPU or when
+    neither can say."""
+    if not device.startswith("gpu:"):
+        return -1
+    index = int(device[4:])
+    if "torch" in sys.modules:
+        try:
+            import torch
+
+            if torch.cuda.is_initialized():
+                return int(torch.cuda.memory_reserved(index))
+        except Exception:
+            pass
+    try:
+        import pynvml  # type: ignore[import-not-found]
+
+        pynvml.nvmlInit()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+        physical = visible[index].strip() if index < len(visible) and visible[index].strip() else str(index)
+        handle = (pynvml.nvmlDeviceGetHandleByIndex(int(physical)) if physical.isdigit()
+                  else pynvml.nvmlDeviceGetHandleByUUID(physical))
+        pid = os.getpid()
+        return int(sum(p.usedGpuMemory or 0 for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+                       if p.pid == pid))
+    except Exception:
+        return -1
+
+
+def host_memory_bytes() -> int:
+    """This process's resident host memory (RSS), bytes; 0 when /proc cannot say."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0

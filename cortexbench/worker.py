@@ -2,10 +2,10 @@
 
 A plain class, testable without Ray; ``cortexbench.cluster`` wraps it in a Ray actor (one per GPU).
 
-Requests travel in groups (``RequestGroup``: one row per image: item id, model index, image index) so
-that one Ray call can carry several images; each image is still run on its own at batch size 1 and
-timed on its own.  A worker has ``lanes`` lanes (one CUDA stream each on a GPU) and a thread per lane;
-the images of a group are shared out over free lanes, so several images are in flight at once.
+Requests travel in groups (``protocol.RequestGroup``) so that one Ray call can carry several images;
+each image is still run on its own at batch size 1 and timed on its own.  A worker has ``lanes`` lanes
+(one CUDA stream each on a GPU) and a thread per lane; the images of a group are shared out over free
+lanes, so several images are in flight at once.
 ``run`` (called by a threaded actor's threads or a compiled graph's execution thread, several at once)
 lets the calling thread take a free lane itself, so a group of one image crosses no thread; groups
 start in the order they arrive.  Groups cross Ray as bytes (``to_bytes``/``from_bytes``).
@@ -43,23 +43,21 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import pickle
 import queue
-import struct
 import sys
 import threading
 import time
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cortexbench.errors import ImageDecodeError, ModelFileError, ModelNotFoundError, UsageError
-from cortexbench.ledger import ANSWER_COLUMNS, OUTCOMES, WORKER_STAGES
+from cortexbench.machine import device_memory_bytes, host_memory_bytes
 from cortexbench.models.backends.base import (
     Backend,
     BlobLoader,
@@ -71,16 +69,35 @@ from cortexbench.models.backends.base import (
     files_size,
 )
 from cortexbench.models.registry import ModelSpec, get_spec
+from cortexbench.protocol import (
+    BUILD,
+    CHECKSUM,
+    COPY,
+    DECODE,
+    ERROR,
+    FREE,
+    INFER,
+    INPUT,
+    INPUT_ERROR,
+    INPUT_IDX,
+    MODEL_ERROR,
+    N_COLS,
+    N_STAGES,
+    OK,
+    ONE_REQUEST,
+    ONE_ROW,
+    QUEUE,
+    READ,
+    STAGE0,
+    TOP1,
+    WAIT,
+    RequestGroup,
+    ResultGroup,
+    WorkerState,
+    encode_result,
+)
 from cortexbench.residency import Mode, Residency, make_residency, parse_mode
 
-OK, INPUT_ERROR, MODEL_ERROR, ERROR = (OUTCOMES.index(n) for n in ("ok", "input_error", "model_error", "error"))
-N_STAGES = len(WORKER_STAGES)
-QUEUE, INPUT, DECODE, WAIT, READ, BUILD, COPY, INFER, FREE = range(N_STAGES)
-# Columns of ResultGroup.rows: item, outcome, hit, one per stage, then what the image ran and answered.
-RESULT_COLS = ("item", "outcome", "hit", *WORKER_STAGES, *ANSWER_COLUMNS)
-N_COLS = len(RESULT_COLS)
-_S = 3  # the first stage column
-_INPUT_IDX, _TOP1, _CHECKSUM = (RESULT_COLS.index(c) for c in ANSWER_COLUMNS)
 MEMORY_REFRESH_S = 0.25  # WorkerState.memory_bytes is read again at most this often (a /proc read costs ~20 us)
 _NAN = float("nan")
 _DEFAULT_SWITCH_S = sys.getswitchinterval()
@@ -106,83 +123,6 @@ class WorkerSpec:
     image_pool: int = 256
     drop_cache: bool = False
     cold_rebuild: bool = False  # cold/swap: build the network's structure for every load, timed as 'build'
-
-
-@dataclass(frozen=True)
-class RequestGroup:
-    """Images for one worker call: ``rows`` is int64 (n, 3): item id, model index, image index."""
-
-    rows: np.ndarray
-
-    @staticmethod
-    def of(items: Sequence[int], model_idx: Sequence[int], image_idx: Sequence[int]) -> RequestGroup:
-        return RequestGroup(np.column_stack([np.asarray(items, np.int64), np.asarray(model_idx, np.int64),
-                                             np.asarray(image_idx, np.int64)]))
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def to_bytes(self) -> bytes:
-        """The wire form: the rows' int64 bytes (Ray passes bytes without pickling; a numpy array costs
-        several times more per call)."""
-        return self.rows.astype(np.int64, copy=False).tobytes()
-
-    @staticmethod
-    def from_bytes(data: bytes) -> RequestGroup:
-        return RequestGroup(np.frombuffer(data, np.int64).reshape(-1, 3))
-
-
-@dataclass(frozen=True)
-class WorkerState:
-    """Counters the driver turns into metrics; sent back with every group."""
-
-    loads_total: int = 0
-    hits_total: int = 0
-    misses_total: int = 0
-    model_bytes_read: int = 0
-    image_bytes_read: int = 0
-    inflight: int = 0
-    memory_bytes: int = -1  # GPU memory of this process; -1 on a CPU worker or when it cannot be read
-    host_memory_bytes: int = 0  # this process's RSS
-
-
-@dataclass(frozen=True)
-class ResultGroup:
-    """What a worker gives back for a group: ``rows`` float64 (n, 3 + stages) in ``RESULT_COLS`` order,
-    error messages by row position (failed images only), and the worker's counters."""
-
-    rows: np.ndarray
-    errors: dict[int, str] = field(default_factory=dict)
-    state: WorkerState = field(default_factory=WorkerState)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def to_bytes(self) -> bytes:
-        """The wire form: a fixed header (rows, error bytes, the state's counters), the float64 rows, then
-        the errors pickled (only when there are some)."""
-        s = self.state
-        return _encode_result(len(self.rows), self.rows.astype(np.float64, copy=False).tobytes(), self.errors,
-                              (s.loads_total, s.hits_total, s.misses_total, s.model_bytes_read,
-                               s.image_bytes_read, s.inflight, s.memory_bytes, s.host_memory_bytes))
-
-    @staticmethod
-    def from_bytes(data: bytes) -> ResultGroup:
-        n, n_err, *state = _RESULT_HEAD.unpack_from(data)
-        end = _RESULT_HEAD.size + n * N_COLS * 8
-        rows = np.frombuffer(data, np.float64, n * N_COLS, _RESULT_HEAD.size).reshape(n, N_COLS)
-        errors = pickle.loads(data[end:end + n_err]) if n_err else {}
-        return ResultGroup(rows, errors, WorkerState(*state))
-
-
-_RESULT_HEAD = struct.Struct("=II8q")
-_ONE_REQUEST = struct.Struct("=3q")  # one image's request on the wire
-_ONE_ROW = struct.Struct(f"={N_COLS}d")
-
-
-def _encode_result(n: int, rows: bytes, errors: dict[int, str], counters: tuple[int, ...]) -> bytes:
-    err = pickle.dumps(errors, protocol=pickle.HIGHEST_PROTOCOL) if errors else b""
-    return _RESULT_HEAD.pack(n, len(err), *counters) + rows + err
 
 
 class _Resident:
@@ -393,13 +333,13 @@ class ModelWorker:
         Ray actor calls; builds no arrays or records on the way).  One image with a lane free and nothing
         waiting for one (every call at low load) runs straight on the calling thread, with no job."""
         arrived = self.clock()
-        if len(data) == _ONE_REQUEST.size and self._caller_runs and not self._lane_waiters and self._jobs.empty():
+        if len(data) == ONE_REQUEST.size and self._caller_runs and not self._lane_waiters and self._jobs.empty():
             try:
                 lane = self._free_lanes.get_nowait()
             except queue.Empty:
                 pass
             else:
-                return self._run_one(_ONE_REQUEST.unpack(data), arrived, lane)
+                return self._run_one(ONE_REQUEST.unpack(data), arrived, lane)
         flat = np.frombuffer(data, np.int64).tolist()
         return self._run([flat[i:i + 3] for i in range(0, len(flat), 3)], arrived, True)  # type: ignore[return-value]
 
@@ -443,7 +383,7 @@ class ModelWorker:
             self._free_lanes.put(lane)
             with self._lock:
                 self._inflight -= 1
-        return _encode_result(1, _ONE_ROW.pack(*out), {} if msg is None else {0: msg}, self._counters())
+        return encode_result(1, ONE_ROW.pack(*out), {} if msg is None else {0: msg}, self._counters())
 
     def _lane_main(self) -> None:
         """A lane thread: helps one job after another until ``close``."""
@@ -472,7 +412,7 @@ class ModelWorker:
         error message or None."""
         clock = self.clock
         t0 = clock()
-        out[_S + QUEUE] = t0 - arrived
+        out[STAGE0 + QUEUE] = t0 - arrived
         spec = self.specs[model_idx]
         try:
             pending: Future[tuple[np.ndarray, float, float]] | None = None
@@ -480,13 +420,13 @@ class ModelWorker:
                 pool = self._pool[spec.input_shape]
                 k = image_idx % len(pool)
                 x = pool[k:k + 1]
-                out[_INPUT_IDX] = self._pool_files[spec.input_shape][k]
+                out[INPUT_IDX] = self._pool_files[spec.input_shape][k]
             elif INPUT_OVERLAP:  # cold: the image is read and decoded while the model loads
-                out[_INPUT_IDX] = image_idx % len(self.spec.images)
+                out[INPUT_IDX] = image_idx % len(self.spec.images)
                 assert self._input_threads is not None
                 pending = self._input_threads.submit(self._read_input, image_idx, spec)
             else:
-                out[_INPUT_IDX] = image_idx % len(self.spec.images)
+                out[INPUT_IDX] = image_idx % len(self.spec.images)
                 x, t1, t2 = self._read_input(image_idx, spec)
                 pending = _done_future((x, t1, t2))
             model, res, hit, t3, times = self._acquire(spec, t0)
@@ -497,28 +437,28 @@ class ModelWorker:
                     # only the part of the input's time that the model load did not hide is a stage
                     visible = max(0.0, t2 - t3)
                     decode = min(visible, t2 - t1)
-                    out[_S + INPUT], out[_S + DECODE] = visible - decode, decode
+                    out[STAGE0 + INPUT], out[STAGE0 + DECODE] = visible - decode, decode
                     t3 = max(t2, t3)
                 else:
-                    out[_S + INPUT] = out[_S + DECODE] = 0.0
+                    out[STAGE0 + INPUT] = out[STAGE0 + DECODE] = 0.0
                 y = model.predict(x, lane)
                 t4 = clock()
             finally:
                 self._release_model(model, res)
             t5 = clock()
             out[1] = OK
-            ready = t3 - out[_S + INPUT] - out[_S + DECODE]  # when the model was ready
+            ready = t3 - out[STAGE0 + INPUT] - out[STAGE0 + DECODE]  # when the model was ready
             if times is None:
-                out[_S + WAIT] = ready - t0
-                out[_S + READ] = out[_S + BUILD] = out[_S + COPY] = 0.0
+                out[STAGE0 + WAIT] = ready - t0
+                out[STAGE0 + READ] = out[STAGE0 + BUILD] = out[STAGE0 + COPY] = 0.0
             else:  # the stages add up to the time the model took to be ready
-                out[_S + READ], out[_S + BUILD], out[_S + COPY] = times.read_s, times.build_s, times.copy_s
-                out[_S + WAIT] = max(0.0, ready - t0 - times.read_s - times.build_s - times.copy_s)
-            out[_S + INFER] = t4 - t3
-            out[_S + FREE] = t5 - t4
+                out[STAGE0 + READ], out[STAGE0 + BUILD], out[STAGE0 + COPY] = times.read_s, times.build_s, times.copy_s
+                out[STAGE0 + WAIT] = max(0.0, ready - t0 - times.read_s - times.build_s - times.copy_s)
+            out[STAGE0 + INFER] = t4 - t3
+            out[STAGE0 + FREE] = t5 - t4
             first = y[0]
-            out[_TOP1] = float(first.argmax())
-            out[_CHECKSUM] = float(first.sum(dtype=np.float64))
+            out[TOP1] = float(first.argmax())
+            out[CHECKSUM] = float(first.sum(dtype=np.float64))
             return None
         except ImageDecodeError as e:
             out[1] = INPUT_ERROR
@@ -718,49 +658,10 @@ class _Job:
             w._inflight -= n
         counters = w._counters()
         if self.wire:
-            self.result = _encode_result(n, array("d", itertools.chain.from_iterable(self.out)).tobytes(),
+            self.result = encode_result(n, array("d", itertools.chain.from_iterable(self.out)).tobytes(),
                                          self.errors, counters)
         else:
             self.result = ResultGroup(np.array(self.out, np.float64).reshape(n, N_COLS), self.errors,
                                       WorkerState(*counters))
         if self.future is not None and not self.future.done():
             self.future.set_result(self.result)
-
-
-def device_memory_bytes(device: str) -> int:
-    """GPU memory this process holds on ``device``: torch's reserved memory (its caching allocator) when
-    torch is loaded, else this process's use from NVML (pynvml, when installed); -1 on the CPU or when
-    neither can say."""
-    if not device.startswith("gpu:"):
-        return -1
-    index = int(device[4:])
-    if "torch" in sys.modules:
-        try:
-            import torch
-
-            if torch.cuda.is_initialized():
-                return int(torch.cuda.memory_reserved(index))
-        except Exception:
-            pass
-    try:
-        import pynvml  # type: ignore[import-not-found]
-
-        pynvml.nvmlInit()
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
-        physical = visible[index].strip() if index < len(visible) and visible[index].strip() else str(index)
-        handle = (pynvml.nvmlDeviceGetHandleByIndex(int(physical)) if physical.isdigit()
-                  else pynvml.nvmlDeviceGetHandleByUUID(physical))
-        pid = os.getpid()
-        return int(sum(p.usedGpuMemory or 0 for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
-                       if p.pid == pid))
-    except Exception:
-        return -1
-
-
-def host_memory_bytes() -> int:
-    """This process's resident host memory (RSS), bytes; 0 when /proc cannot say."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from cortexbench.errors import WorkerError, WorkerLostError
-from cortexbench.worker import INFER, RESULT_COLS, RequestGroup, ResultGroup, WorkerState
+from cortexbench.protocol import INFER, RESULT_COLS, RequestGroup, ResultGroup, WorkerState
 
 
 class VirtualTime:

@@ -10,7 +10,7 @@ from cortexbench.driver import Progress as DriverProgress
 from cortexbench.ledger import Ledger
 from cortexbench.live import LiveView
 from cortexbench.metrics import MetricsServer
-from cortexbench.worker import WorkerState
+from cortexbench.protocol import WorkerState
 
 MODELS = ("a", "b")
 WORKERS = ("cpu0", "cpu1")

@@ -39,8 +39,21 @@ def test_parse_mode_kept():
         parse_mode("lru:0")
     with pytest.raises(ConfigError, match=r"^'stream\.modes': 'lru:2:3' needs a capacity"):
         parse_mode("lru:2:3", "stream.modes")
-    with pytest.raises(ConfigError, match=r"^'mode': unknown mode 'warm' \(valid: cached, cold, lru:K\)$"):
+    with pytest.raises(ConfigError, match=r"^'mode': unknown mode 'warm'( \(did you mean '\w+'\?\))? "
+                                          r"\(valid: cached, swap, cold, lru:K\)$"):
         parse_mode("warm")
+    with pytest.raises(ConfigError, match=r"did you mean 'swap'"):
+        parse_mode("swpa")
+
+
+def test_swap_loads_for_every_image_like_cold():
+    assert parse_mode("Swap") == Mode("swap") and str(Mode("swap")) == "swap"
+    res = make_residency("swap", ["a", "b"])
+    assert res.mode == Mode("swap")
+    for m in ("a", "b", "a"):
+        access = res.access(m)
+        assert not access.hit and not access.keep and not access.evict
+    assert res.resident() == () and res.misses == 3 and res.hits == 0
 
 
 @pytest.mark.parametrize("capacity", [1, 2, 3, 6, 10])

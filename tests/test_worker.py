@@ -16,7 +16,8 @@ from cortexbench.ledger import OUTCOMES, WORKER_STAGES
 from cortexbench.models.backends import get_backend
 from cortexbench.models.backends.base import BlobLoader
 from cortexbench.models.registry import get_spec
-from cortexbench.worker import RESULT_COLS, ModelWorker, RequestGroup, WorkerSpec
+from cortexbench.protocol import RESULT_COLS, RequestGroup
+from cortexbench.worker import ModelWorker, WorkerSpec
 from tests.fakes import reference_lru_hits
 
 MODELS = ("mlp2", "digits_cnn", "mnist_cnn")

@@ -10,7 +10,8 @@ import numpy as np
 
 from cortexbench.ledger import OUTCOMES, WORKER_STAGES
 from cortexbench.models.backends.base import export_null
-from cortexbench.worker import RESULT_COLS, ModelWorker, RequestGroup, ResultGroup, WorkerSpec, WorkerState
+from cortexbench.protocol import RESULT_COLS, RequestGroup, ResultGroup, WorkerState
+from cortexbench.worker import ModelWorker, WorkerSpec
 
 OK = OUTCOMES.index("ok")
 
@@ -36,7 +37,7 @@ def test_a_result_group_survives_the_wire_with_errors_nans_and_state():
 
 def test_memory_is_the_device_s_on_a_gpu_and_the_rss_on_the_host():
     """A CPU worker has no device memory (-1: not exported); the host figure is this process's RSS."""
-    from cortexbench.worker import device_memory_bytes, host_memory_bytes
+    from cortexbench.machine import device_memory_bytes, host_memory_bytes
 
     assert device_memory_bytes("cpu") == -1
     rss = host_memory_bytes()
