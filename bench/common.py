@@ -8,7 +8,7 @@ harness and Ray, not a framework.  Three kinds of measurement:
   return their argument.  The payload is 24 bytes (one image's request) as ``bytes``, the cheapest thing
   Ray can carry, so a baseline is the best bare Ray does; ``payload="numpy"`` sends the same as an int64
   array, for comparison.
-- cortexbench: ``drive`` runs a closed-loop stream through ``Driver`` and ``cluster.make_handles`` as the
+- cortexbench: ``drive`` runs a closed-loop stream through ``driver.drive`` and ``cluster.make_handles`` as the
   coordinator does in one process (its progress fold included).
 - the worker alone: ``worker_ceiling`` (a ``ModelWorker`` without Ray).
 
@@ -229,9 +229,9 @@ def drive(actors: list[Any], names: list[str], *, dispatch: str, seconds: float,
     """A closed-loop stream through cortexbench's Driver, as the coordinator runs it in one process:
     images/s over the measured part, the median latency per image (done - scheduled), images per call,
     and this process's CPU seconds per image."""
-    from cortexbench.balancer import make_balancer
     from cortexbench.cluster import make_handles
-    from cortexbench.driver import Driver, DriverOptions
+    from cortexbench.driver import DriverOptions
+    from cortexbench.driver import drive as drive_stream
     from cortexbench.schedule import make_schedule
 
     async def run() -> dict[str, float]:
@@ -242,10 +242,9 @@ def drive(actors: list[Any], names: list[str], *, dispatch: str, seconds: float,
             async def one(n: int) -> tuple[Any, float]:
                 sched = make_schedule(count=n, models=("null",), n_images=8, seed=seed)
                 opts = DriverOptions(mode="cached", concurrency=concurrency, max_group=max_group, depth=depth)
-                drv = Driver(sched, handles, make_balancer("least-outstanding", len(handles), 1), opts,
-                             on_progress=_live_fold(names))
                 c0 = time.process_time()
-                res = await drv.run()
+                res = await drive_stream(sched, handles, opts, balancer="least-outstanding", seed=0,
+                                         on_progress=_live_fold(names), manage_handles=False)
                 return res, time.process_time() - c0
 
             res, _ = await one(warmup)

@@ -26,19 +26,18 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 import ray.exceptions
 
-from cortexbench.balancer import make_balancer
-from cortexbench.driver import Driver, DriverOptions, DriverResult, Progress
+from cortexbench.driver import Driver, DriverResult, Progress, drive
 from cortexbench.errors import CortexbenchError, WorkerError, WorkerLostError
 from cortexbench.ledger import Ledger
 from cortexbench.protocol import RequestGroup, ResultGroup, WorkerState
-from cortexbench.schedule import Schedule
+from cortexbench.target import FoldFn, HandleOptions, ShardJob, WorkerInfo
 from cortexbench.worker import ModelWorker, WorkerSpec
 
 _LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
@@ -68,6 +67,11 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> dict[str, floa
             raise WorkerError(f"cannot start or join Ray{f' at {address}' if address else ''}: "
                               f"{str(e).splitlines()[0]}") from None
     return dict(ray.cluster_resources())
+
+
+def ray_running() -> bool:
+    """Whether this process has joined or started a Ray already (a test's, a notebook's)."""
+    return ray.is_initialized()
 
 
 def shutdown_ray() -> None:
@@ -148,13 +152,21 @@ class WorkerActor:
 
 
 @dataclass
-class WorkerPool:
-    """The worker actors of a run, with their names and devices."""
+class RayTarget:
+    """The Ray target (``target.Target``): cortexbench's worker actors, one per GPU or CPU share, their
+    handles, and driver shards placed next to them."""
 
     actors: list[Any]
     specs: list[WorkerSpec]
     infos: list[dict[str, Any]]
     placement_group: Any = None
+    shards_supported = True
+    _shards: list[Any] = field(default_factory=list)
+
+    @property
+    def workers(self) -> tuple[WorkerInfo, ...]:
+        return tuple(WorkerInfo(s.name, s.device, i.get("node"), str(i.get("node_id", "")), i.get("pid"), i.get("host"))
+                     for s, i in zip(self.specs, self.infos, strict=True))
 
     @property
     def names(self) -> list[str]:
@@ -167,6 +179,41 @@ class WorkerPool:
 
     def set_mode(self, mode: str, timeout_s: float = 3600) -> list[dict[str, float]]:
         return get([ADAPTER.call(a, "set_mode", mode) for a in self.actors], timeout_s)
+
+    def handles(self, mode: str, options: HandleOptions, ids: Sequence[int] | None = None) -> list[Any]:
+        ids = range(len(self.actors)) if ids is None else ids
+        return make_handles([self.actors[i] for i in ids], [self.specs[i].name for i in ids], mode, options.dispatch,
+                            options.depth, one_at_a_time=options.one_at_a_time)
+
+    async def run_shards(self, jobs: Sequence[ShardJob], fold: FoldFn, stopping: Callable[[], bool]) -> list[DriverResult]:
+        shards = start_shards([j.node_id for j in jobs])
+        self._shards = shards
+        names = tuple(s.name for s in self.specs)
+        refs = [shard_run(shard, ShardPlan(job, tuple(self.actors[i] for i in job.worker_ids),
+                                           tuple(names[i] for i in job.worker_ids), names))
+                for shard, job in zip(shards, jobs, strict=True)]
+        tasks = [asyncio.ensure_future(wait_ref(r)) for r in refs]
+        try:
+            pending: set[asyncio.Future[Any]] = set(tasks)
+            while pending:
+                _, pending = await asyncio.wait(pending, timeout=0.5)
+                if stopping():  # again: a shard whose driver had not started yet missed the first stop
+                    self.stop_shards()
+                takes = await asyncio.gather(*[wait_ref(shard_take(s)) for s in shards])
+                for progress, rows in takes:
+                    if progress is not None:
+                        fold(progress, rows)
+            return [t.result() for t in tasks]
+        finally:
+            for t in tasks:
+                t.cancel()
+            self._shards = []
+            for shard in shards:
+                ray.kill(shard)
+
+    def stop_shards(self) -> None:
+        for shard in self._shards:
+            shard_stop(shard)
 
     def kill(self, index: int) -> None:
         """Kill one worker's process (fault tests); Ray restarts it."""
@@ -185,7 +232,7 @@ class WorkerPool:
 
 
 def start_workers(specs: Sequence[WorkerSpec], *, gpu: bool, cpus_each: float, threads_each: int,
-                  max_restarts: int = 4, timeout_s: float = 120.0) -> WorkerPool:
+                  max_restarts: int = 4, timeout_s: float = 120.0) -> RayTarget:
     """One actor per spec, placed with a placement group (one bundle per worker)."""
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -213,7 +260,7 @@ def start_workers(specs: Sequence[WorkerSpec], *, gpu: bool, cpus_each: float, t
             "runtime_env": {"env_vars": env},
         }
         actors.append(ADAPTER.actor(WorkerActor, opts, spec, threads_each))
-    pool = WorkerPool(actors, list(specs), [], pg)
+    pool = RayTarget(actors, list(specs), [], pg)
     try:
         pool.infos = get([ADAPTER.call(a, "info") for a in actors], timeout_s)
         get([ADAPTER.call(a, "check") for a in actors], timeout_s * 10)
@@ -497,19 +544,12 @@ def make_handles(pool_actors: Sequence[Any], names: Sequence[str], mode: str, di
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """What one driver shard runs: its slice of the schedule and its workers."""
+    """What one driver shard runs: its job, and the actors and names of its workers."""
 
-    schedule: Schedule
+    job: ShardJob
     actors: tuple[Any, ...]
     names: tuple[str, ...]
-    worker_ids: tuple[int, ...]
     all_workers: tuple[str, ...]
-    options: DriverOptions
-    balancer: str
-    seed: int
-    lru_capacity: int | None
-    dispatch: str
-    start_wall: float
 
 
 class ShardActor:
@@ -521,24 +561,16 @@ class ShardActor:
         self.last: Progress | None = None
 
     async def run(self, plan: ShardPlan) -> DriverResult:
-        handles = make_handles(plan.actors, plan.names, plan.options.mode, plan.dispatch, plan.options.depth,
-                               one_at_a_time=plan.options.concurrency == 1)
-        for h in handles:
-            await h.start()
-        balancer = make_balancer(plan.balancer, len(handles), len(plan.schedule.models), seed=plan.seed,
-                                 lru_capacity=plan.lru_capacity)
-        start_at = time.monotonic() + (plan.start_wall - time.time())
-        self.driver = Driver(plan.schedule, handles, balancer, plan.options, on_progress=self._progress,
-                             start_at=start_at, worker_ids=plan.worker_ids, worker_names=plan.all_workers)
-        try:
-            result = await self.driver.run()
-            from cortexbench.report.stream_summary import histograms
+        job = plan.job
+        handles = make_handles(plan.actors, plan.names, job.options.mode, job.handle_options.dispatch,
+                               job.handle_options.depth, one_at_a_time=job.handle_options.one_at_a_time)
+        return await drive(job.schedule, handles, job.options, balancer=job.balancer, seed=job.seed,
+                           lru_capacity=job.lru_capacity, on_progress=self._progress, on_driver=self._set_driver,
+                           start_at=time.monotonic() + (job.start_wall - time.time()), worker_ids=job.worker_ids,
+                           worker_names=plan.all_workers)
 
-            result.hists = histograms(result.ledger, plan.schedule.warmup)
-            return result
-        finally:
-            for h in handles:
-                await h.close()
+    def _set_driver(self, driver: Driver | None) -> None:
+        self.driver = driver
 
     def _progress(self, p: Progress) -> None:
         self.rows.append(p.new_rows)
@@ -577,3 +609,11 @@ def shard_take(shard: Any) -> Any:
 
 def shard_stop(shard: Any) -> Any:
     return ADAPTER.call(shard, "stop")
+
+
+async def wait_ref(ref: Any) -> Any:
+    """Await a Ray object ref, re-raising a worker's CortexbenchError as itself."""
+    try:
+        return await ref
+    except Exception as e:
+        raise unwrap(e) from None

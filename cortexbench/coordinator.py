@@ -27,9 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from cortexbench import cluster, machine
-from cortexbench.balancer import make_balancer
 from cortexbench.config import Config
-from cortexbench.driver import Driver, DriverOptions, DriverResult
+from cortexbench.driver import Driver, DriverOptions, DriverResult, drive
 from cortexbench.errors import DeviceError, Interrupted, ModelNotFoundError, WorkerError
 from cortexbench.images.dataset import ensure_images
 from cortexbench.ledger import Ledger
@@ -45,6 +44,7 @@ from cortexbench.residency import parse_mode
 from cortexbench.results import envelope, new_run_dir, write_json, write_text
 from cortexbench.schedule import Schedule, make_schedule, shard_workers
 from cortexbench.stats import HistogramSet
+from cortexbench.target import HandleOptions, ShardJob, Target, describe, worker_labels, worker_names
 from cortexbench.worker import WorkerSpec
 
 # A worker call not answered within this fails its images as 'timeout' (a hung worker cannot hang the run);
@@ -141,11 +141,11 @@ class ModeRun:
 
 
 class StreamRun:
-    """Runs every mode of a plan on a worker pool; keeps what was measured for the results."""
+    """Runs every mode of a plan on a target; keeps what was measured for the results."""
 
-    def __init__(self, plan: StreamPlan, pool: cluster.WorkerPool, live: LiveView) -> None:
+    def __init__(self, plan: StreamPlan, target: Target, live: LiveView) -> None:
         self.plan = plan
-        self.pool = pool
+        self.target = target
         self.live = live
         self.modes: dict[str, ModeRun] = {}
         self.interrupted = False
@@ -192,7 +192,7 @@ class StreamRun:
         sched = self.schedule_of(mode)
         self.live.start_mode(mode, len(sched), sched.warmup)
         loop = asyncio.get_running_loop()
-        self.setup_s[mode] = await loop.run_in_executor(None, self.pool.set_mode, mode)
+        self.setup_s[mode] = await loop.run_in_executor(None, self.target.set_mode, mode)
         if self.interrupted:  # Ctrl-C while the workers were setting up: the mode is not run at all
             self.live.close_mode()
             return
@@ -200,25 +200,14 @@ class StreamRun:
             self.live.add_preload(len(plan.models))
         self.live.sending()
         lru = parse_mode(mode).capacity or None
-        names = tuple(self.pool.names)
-        if plan.drivers <= 1:
-            handles = cluster.make_handles(self.pool.actors, names, mode, plan.dispatch, plan.depth,
-                                           one_at_a_time=self.options(mode, 1).concurrency == 1)
-            for h in handles:
-                await h.start()
-            balancer = make_balancer(plan.cfg.stream.balancer, len(handles), len(plan.models), seed=plan.cfg.seed,
-                                     lru_capacity=lru)
-            driver = Driver(sched, handles, balancer, self.options(mode, 1), on_progress=self.live.fold)
-            self._stop_current = driver.stop
-            try:
-                result = await driver.run()
-            finally:
-                self._stop_current = None
-                for h in handles:
-                    await h.close()
-            hists = histograms(result.ledger, sched.warmup)
+        if plan.drivers <= 1 or not self.target.shards_supported:
+            handles = self.target.handles(mode, self.handle_options(mode, 1))
+            result = await drive(sched, handles, self.options(mode, 1), balancer=plan.cfg.stream.balancer,
+                                 seed=plan.cfg.seed, lru_capacity=lru, on_progress=self.live.fold,
+                                 on_driver=self._set_driver)
         else:
-            result, hists = await self._run_shards(mode, lru, sched)
+            result = await self._run_shards(mode, lru, sched)
+        hists = histograms(result.ledger, sched.warmup)
         self.live.close_mode()
         summary = summarize_mode(mode, result.ledger, hists, warmup=sched.warmup, sent=result.sent,
                                  not_sent=result.not_sent, retries=result.retries, cancelled=result.cancelled,
@@ -233,6 +222,13 @@ class StreamRun:
         if result.error:
             self.error = f"mode {mode}: {result.error}"
 
+    def handle_options(self, mode: str, shards: int) -> HandleOptions:
+        return HandleOptions(self.plan.dispatch, self.plan.depth,
+                             one_at_a_time=self.options(mode, shards).concurrency == 1)
+
+    def _set_driver(self, driver: Driver | None) -> None:
+        self._stop_current = driver.stop if driver is not None else None
+
     def schedule_of(self, mode: str) -> Schedule:
         """The stream of ``mode``: the whole schedule, or its head in the modes that load on demand when
         ``stream.on_demand_images`` says so (the same seeded stream, shorter)."""
@@ -241,60 +237,31 @@ class StreamRun:
             return self.plan.schedule.head(n)
         return self.plan.schedule
 
-    async def _run_shards(self, mode: str, lru: int | None, sched: Schedule) -> tuple[DriverResult, HistogramSet]:
+    async def _run_shards(self, mode: str, lru: int | None, sched: Schedule) -> DriverResult:
+        """The mode on ``plan.drivers`` driver shards run by the target next to their workers; their ledgers
+        merged into one result."""
         plan = self.plan
         n = plan.drivers
-        parts = shard_workers(self.pool.node_ids, n)  # each shard's workers together, the shard on their node
-        shards = cluster.start_shards([node for _, node in parts])
+        # each shard's workers together, the shard on their node
+        parts = shard_workers([w.node_id for w in self.target.workers], n)
         start_wall = time.time() + 1.0
-        names = tuple(self.pool.names)
-        refs = []
-        for i, (shard, (ids, _)) in enumerate(zip(shards, parts, strict=True)):
-            sp = cluster.ShardPlan(sched.shard(i, n), tuple(self.pool.actors[j] for j in ids),
-                                   tuple(names[j] for j in ids), ids, names, self.options(mode, n),
-                                   plan.cfg.stream.balancer, plan.cfg.seed + i, lru, plan.dispatch, start_wall)
-            refs.append(cluster.shard_run(shard, sp))
-        self._stop_current = lambda: [cluster.shard_stop(s) for s in shards]
-        tasks = [asyncio.ensure_future(_await(r)) for r in refs]
+        jobs = [ShardJob(sched.shard(i, n), ids, node, self.options(mode, n), self.handle_options(mode, n),
+                         plan.cfg.stream.balancer, plan.cfg.seed + i, lru, start_wall)
+                for i, (ids, node) in enumerate(parts)]
+        self._stop_current = self.target.stop_shards
         try:
-            pending: set[asyncio.Future[Any]] = set(tasks)
-            while pending:
-                _, pending = await asyncio.wait(pending, timeout=0.5)
-                if self.interrupted:  # again: a shard whose driver had not started yet missed the first stop
-                    for s in shards:
-                        cluster.shard_stop(s)
-                takes = await asyncio.gather(*[_await(cluster.shard_take(s)) for s in shards])
-                for progress, rows in takes:
-                    if progress is not None:
-                        self.live.fold(progress, rows)
-            results: list[DriverResult] = [t.result() for t in tasks]
+            results = await self.target.run_shards(jobs, self.live.fold, lambda: self.interrupted)
         finally:
-            for t in tasks:
-                t.cancel()
             self._stop_current = None
-            for s in shards:
-                cluster.ray.kill(s)
-        ledger = Ledger.merge([r.ledger for r in results])
-        hists = HistogramSet()
-        for r in results:
-            hists.merge(r.hists if r.hists is not None else histograms(r.ledger, sched.warmup))
-        merged = DriverResult(mode, ledger, sum(r.sent for r in results), sum(r.not_sent for r in results),
-                              min(r.started_s for r in results), max(r.finished_s for r in results),
-                              sum(r.retries for r in results), sum(r.cancelled for r in results),
-                              any(r.stopped_early for r in results),
-                              {k: v for r in results for k, v in r.states.items()},
-                              {k: v for r in results for k, v in r.worker_losses.items()},
-                              error="; ".join(f"shard {i}: {r.error}" for i, r in enumerate(results) if r.error)
-                              or None,
-                              error_samples={k: v for r in reversed(results) for k, v in r.error_samples.items()})
-        return merged, hists
-
-
-async def _await(ref: Any) -> Any:
-    try:
-        return await ref
-    except Exception as e:
-        raise cluster.unwrap(e) from None
+        return DriverResult(mode, Ledger.merge([r.ledger for r in results]), sum(r.sent for r in results),
+                            sum(r.not_sent for r in results), min(r.started_s for r in results),
+                            max(r.finished_s for r in results), sum(r.retries for r in results),
+                            sum(r.cancelled for r in results), any(r.stopped_early for r in results),
+                            {k: v for r in results for k, v in r.states.items()},
+                            {k: v for r in results for k, v in r.worker_losses.items()},
+                            error="; ".join(f"shard {i}: {r.error}" for i, r in enumerate(results) if r.error)
+                            or None,
+                            error_samples={k: v for r in reversed(results) for k, v in r.error_samples.items()})
 
 
 def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = None) -> Path:
@@ -305,8 +272,8 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
     Ray starts, so that bad input (a device, an image set, a model) fails in a second, not after Ray's start.
     """
     started = time.time()
-    own_ray = not cluster.ray.is_initialized()
-    pool: cluster.WorkerPool | None = None
+    own_ray = not cluster.ray_running()
+    target: Target | None = None
     server: MetricsServer | None = None
     run_dir: Path | None = None
     host = socket.gethostname()
@@ -334,19 +301,19 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
         say(f"stream: {len(plan.schedule)} images ({plan.schedule.warmup} warm-up{also}), {len(plan.models)} models, "
             f"{where}, backend {plan.backend}, dispatch {plan.dispatch}, drivers {plan.drivers}")
         say(f"starting {where} (loading frameworks) ...")
-        pool = cluster.start_workers(plan.workers, gpu=plan.gpu, cpus_each=plan.cpus_each,
+        target = cluster.start_workers(plan.workers, gpu=plan.gpu, cpus_each=plan.cpus_each,
                                      threads_each=plan.threads_each)
-        live = LiveView(plan.models, pool.names, server=server, run_id=run_dir.name, backend=plan.backend,
-                        quiet=quiet, host=host, worker_labels=worker_labels(pool, host),
+        live = LiveView(plan.models, worker_names(target), server=server, run_id=run_dir.name, backend=plan.backend,
+                        quiet=quiet, host=host, worker_labels=worker_labels(target.workers, host),
                         modes=len(cfg.stream.modes))
-        run = StreamRun(plan, pool, live)
+        run = StreamRun(plan, target, live)
         try:
             asyncio.run(run.run())
         except KeyboardInterrupt:
             run.interrupted = True
         finally:
             live.finish()
-        results = _results(plan, pool, run, port, started, argv)
+        results = _results(plan, target, run, port, started, argv)
         _write(run_dir, results, run)
         # --quiet drops the progress only: the summary and where the results went are always printed.
         print(stream_report.console_summary(results))
@@ -367,18 +334,12 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
     finally:
         if server is not None:
             server.stop()
-        if pool is not None:
-            pool.close()
+        if target is not None:
+            target.close()
         if own_ray:
             cluster.shutdown_ray()
         if run_dir is not None and not any(run_dir.iterdir()):
             run_dir.rmdir()  # a run that could not start leaves no empty folder behind
-
-
-def worker_labels(pool: cluster.WorkerPool, host: str) -> list[str]:
-    """The worker label of the metrics: ``<host it runs on>/<name>``, unique across the hosts that one
-    Prometheus scrapes (every run calls its first worker cpu0 or gpu0)."""
-    return [f"{info.get('host') or host}/{name}" for name, info in zip(pool.names, pool.infos, strict=True)]
 
 
 def check_precision(cfg: Config, gpu: bool) -> None:
@@ -404,7 +365,7 @@ def _check_gpus(plan: StreamPlan, resources: dict[str, float]) -> None:
                           f"use --gpus {have} (check CUDA_VISIBLE_DEVICES)")
 
 
-def _results(plan: StreamPlan, pool: cluster.WorkerPool, run: StreamRun, port: int | None,
+def _results(plan: StreamPlan, target: Target, run: StreamRun, port: int | None,
              started: float, argv: list[str] | None = None) -> dict[str, Any]:
     cfg = plan.cfg
     modes = {m: r.summary for m, r in run.modes.items()}
@@ -418,8 +379,7 @@ def _results(plan: StreamPlan, pool: cluster.WorkerPool, run: StreamRun, port: i
                                   "plans and the network's structure are kept, as in a serving process that has "
                                   "run it before); the weights come from disk or host memory for every image"
                                   + ("; the structure is rebuilt for every load" if cfg.stream.cold_rebuild else "")},
-        "workers": [{"name": s.name, "device": s.device, "node": i.get("node"), "pid": i.get("pid")}
-                    for s, i in zip(pool.specs, pool.infos, strict=True)],
+        "workers": describe(target.workers),
         "run": {"dispatch": plan.dispatch, "drivers": plan.drivers, "balancer": cfg.stream.balancer,
                 "loop": "open" if cfg.stream.rate is not None else "closed",
                 "concurrency": cfg.stream.concurrency, "rate": cfg.stream.rate, "images": cfg.times,

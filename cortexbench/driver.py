@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from cortexbench.balancer import Balancer
+from cortexbench.balancer import Balancer, make_balancer
 from cortexbench.errors import WorkerError, WorkerLostError
 from cortexbench.ledger import OUTCOMES, WORKER_STAGES, Ledger
 from cortexbench.protocol import RequestGroup, ResultGroup, WorkerHandle, WorkerState
@@ -93,7 +93,6 @@ class DriverResult:
     stopped_early: bool
     states: dict[str, WorkerState] = field(default_factory=dict)
     worker_losses: dict[str, int] = field(default_factory=dict)
-    hists: Any = None  # a shard's HistogramSet of its own ledger (stats.HistogramSet)
     error: str | None = None  # why the run could not go on (every worker gone), if so
     error_samples: dict[str, str] = field(default_factory=dict)  # outcome -> the first message of that kind
 
@@ -553,3 +552,32 @@ async def _sleep_until(t: float, clock: Callable[[], float], stop: asyncio.Event
         await asyncio.wait_for(stop.wait(), timeout=delay)
     except asyncio.TimeoutError:
         pass
+
+
+async def drive(schedule: Schedule, handles: Sequence[WorkerHandle], options: DriverOptions, *, balancer: str,
+                seed: int, lru_capacity: int | None = None, on_progress: Callable[[Progress], None] | None = None,
+                on_driver: Callable[[Driver | None], None] | None = None, start_at: float | None = None,
+                worker_ids: Sequence[int] | None = None, worker_names: Sequence[str] | None = None,
+                clock: Callable[[], float] = time.monotonic, manage_handles: bool = True) -> DriverResult:
+    """The one place that wires handles, a balancer and a driver together (the coordinator, a target's
+    driver shards and the benches call it): start the handles, run the driver, close the handles.
+    ``on_driver`` is told the driver once it exists (and None when it is done), so that a caller can stop it;
+    ``manage_handles`` False: the caller starts and closes the handles (several runs over the same ones)."""
+    if manage_handles:
+        for h in handles:
+            await h.start()
+    try:
+        chooser = make_balancer(balancer, len(handles), len(schedule.models), seed=seed, lru_capacity=lru_capacity)
+        driver = Driver(schedule, handles, chooser, options, clock=clock, on_progress=on_progress, start_at=start_at,
+                        worker_ids=worker_ids, worker_names=worker_names)
+        if on_driver is not None:
+            on_driver(driver)
+        try:
+            return await driver.run()
+        finally:
+            if on_driver is not None:
+                on_driver(None)
+    finally:
+        if manage_handles:
+            for h in handles:
+                await h.close()

@@ -124,3 +124,11 @@ class WorkerHandle(Protocol):
     async def recover(self) -> None:
         """Wait until a lost worker is back and set up again; raise WorkerError if it cannot be."""
         ...
+
+    async def start(self) -> None:
+        """Get ready to send (e.g. compile a graph); called once before the first ``submit``."""
+        ...
+
+    async def close(self) -> None:
+        """Release what ``start`` took; called once when the driver is done."""
+        ...

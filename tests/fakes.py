@@ -1,7 +1,7 @@
 """Test doubles for what cannot run here, and a virtual clock.
 
 ``FakeWorkerHandle`` stands in for a worker reached over Ray (the driver's tests need thousands of
-images with exact service times); ``run_virtual`` runs a coroutine on an event loop whose clock jumps to
+images with exact service times), ``FakeTarget`` for a whole target of them; ``run_virtual`` runs a coroutine on an event loop whose clock jumps to
 the next timer instead of sleeping, so a 10-second stream takes milliseconds and timings are exact.
 """
 
@@ -17,6 +17,7 @@ import numpy as np
 
 from cortexbench.errors import WorkerError, WorkerLostError
 from cortexbench.protocol import INFER, RESULT_COLS, RequestGroup, ResultGroup, WorkerState
+from cortexbench.target import WorkerInfo
 
 
 class VirtualTime:
@@ -82,6 +83,7 @@ class FakeWorkerHandle:
         self._deathwatch: set[asyncio.Future[None]] = set()  # one per call in flight: done when it dies
         self._lane_free = [0.0] * lanes
         self.groups: list[int] = []
+        self.started = self.closed = 0  # start() and close() calls
 
     def submit(self, group: RequestGroup) -> asyncio.Future[tuple[ResultGroup, float]]:
         return asyncio.ensure_future(self.call(group))
@@ -144,6 +146,69 @@ class FakeWorkerHandle:
         await asyncio.sleep(self.down_s)
         self.dead = False
         self._lane_free = [0.0] * self.lanes
+
+    async def start(self) -> None:
+        self.started += 1
+
+    async def close(self) -> None:
+        self.closed += 1
+
+
+class FakeTarget:
+    """A ``target.Target`` of FakeWorkerHandles: the whole protocol, driver shards included (each shard a
+    driver of its own on the same event loop, as a target's shard actors are each a driver of their own).
+
+    ``set_mode`` records the modes and may run a hook (``on_set_mode``, e.g. a Ctrl-C)."""
+
+    shards_supported = True
+
+    def __init__(self, handles: dict[str, FakeWorkerHandle], on_set_mode: Any = None,
+                 shards_supported: bool = True) -> None:
+        self.by_name = handles
+        self.workers = tuple(WorkerInfo(name, "cpu", "127.0.0.1", node_id=f"node{i % 2}", pid=1000 + i, host="fake")
+                             for i, name in enumerate(handles))
+        self.modes: list[str] = []
+        self.on_set_mode = on_set_mode
+        self.shards_supported = shards_supported
+        self.shard_jobs: list[Any] = []
+        self._drivers: list[Any] = []
+        self.closed = False
+
+    def set_mode(self, mode: str) -> list[dict[str, float]]:
+        self.modes.append(mode)
+        if self.on_set_mode is not None:
+            self.on_set_mode()
+        return [{"total_s": 0.0} for _ in self.workers]
+
+    def handles(self, mode: str, options: Any, ids: Any = None) -> list[FakeWorkerHandle]:
+        ids = range(len(self.workers)) if ids is None else ids
+        return [self.by_name[self.workers[i].name] for i in ids]
+
+    async def run_shards(self, jobs: Any, fold: Any, stopping: Any) -> list[Any]:
+        from cortexbench.driver import drive
+
+        self.shard_jobs = list(jobs)
+        names = [w.name for w in self.workers]
+
+        def progress(p: Any) -> None:
+            fold(p, [p.new_rows])
+
+        def keep(driver: Any) -> None:
+            if driver is not None:
+                self._drivers.append(driver)
+
+        return list(await asyncio.gather(*[
+            drive(job.schedule, self.handles("", job.handle_options, job.worker_ids), job.options,
+                  balancer=job.balancer, seed=job.seed, lru_capacity=job.lru_capacity, on_progress=progress,
+                  on_driver=keep, worker_ids=job.worker_ids, worker_names=names)
+            for job in jobs]))
+
+    def stop_shards(self) -> None:
+        for d in self._drivers:
+            d.stop()
+
+    def close(self) -> None:
+        self.closed = True
 
 
 def expected_lanes_time(n: int, service_s: float, lanes: int) -> float:

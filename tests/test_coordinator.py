@@ -16,70 +16,41 @@ from cortexbench.coordinator import StreamPlan, StreamRun
 from cortexbench.live import LiveView
 from cortexbench.schedule import make_schedule
 from cortexbench.worker import WorkerSpec
-from tests.fakes import FakeWorkerHandle
+from tests.fakes import FakeTarget, FakeWorkerHandle
 
 MODELS = ("null",)
 MODES = ("cached", "cold", "lru:1")
 
 
-class Handle(FakeWorkerHandle):
-    """A fake worker with the start/close a cluster handle has."""
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-
-class FakePool:
-    """Stands in for cluster.WorkerPool: names, and set_mode (which may run a hook, e.g. a Ctrl-C)."""
-
-    def __init__(self, names: list[str], on_set_mode: Any = None) -> None:
-        self.names = names
-        self.actors = [None] * len(names)
-        self.specs: list[Any] = []
-        self.infos: list[Any] = []
-        self.modes: list[str] = []
-        self.on_set_mode = on_set_mode
-
-    def set_mode(self, mode: str) -> list[dict[str, float]]:
-        self.modes.append(mode)
-        if self.on_set_mode is not None:
-            self.on_set_mode()
-        return [{"total_s": 0.0} for _ in self.names]
-
-
-def _run(monkeypatch: pytest.MonkeyPatch, handles: dict[str, Handle], on_set_mode: Any = None,
-         ) -> tuple[StreamRun, FakePool]:
-    cfg = Config(models=MODELS, times=200, stream=StreamConfig(modes=MODES, concurrency=4, warmup=0, retries=1))
-    sched = make_schedule(count=200, models=MODELS, n_images=4, seed=0)
+def _run(handles: dict[str, FakeWorkerHandle], on_set_mode: Any = None, drivers: int = 1,
+         modes: tuple[str, ...] = MODES, count: int = 200) -> tuple[StreamRun, FakeTarget]:
+    cfg = Config(models=MODELS, times=count, stream=StreamConfig(modes=modes, concurrency=4, warmup=0, retries=1))
+    sched = make_schedule(count=count, models=MODELS, n_images=4, seed=0)
     workers = tuple(WorkerSpec(n, "cpu", "mxnet", "models", MODELS, ("a.jpg",)) for n in handles)
-    plan = StreamPlan(cfg, "mxnet", MODELS, ("a.jpg",), workers, False, 1.0, 1, "grouped", 1, 1, 4, sched)
-    pool = FakePool(list(handles), on_set_mode)
-    monkeypatch.setattr(coordinator.cluster, "make_handles",
-                        lambda actors, names, mode, dispatch, depth, **kw: [handles[n] for n in names])
-    run = StreamRun(plan, pool, LiveView(MODELS, pool.names, server=None, run_id="t", backend="x", quiet=True))
+    plan = StreamPlan(cfg, "mxnet", MODELS, ("a.jpg",), workers, False, 1.0, 1, "grouped", drivers, 1, 4, sched)
+    target = FakeTarget(handles)
+    run = StreamRun(plan, target, LiveView(MODELS, list(handles), server=None, run_id="t", backend="x", quiet=True))
     if on_set_mode is not None:
-        pool.on_set_mode = lambda: on_set_mode(run)
+        target.on_set_mode = lambda: on_set_mode(run)
     asyncio.run(run.run())
-    return run, pool
+    return run, target
 
 
-def test_a_run_whose_workers_are_all_gone_stops_and_keeps_what_was_measured(monkeypatch, tmp_path):
-    handles = {"w0": Handle("w0", service_s=0.001, die_at_call=30, down_s=None)}
-    run, pool = _run(monkeypatch, handles)
-    assert pool.modes == ["cached"]  # the modes after it were not tried on dead workers
+def test_a_run_whose_workers_are_all_gone_stops_and_keeps_what_was_measured(tmp_path):
+    handles = {"w0": FakeWorkerHandle("w0", service_s=0.001, die_at_call=30, down_s=None)}
+    run, target = _run(handles)
+    assert target.modes == ["cached"]  # the modes after it were not tried on dead workers
     assert run.error is not None and "every worker is gone" in run.error
     m = run.modes["cached"]
     m.result.ledger.check_complete(m.result.sent)
     assert m.summary["error"] and 0 < m.result.sent < 200
-    results = coordinator._results(run.plan, pool, run, None, time.time())  # type: ignore[arg-type]
+    results = coordinator._results(run.plan, target, run, None, time.time())
     assert results["complete"] is False and "every worker is gone" in results["run"]["error"]
+    assert [w["name"] for w in results["workers"]] == ["w0"]
 
 
-def test_ctrl_c_while_workers_set_up_runs_no_more_of_the_mode(monkeypatch, tmp_path: Path):
-    handles = {"w0": Handle("w0", service_s=0.001), "w1": Handle("w1", service_s=0.001)}
+def test_ctrl_c_while_workers_set_up_runs_no_more_of_the_mode(tmp_path: Path):
+    handles = {"w0": FakeWorkerHandle("w0", service_s=0.001), "w1": FakeWorkerHandle("w1", service_s=0.001)}
     calls = []
 
     def ctrl_c_on_second_mode(run: StreamRun) -> None:
@@ -87,17 +58,37 @@ def test_ctrl_c_while_workers_set_up_runs_no_more_of_the_mode(monkeypatch, tmp_p
         if len(calls) == 2:
             run.interrupt()
 
-    run, pool = _run(monkeypatch, handles, ctrl_c_on_second_mode)
-    assert pool.modes == ["cached", "cold"]
+    run, target = _run(handles, ctrl_c_on_second_mode)
+    assert target.modes == ["cached", "cold"]
     assert list(run.modes) == ["cached"] and run.interrupted
     assert sum(h.images for h in handles.values()) == 200  # cold sent nothing
-    results = coordinator._results(run.plan, pool, run, None, time.time())  # type: ignore[arg-type]
+    results = coordinator._results(run.plan, target, run, None, time.time())
     assert results["complete"] is False
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     coordinator._write(run_dir, results, run)
     assert json.loads((run_dir / "results.json").read_text())["complete"] is False
     assert (run_dir / "records-cached.csv.gz").is_file() and not (run_dir / "records-cold.csv.gz").exists()
+
+
+@pytest.mark.parametrize("drivers", [1, 2])
+def test_a_stream_against_the_fake_target_accounts_for_every_image_with_one_driver_or_shards(drivers):
+    """The coordinator reaches workers only through the Target protocol: one driver of its own, or driver
+    shards that the target runs (each with its workers, grouped by node), merged into one ledger."""
+    handles = {f"w{i}": FakeWorkerHandle(f"w{i}", service_s=0.001, lanes=2) for i in range(4)}
+    run, target = _run(handles, drivers=drivers, modes=("cached", "cold"), count=300)
+    assert target.modes == ["cached", "cold"] and not run.error and not run.interrupted
+    for mode in ("cached", "cold"):
+        m = run.modes[mode]
+        m.result.ledger.check_complete(m.result.sent)
+        assert m.result.sent == 300 and m.summary["summary"]["counted_ok"] == 300
+        assert set(m.result.ledger.workers) == set(handles)
+    assert all(h.started == h.closed == 2 for h in handles.values())  # once per mode, by one driver
+    if drivers > 1:
+        jobs = target.shard_jobs
+        assert len(jobs) == 2 and sorted(i for j in jobs for i in j.worker_ids) == [0, 1, 2, 3]
+        assert all(len({target.workers[i].node_id for i in j.worker_ids}) == 1 for j in jobs)  # one node each
+        assert sum(len(j.schedule) for j in jobs) == 300
 
 
 def _free_port() -> int:

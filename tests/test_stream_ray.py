@@ -19,10 +19,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cortexbench import cluster
-from cortexbench.balancer import make_balancer
 from cortexbench.config import Config, StreamConfig
-from cortexbench.coordinator import StreamPlan, StreamRun, run_stream, worker_labels
-from cortexbench.driver import Driver, DriverOptions, DriverResult, Progress
+from cortexbench.coordinator import StreamPlan, StreamRun, run_stream
+from cortexbench.driver import DriverOptions, DriverResult, Progress, drive
 from cortexbench.errors import CortexbenchError, WorkerError
 from cortexbench.images.dataset import list_images
 from cortexbench.ledger import WORKER_STAGES
@@ -30,6 +29,7 @@ from cortexbench.live import LiveView
 from cortexbench.metrics import MetricsServer
 from cortexbench.residency import parse_mode
 from cortexbench.schedule import Schedule, make_schedule
+from cortexbench.target import HandleOptions, worker_labels
 from cortexbench.worker import WorkerSpec
 from tests.fakes import reference_lru_hits
 
@@ -45,7 +45,7 @@ def images(image_dir: Path) -> tuple[str, ...]:
 
 
 @pytest.fixture(scope="module")
-def pool(ray_session: None, model_dir: Path, images: tuple[str, ...]) -> Iterator[cluster.WorkerPool]:
+def pool(ray_session: None, model_dir: Path, images: tuple[str, ...]) -> Iterator[cluster.RayTarget]:
     specs = [WorkerSpec(name=f"cpu{i}", device="cpu", backend="mxnet", model_dir=str(model_dir), models=MODELS,
                         images=images, lanes=1, image_pool=8) for i in range(2)]
     p = cluster.start_workers(specs, gpu=False, cpus_each=0.5, threads_each=1)
@@ -59,29 +59,20 @@ def _schedule(count: int, weights: tuple[float, ...] = (), warmup: int = 0, seed
                          rate=rate)
 
 
-def _drive(pool: cluster.WorkerPool, schedule: Schedule, mode: str, *, workers: tuple[int, ...] = (0, 1),
+def _drive(pool: cluster.RayTarget, schedule: Schedule, mode: str, *, workers: tuple[int, ...] = (0, 1),
            dispatch: str = "grouped", concurrency: int | None = 4, max_group: int = 1, depth: int = 4,
            on_progress: Callable[[Progress], None] | None = None, inline_wait_s: float | None = None) -> DriverResult:
     pool.set_mode(mode)
 
     async def main() -> DriverResult:
-        handles = cluster.make_handles([pool.actors[i] for i in workers], [pool.names[i] for i in workers],
-                                       mode, dispatch, depth, one_at_a_time=concurrency == 1)
+        handles = pool.handles(mode, HandleOptions(dispatch, depth, one_at_a_time=concurrency == 1), ids=workers)
         if inline_wait_s is not None:
             for h in handles:
                 h.inline_wait_s = inline_wait_s
-        for h in handles:
-            await h.start()
-        balancer = make_balancer("least-outstanding", len(handles), len(MODELS), seed=0,
-                                 lru_capacity=parse_mode(mode).capacity or None)
         opts = DriverOptions(mode=mode, concurrency=concurrency, max_group=max_group, depth=depth,
                              fold_interval_s=0.05, call_timeout_s=10.0)  # a lost reply fails, not hangs
-        driver = Driver(schedule, handles, balancer, opts, on_progress=on_progress)
-        try:
-            return await driver.run()
-        finally:
-            for h in handles:
-                await h.close()
+        return await drive(schedule, handles, opts, balancer="least-outstanding", seed=0,
+                           lru_capacity=parse_mode(mode).capacity or None, on_progress=on_progress)
 
     return asyncio.run(main())
 
@@ -182,7 +173,7 @@ def test_open_loop_latency_on_the_real_clock_is_bounded_by_the_service_time(pool
     assert float(lat.max()) < service_s + 2.0
 
 
-def _plan(cfg: Config, pool: cluster.WorkerPool, images: tuple[str, ...], drivers: int) -> StreamPlan:
+def _plan(cfg: Config, pool: cluster.RayTarget, images: tuple[str, ...], drivers: int) -> StreamPlan:
     sched = make_schedule(count=cfg.times, models=cfg.models, n_images=len(images), weights=cfg.stream.model_weights,
                           warmup=cfg.stream.warmup, seed=cfg.seed)
     return StreamPlan(cfg, "mxnet", cfg.models, images, tuple(pool.specs), False, 0.5, 1, "grouped", drivers,
@@ -201,13 +192,13 @@ class ScrapingView(LiveView):
             self.scrapes[self.mode] = _scrape(self.server)
 
 
-def _stream_run(pool: cluster.WorkerPool, images: tuple[str, ...], model_dir: Path, drivers: int,
+def _stream_run(pool: cluster.RayTarget, images: tuple[str, ...], model_dir: Path, drivers: int,
                 server: MetricsServer | None) -> StreamRun:
     cfg = Config(models=MODELS, model_dir=model_dir, times=150,
                  stream=StreamConfig(modes=("cached", "lru:1"), concurrency=4, warmup=10, model_weights=(4, 1, 1)))
     plan = _plan(cfg, pool, images, drivers)
     live = ScrapingView(MODELS, pool.names, server=server, run_id="test", backend="mxnet", quiet=True,
-                        host="here", worker_labels=worker_labels(pool, "here"), modes=2)
+                        host="here", worker_labels=worker_labels(pool.workers, "here"), modes=2)
     live.scrapes = {}
     run = StreamRun(plan, pool, live)
     run.live_scrapes = live.scrapes  # type: ignore[attr-defined]
@@ -232,10 +223,10 @@ def _per(family: Any, sample_name: str, *labels: str, **where: str) -> dict[Any,
     return out
 
 
-def _check_metrics(server: MetricsServer, run: StreamRun, pool: cluster.WorkerPool) -> None:
+def _check_metrics(server: MetricsServer, run: StreamRun, pool: cluster.RayTarget) -> None:
     """Every metric means what docs/metrics.md says, checked against the ledgers after the run."""
     fams = _scrape(server)
-    labels = set(worker_labels(pool, "here"))
+    labels = set(worker_labels(pool.workers, "here"))
     warmup = run.plan.schedule.warmup
     for phase in ("warmup", "measured"):
         images = _per(fams["cortexbench_images"], "cortexbench_images_total", "mode", phase=phase)
@@ -384,7 +375,7 @@ def test_run_stream_reuses_a_running_ray_and_leaves_it_up(ray_session, pool, mod
     _accounted(res, 10)
 
 
-def _pid(pool: cluster.WorkerPool, i: int) -> int:
+def _pid(pool: cluster.RayTarget, i: int) -> int:
     return int(cluster.get(cluster.ADAPTER.call(pool.actors[i], "info"), 60)["pid"])
 
 
