@@ -77,6 +77,10 @@ class StreamConfig:
     cold_drop_cache: bool = False
     cold_rebuild: bool = False  # cold, swap: build each network's structure for every load (timed as 'build')
     on_demand_images: int = 0  # counted images in swap, cold and lru:K modes; 0 = 'times'
+    target: str | None = None  # an Open Inference Protocol server (http://HOST:PORT) instead of the Ray workers
+    protocol: Literal["v2", "v2-json"] = "v2"
+    input_name: str | None = None  # for a target model whose metadata lists no inputs
+    input_shape: tuple[int, ...] = ()
     records: RecordsFormat = "csv.gz"
 
 

@@ -29,7 +29,7 @@ from typing import Any
 from cortexbench import cluster, machine
 from cortexbench.config import Config
 from cortexbench.driver import Driver, DriverOptions, DriverResult, drive
-from cortexbench.errors import DeviceError, Interrupted, ModelNotFoundError, WorkerError
+from cortexbench.errors import ConfigError, DeviceError, Interrupted, ModelNotFoundError, WorkerError
 from cortexbench.images.dataset import ensure_images
 from cortexbench.ledger import Ledger
 from cortexbench.live import LiveView
@@ -40,7 +40,7 @@ from cortexbench.models.registry import expand_model_names
 from cortexbench.report import stream_plots, stream_report
 from cortexbench.report.stream_summary import compare_modes, histograms, summarize_mode
 from cortexbench.report.tiers import answers_agreement, load_figures
-from cortexbench.residency import parse_mode
+from cortexbench.residency import Mode, parse_mode
 from cortexbench.results import envelope, new_run_dir, write_json, write_text
 from cortexbench.schedule import Schedule, make_schedule, shard_workers
 from cortexbench.stats import HistogramSet
@@ -69,6 +69,41 @@ class StreamPlan:
     max_group: int
     depth: int
     schedule: Schedule
+    modes: tuple[str, ...] = ()  # the passes to run; () = cfg.stream.modes
+
+    @property
+    def run_modes(self) -> tuple[str, ...]:
+        return self.modes or self.cfg.stream.modes
+
+
+SERVER_PASS = "server"  # the one pass against an HTTP target: what stays loaded is the server's business
+
+
+def mode_of(name: str) -> Mode | None:
+    """The residency mode of a pass (None for an HTTP target's ``server`` pass)."""
+    return None if name == SERVER_PASS else parse_mode(name)
+
+
+def plan_http(cfg: Config, *, quiet: bool = False) -> StreamPlan:
+    """A run against an Open Inference Protocol server (``stream.target``): no Ray, no model files; the
+    images are read (or synthesised) here and sent with every request."""
+    from cortexbench.http_target import check_target
+
+    st = cfg.stream
+    check_target(st.target or "", st.protocol)
+    if cfg.from_flag("stream.modes"):
+        raise ConfigError("--mode does not apply with --target: what stays loaded is the server's business")
+    if st.drivers > 1:
+        raise ConfigError("--drivers: the HTTP target runs one driver for now; leave --drivers out")
+    models = expand_model_names(cfg.models)
+    images = ensure_images(cfg.img_dir, cfg.images.synth_count, seed=cfg.images.seed,
+                           create=not cfg.from_flag("img_dir"), progress=not quiet)
+    schedule = make_schedule(count=cfg.times, models=models, n_images=len(images), popularity=st.popularity,
+                             weights=st.model_weights, rate=st.rate, duration_s=st.duration_s,
+                             warmup=st.warmup, seed=cfg.seed)
+    depth = st.concurrency if st.rate is None else max(st.concurrency, 1024)
+    return StreamPlan(cfg, "http", models, tuple(str(p) for p in images), (), False, 0.0, 1, "http", 1, 1, depth,
+                      schedule, modes=(SERVER_PASS,))
 
 
 def plan_stream(cfg: Config, resources: dict[str, float], *, quiet: bool = False) -> StreamPlan:
@@ -172,7 +207,7 @@ class StreamRun:
         except (NotImplementedError, RuntimeError, ValueError):
             pass  # not the main thread (tests): interrupt() is called directly
         try:
-            for mode in self.plan.cfg.stream.modes:
+            for mode in self.plan.run_modes:
                 if self.interrupted or self.error:
                     break
                 await self.run_mode(mode)
@@ -196,10 +231,11 @@ class StreamRun:
         if self.interrupted:  # Ctrl-C while the workers were setting up: the mode is not run at all
             self.live.close_mode()
             return
-        if parse_mode(mode).kind == "cached":  # set_mode loaded every model on every worker
+        kind = mode_of(mode)
+        if kind is not None and kind.kind == "cached":  # set_mode loaded every model on every worker
             self.live.add_preload(len(plan.models))
         self.live.sending()
-        lru = parse_mode(mode).capacity or None
+        lru = (kind.capacity if kind is not None else 0) or None
         if plan.drivers <= 1 or not self.target.shards_supported:
             handles = self.target.handles(mode, self.handle_options(mode, 1))
             result = await drive(sched, handles, self.options(mode, 1), balancer=plan.cfg.stream.balancer,
@@ -233,7 +269,8 @@ class StreamRun:
         """The stream of ``mode``: the whole schedule, or its head in the modes that load on demand when
         ``stream.on_demand_images`` says so (the same seeded stream, shorter)."""
         n = self.plan.cfg.stream.on_demand_images
-        if n and parse_mode(mode).kind != "cached":
+        kind = mode_of(mode)
+        if n and kind is not None and kind.kind != "cached":
             return self.plan.schedule.head(n)
         return self.plan.schedule
 
@@ -272,7 +309,8 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
     Ray starts, so that bad input (a device, an image set, a model) fails in a second, not after Ray's start.
     """
     started = time.time()
-    own_ray = not cluster.ray_running()
+    http = cfg.stream.target is not None
+    own_ray = not http and not cluster.ray_running()
     target: Target | None = None
     server: MetricsServer | None = None
     run_dir: Path | None = None
@@ -287,7 +325,9 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
         if server is not None:
             server.update(MetricsState(host=host, phase="preparing"), copy=False)
             say(f"metrics on {server.url}")
-        if own_ray and not cfg.stream.address:
+        if http:
+            plan = plan_http(cfg, quiet=quiet)
+        elif own_ray and not cfg.stream.address:
             plan = plan_stream(cfg, _local_resources(), quiet=quiet)
             resources = cluster.init_ray(None, os.cpu_count())
             _check_gpus(plan, resources)
@@ -295,17 +335,28 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
             resources = cluster.init_ray(cfg.stream.address, None if cfg.stream.address else os.cpu_count())
             plan = plan_stream(cfg, resources, quiet=quiet)
         run_dir = new_run_dir(cfg.result_dir, "stream")
-        where = f"{len(plan.workers)} {'GPU' if plan.gpu else 'CPU'} worker(s)"
+        where = f"the server at {cfg.stream.target}" if http else \
+            f"{len(plan.workers)} {'GPU' if plan.gpu else 'CPU'} worker(s)"
         od = cfg.stream.on_demand_images
         also = f"; {od} counted in the modes that load on demand" if od and od < cfg.times else ""
         say(f"stream: {len(plan.schedule)} images ({plan.schedule.warmup} warm-up{also}), {len(plan.models)} models, "
             f"{where}, backend {plan.backend}, dispatch {plan.dispatch}, drivers {plan.drivers}")
-        say(f"starting {where} (loading frameworks) ...")
-        target = cluster.start_workers(plan.workers, gpu=plan.gpu, cpus_each=plan.cpus_each,
-                                     threads_each=plan.threads_each)
+        if http:
+            from cortexbench.http_target import HttpTarget
+
+            st = cfg.stream
+            target = HttpTarget(st.target or "", plan.models, plan.images, protocol=st.protocol,
+                                image_pool=st.image_pool, input_name=st.input_name, input_shape=st.input_shape,
+                                say=say)
+            say(f"waiting for {where} to be ready, reading its models' metadata ...")
+            target.start()
+        else:
+            say(f"starting {where} (loading frameworks) ...")
+            target = cluster.start_workers(plan.workers, gpu=plan.gpu, cpus_each=plan.cpus_each,
+                                           threads_each=plan.threads_each)
         live = LiveView(plan.models, worker_names(target), server=server, run_id=run_dir.name, backend=plan.backend,
                         quiet=quiet, host=host, worker_labels=worker_labels(target.workers, host),
-                        modes=len(cfg.stream.modes))
+                        modes=len(plan.run_modes))
         run = StreamRun(plan, target, live)
         try:
             asyncio.run(run.run())
@@ -318,7 +369,8 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
         # --quiet drops the progress only: the summary and where the results went are always printed.
         print(stream_report.console_summary(results))
         print(f"results: {run_dir}")
-        if not quiet and not plan.gpu and cfg.from_flag("models") is False and cfg.source("times") != "flag":
+        if not quiet and not http and not plan.gpu and cfg.from_flag("models") is False \
+                and cfg.source("times") != "flag":
             print("this was the small CPU run; scale up on a GPU machine or a Ray cluster with e.g.: "
                   "python -m cortexbench.stream --gpus 8 --models imagenet --images 100000 "
                   "--mode cached,cold,lru:2 (add --address auto to join a cluster)")
@@ -384,12 +436,13 @@ def _results(plan: StreamPlan, target: Target, run: StreamRun, port: int | None,
                 "loop": "open" if cfg.stream.rate is not None else "closed",
                 "concurrency": cfg.stream.concurrency, "rate": cfg.stream.rate, "images": cfg.times,
                 "warmup": cfg.stream.warmup, "popularity": cfg.stream.popularity, "metrics_port": port,
-                "backend": plan.backend, "lanes": plan.workers[0].lanes, "max_group": plan.max_group,
+                "backend": plan.backend, "lanes": plan.workers[0].lanes if plan.workers else None,
+                "max_group": plan.max_group,
                 "depth": plan.depth, "image_files": len(plan.images), "models": list(plan.models),
                 "interrupted": run.interrupted, "error": run.error},
     }
     return envelope("stream", replace(cfg).to_dict(), machine.machine_info(), body,
-                    complete=not run.interrupted and not run.error and len(run.modes) == len(cfg.stream.modes),
+                    complete=not run.interrupted and not run.error and len(run.modes) == len(plan.run_modes),
                     started_at=started, finished_at=time.time(), argv=argv)
 
 

@@ -25,6 +25,8 @@ STREAM_KEYS = {
     "retries": "stream.retries", "image_pool": "stream.image_pool", "drain_timeout": "stream.drain_timeout_s",
     "cold_drop_cache": "stream.cold_drop_cache", "records": "stream.records", "cold_rebuild": "stream.cold_rebuild",
     "on_demand_images": "stream.on_demand_images",
+    "target": "stream.target", "protocol": "stream.protocol", "input_name": "stream.input_name",
+    "input_shape": "stream.input_shape",
 }
 
 
@@ -70,6 +72,14 @@ def build_parser() -> ArgumentParser:
     a("--on-demand-images", type=int, metavar="N",
       help="counted images in the modes that load models on demand (swap, cold, lru:K), the first N of the "
            "same stream; 0 = --images [stream.on_demand_images]")
+    a("--target", metavar="URL",
+      help="an Open Inference Protocol (v2) server to load-test instead of cortexbench's Ray workers, as in "
+           "http://127.0.0.1:8000 (Triton, KServe) [stream.target]")
+    a("--protocol", metavar="P", help="with --target: v2 (binary tensors) or v2-json [stream.protocol]")
+    a("--input-name", metavar="NAME", help="with --target: the input of models whose metadata lists none "
+                                           "[stream.input_name]")
+    a("--input-shape", metavar="D,D", help="with --target: that input's shape without the batch axis, as in "
+                                           "3,224,224 [stream.input_shape]")
     a("--records", metavar="F", help="per-image records: csv.gz or none [stream.records]")
     return p
 
