@@ -363,7 +363,7 @@ def _check_semantics(cfg: Config) -> None:
     """Range and cross-field checks, after types are right."""
     from cortexbench.models.registry import expand_model_names
 
-    expand_model_names(cfg.models, key="models")
+    expand_model_names(cfg.models, key="models", known_only=cfg.stream.target is None)  # a server names its own
     _positive(cfg.times, "times")
     if isinstance(cfg.gpu_num, int) and cfg.gpu_num < 0:
         raise ConfigError(f"'gpu_num' must be 'auto' or 0 or more, not {cfg.gpu_num}")

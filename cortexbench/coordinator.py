@@ -95,7 +95,7 @@ def plan_http(cfg: Config, *, quiet: bool = False) -> StreamPlan:
         raise ConfigError("--mode does not apply with --target: what stays loaded is the server's business")
     if st.drivers > 1:
         raise ConfigError("--drivers: the HTTP target runs one driver for now; leave --drivers out")
-    models = expand_model_names(cfg.models)
+    models = expand_model_names(cfg.models, known_only=False)
     images = ensure_images(cfg.img_dir, cfg.images.synth_count, seed=cfg.images.seed,
                            create=not cfg.from_flag("img_dir"), progress=not quiet)
     schedule = make_schedule(count=cfg.times, models=models, n_images=len(images), popularity=st.popularity,

@@ -120,6 +120,22 @@ def test_the_command_line_streams_to_a_target_and_refuses_what_does_not_apply(im
     assert "not an http:// or https:// address" in capsys.readouterr().err
 
 
+def test_a_served_model_cortexbench_does_not_know_runs_from_its_metadata_or_flags(images, tmp_path, capsys):
+    server = V2Server(("mnist_cnn", "my_model"))
+    server._shape = lambda name: [-1, 1, 28, 28]  # type: ignore[method-assign]
+    img_dir = str(Path(images[0]).parent.parent)
+    with server.running():
+        args = ["--target", server.url, "--models", "my_model", "--images", "20", "--warmup", "0",
+                "--metrics-port", "0", "--result-dir", str(tmp_path), "--img-dir", img_dir, "--quiet"]
+        assert main(args) == 0
+        server.no_metadata = ("my_model",)
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "lists no inputs" in err and "--input-shape" in err
+        assert main([*args, "--input-shape", "1,28,28", "--input-name", "x"]) == 0
+    assert server.requests == 40
+
+
 def test_bad_target_arguments_are_config_errors(images):
     with pytest.raises(ConfigError, match="--protocol"):
         HttpTarget("http://127.0.0.1:9", MODELS, images, protocol="grpc")

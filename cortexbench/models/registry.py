@@ -94,17 +94,19 @@ def get_spec(name: str) -> ModelSpec:
             f"unknown model '{name}'{did_you_mean(name, list(REGISTRY) + list(GROUPS))}") from None
 
 
-def expand_model_names(names: Iterable[str], key: str = "models") -> tuple[str, ...]:
-    """Expand groups (imagenet, small, all), check every name, keep the order, drop repeats."""
+def expand_model_names(names: Iterable[str], key: str = "models", *, known_only: bool = True) -> tuple[str, ...]:
+    """Expand groups (imagenet, small, all), check every name (``known_only`` False: any name passes, as a
+    served model's name does), keep the order, drop repeats."""
     out: list[str] = []
     for name in names:
         if name in GROUPS:
             out += GROUPS[name]
             continue
-        try:
-            get_spec(name)
-        except ModelNotFoundError as e:
-            raise ConfigError(f"'{key}': {e}") from None
+        if known_only:
+            try:
+                get_spec(name)
+            except ModelNotFoundError as e:
+                raise ConfigError(f"'{key}': {e}") from None
         out.append(name)
     if not out:
         raise ConfigError(f"'{key}' must name at least one model (or a group: {', '.join(GROUPS)})")
