@@ -403,3 +403,44 @@ def test_a_worker_killed_mid_run_is_retried_around_and_comes_back(pool, dispatch
     res2 = _drive(pool, _schedule(40, NULL_ONLY), "cached")  # the restarted worker works again
     _accounted(res2, 40)
     assert (res2.ledger.column("worker") == 0).any()
+
+
+def test_the_same_stream_runs_against_the_fake_the_ray_and_the_http_targets(pool, images):
+    """One seeded stream through StreamRun against three targets, the coordinator none the wiser: each
+    accounts for every image, sends the same items to the same models, and the two real ones (Ray workers,
+    a v2 server on loopback) run each image on the same input file."""
+    from cortexbench.coordinator import SERVER_PASS
+    from cortexbench.http_target import HttpTarget
+    from tests.fakes import FakeTarget, FakeWorkerHandle
+    from tests.v2_server import V2Server
+
+    cfg = Config(models=MODELS, times=90,
+                 stream=StreamConfig(modes=("cached",), concurrency=4, warmup=0, image_pool=8))
+    ledgers = {}
+
+    def run_on(name: str, target: Any, modes: tuple[str, ...] = ()) -> None:
+        plan = _plan(cfg, pool, images, 1)
+        from dataclasses import replace
+
+        plan = replace(plan, modes=modes)
+        run = StreamRun(plan, target, LiveView(MODELS, [w.name for w in target.workers], server=None, run_id="t",
+                                               backend="x", quiet=True))
+        asyncio.run(run.run())
+        (only,) = run.modes.values()
+        assert only.result.sent == 90 and only.result.ledger.outcome_counts()["ok"] == 90, name
+        only.result.ledger.check_complete(only.result.sent)
+        ledgers[name] = only.result.ledger
+
+    run_on("fake", FakeTarget({n: FakeWorkerHandle(n, service_s=0.001) for n in ("f0", "f1")}))
+    run_on("ray", pool)
+    server = V2Server(MODELS)
+    with server.running():
+        target = HttpTarget(server.url, MODELS, images, image_pool=8)
+        target.start()
+        run_on("http", target, (SERVER_PASS,))
+    order = {k: np.argsort(v.column("item"), kind="stable") for k, v in ledgers.items()}
+    cols = {k: {c: v.column(c)[order[k]] for c in ("item", "model_idx", "input_idx")} for k, v in ledgers.items()}
+    for k in ("ray", "http"):
+        assert np.array_equal(cols[k]["item"], cols["fake"]["item"])
+        assert np.array_equal(cols[k]["model_idx"], cols["fake"]["model_idx"])
+    assert np.array_equal(cols["ray"]["input_idx"], cols["http"]["input_idx"])
