@@ -147,3 +147,22 @@ class V2Server:
         """Stop serving (a server that dies mid-run, for the fault tests)."""
         if self._server is not None:
             self._server.should_exit = True
+
+
+def main() -> None:
+    """``python -m tests.v2_server --port P [--service-ms S] [--models A,B]``: serve on 127.0.0.1 until
+    killed (bench/http_driver.py runs it in its own process, on its own core)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--service-ms", type=float, default=0.0)
+    ap.add_argument("--models", default="mnist_cnn")
+    args = ap.parse_args()
+    server = V2Server(args.models.split(","), service_s=args.service_ms / 1e3)
+    uvicorn.run(server.app(), host="127.0.0.1", port=args.port, log_level="error", access_log=False,
+                lifespan="off")
+
+
+if __name__ == "__main__":
+    main()

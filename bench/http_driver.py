@@ -1,0 +1,169 @@
+"""cortexbench's HTTP target against wrk, on loopback, against the same v2 server.
+
+    python bench/http_driver.py [--seconds 4] [--concurrency 1,8,64] [--service-ms 5,0]
+
+The server (tests/v2_server.py: uvicorn, mnist_cnn's 784-float input, binary tensors) runs in its own
+process on core 1; each client runs on core 0 (``taskset``), one after the other, for about ``--seconds``:
+
+- wrk (Debian's package): one thread, C connections, the same binary v2 request body;
+- cortexbench: ``python -m cortexbench.stream --target URL --models mnist_cnn --concurrency C`` (closed loop),
+  its p50/p99 from results.json, its images/s over the measured part.
+
+Targets (issue #12): against the 5 ms server, cortexbench's p50 and p99 within 10% of wrk's at each C;
+against the null server (0 ms), cortexbench's p50 at C=1 at most 0.3 ms over wrk's; and the most req/s
+cortexbench reaches at least 90% of wrk's.  Prints one table, writes http_driver.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_table, verdict, write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "mnist_cnn"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pin(core: int) -> list[str]:
+    return ["taskset", "-c", str(core)] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else []
+
+
+def start_server(service_ms: float) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    proc = subprocess.Popen([*_pin(1), sys.executable, "-m", "tests.v2_server", "--port", str(port),
+                             "--service-ms", str(service_ms), "--models", MODEL], cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)  # the server process is starting: poll its readiness at a bounded pace
+    proc.kill()
+    raise SystemExit("the v2 server did not start")
+
+
+def request_body() -> tuple[bytes, dict[str, str]]:
+    """The exact binary request cortexbench sends for one mnist_cnn input."""
+    import numpy as np
+
+    from cortexbench.http_target import HttpTarget, InputInfo
+
+    t = HttpTarget("http://127.0.0.1:1", (MODEL,), ())
+    return t._body(InputInfo("x", (1, 28, 28), "FP32", "bench"), np.full((1, 1, 28, 28), 0.5, np.float32))
+
+
+def lua_script(body: bytes, headers: dict[str, str], path: Path) -> Path:
+    escaped = "".join(f"\\{b}" for b in body)
+    lines = ['wrk.method = "POST"', f'wrk.body = "{escaped}"']
+    lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    if not m:
+        return float("nan")
+    v, unit = float(m.group(1)), m.group(2)
+    return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
+
+
+def run_wrk(url: str, c: int, seconds: float, script: Path) -> dict[str, float]:
+    out = subprocess.run([*_pin(0), "wrk", "-t1", f"-c{c}", f"-d{seconds:g}s", "--latency", "-s", str(script),
+                          f"{url}/v2/models/{MODEL}/infer"], capture_output=True, text=True).stdout
+    pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M))
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"p50_ms": _ms(pct.get("50", "")), "p99_ms": _ms(pct.get("99", "")),
+            "req_per_s": float(rps.group(1)) if rps else float("nan"), "non_2xx": float(bad.group(1)) if bad else 0.0}
+
+
+def run_cortexbench(url: str, c: int, images: int, work: Path) -> dict[str, float]:
+    cmd = [*_pin(0), sys.executable, "-m", "cortexbench.stream", "--target", url, "--models", MODEL,
+           "--concurrency", str(c), "--images", str(images), "--warmup", str(min(500, images // 5)),
+           "--metrics-port", "0", "--records", "none", "--quiet", "--result-dir", str(work / "results"),
+           "--img-dir", str(work / "images")]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=work, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    run_dir = next((ln.split("results:", 1)[1].strip() for ln in p.stdout.splitlines() if ln.startswith("results:")),
+                   None)
+    if p.returncode != 0 or run_dir is None:
+        print(p.stdout[-2000:], p.stderr[-2000:], file=sys.stderr)
+        return {"p50_ms": float("nan"), "p99_ms": float("nan"), "req_per_s": float("nan"), "failed": float("nan")}
+    s = json.loads((Path(run_dir) / "results.json").read_text())["modes"]["server"]["summary"]
+    return {"p50_ms": s["latency"]["p50_s"] * 1e3, "p99_ms": s["latency"]["p99_s"] * 1e3,
+            "req_per_s": s["throughput_images_per_s"], "failed": float(s["failed"])}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--concurrency", default="1,8,64")
+    ap.add_argument("--service-ms", default="5,0")
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "results")))
+    args = ap.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is not installed: apt-get install wrk")
+    work = Path(tempfile.mkdtemp(prefix="cb-http-"))
+    subprocess.run([sys.executable, "-m", "cortexbench.images", "synth", "--count", "64", "--out",
+                    str(work / "images"), "--quiet"], check=True, cwd=work)
+    body, headers = request_body()
+    script = lua_script(body, headers, work / "body.lua")
+    rows, out = [], {"cores": os.cpu_count(), "runs": []}
+    for service in [float(x) for x in args.service_ms.split(",")]:
+        proc, url = start_server(service)
+        try:
+            for c in [int(x) for x in args.concurrency.split(",")]:
+                w = run_wrk(url, c, args.seconds, script)
+                n = max(200, int(w["req_per_s"] * args.seconds)) if w["req_per_s"] == w["req_per_s"] else 2000
+                cb = run_cortexbench(url, c, n, work)
+                out["runs"].append({"service_ms": service, "concurrency": c, "wrk": w, "cortexbench": cb})
+                rows.append([f"{service:g} ms", c, w["p50_ms"], cb["p50_ms"], w["p99_ms"], cb["p99_ms"],
+                             w["req_per_s"], cb["req_per_s"], cb["req_per_s"] / w["req_per_s"]])
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    print_table("loopback, one client core, one server core (ms; req/s)",
+                ["server", "C", "wrk p50", "cb p50", "wrk p99", "cb p99", "wrk req/s", "cb req/s", "cb/wrk"], rows)
+    targets = []
+    for r in out["runs"]:
+        w, cb = r["wrk"], r["cortexbench"]
+        if r["service_ms"] >= 1:
+            for q in ("p50_ms", "p99_ms"):
+                ok = abs(cb[q] - w[q]) <= 0.1 * w[q]
+                targets.append([f"{r['service_ms']:g} ms server, C={r['concurrency']}: {q[:3]} within 10% of wrk",
+                                cb[q], w[q], verdict(ok)])
+        elif r["concurrency"] == 1:
+            targets.append(["null server, C=1: p50 at most 0.3 ms over wrk", cb["p50_ms"], w["p50_ms"] + 0.3,
+                            verdict(cb["p50_ms"] <= w["p50_ms"] + 0.3)])
+    best_w = max(r["wrk"]["req_per_s"] for r in out["runs"])
+    best_cb = max(r["cortexbench"]["req_per_s"] for r in out["runs"])
+    targets.append(["most req/s at least 90% of wrk's", best_cb, 0.9 * best_w, verdict(best_cb >= 0.9 * best_w)])
+    print_table("targets (issue #12)", ["target", "cortexbench", "bound", "verdict"], targets)
+    out["targets"] = targets
+    write_json(args.out / "http_driver.json", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
