@@ -477,12 +477,15 @@ class Driver:
         self._reassign([*retry, *queued])
 
     def _reassign(self, positions: list[int]) -> None:
-        """Send images again through the balancer; park them while no worker is alive."""
+        """Send images again through the balancer; park them while no worker is alive, until one is back.
+        Once every worker is gone for good nothing comes back: they fail at once (as parked ones do)."""
         for p in positions:
             if self.alive.any():
                 self._assign(p, float(self.scheduled_s[p]))
             else:
                 self._parked.append(p)
+        if self._parked and self._gone >= len(self.handles):
+            self._fail_parked()
 
     def _fail_parked(self) -> None:
         """Give up on the parked images: those sent before failed (worker_died); those a dead worker had

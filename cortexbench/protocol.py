@@ -132,3 +132,8 @@ class WorkerHandle(Protocol):
     async def close(self) -> None:
         """Release what ``start`` took; called once when the driver is done."""
         ...
+
+
+# A result row's columns after the item, until the image is run: failed, hit unknown, no stage times, no
+# input, no answer.
+BLANK_ROW = (ERROR, -1.0, *(float("nan"),) * N_STAGES, -1.0, -1.0, float("nan"))

@@ -4,11 +4,8 @@ A plain class, testable without Ray; ``cortexbench.cluster`` wraps it in a Ray a
 
 Requests travel in groups (``protocol.RequestGroup``) so that one Ray call can carry several images;
 each image is still run on its own at batch size 1 and timed on its own.  A worker has ``lanes`` lanes
-(one CUDA stream each on a GPU) and a thread per lane; the images of a group are shared out over free
-lanes, so several images are in flight at once.
-``run`` (called by a threaded actor's threads or a compiled graph's execution thread, several at once)
-lets the calling thread take a free lane itself, so a group of one image crosses no thread; groups
-start in the order they arrive.  Groups cross Ray as bytes (``to_bytes``/``from_bytes``).
+(``lanes.Lanes``: one CUDA stream each on a GPU, a thread per lane); the images of a group are shared out
+over free lanes, so several images are in flight at once, each through ``process``.
 
 Per image the worker measures (``ledger.WORKER_STAGES``):
 
@@ -40,14 +37,11 @@ as in a serving process that has run each model before, and the report says so.
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
-import queue
 import sys
 import threading
 import time
-from array import array
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -57,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from cortexbench.errors import ImageDecodeError, ModelFileError, ModelNotFoundError, UsageError
+from cortexbench.lanes import Lanes
 from cortexbench.machine import device_memory_bytes, host_memory_bytes
 from cortexbench.models.backends.base import (
     Backend,
@@ -81,11 +76,7 @@ from cortexbench.protocol import (
     INPUT_ERROR,
     INPUT_IDX,
     MODEL_ERROR,
-    N_COLS,
-    N_STAGES,
     OK,
-    ONE_REQUEST,
-    ONE_ROW,
     QUEUE,
     READ,
     STAGE0,
@@ -94,7 +85,6 @@ from cortexbench.protocol import (
     RequestGroup,
     ResultGroup,
     WorkerState,
-    encode_result,
 )
 from cortexbench.residency import Mode, Residency, make_residency, parse_mode
 
@@ -104,7 +94,6 @@ _DEFAULT_SWITCH_S = sys.getswitchinterval()
 LOADING_SWITCH_S = float(os.environ.get("CORTEXBENCH_SWITCH_INTERVAL_S", "0.0005"))
 # cold: read and decode the image while the model loads (a tuning knob for bench/cold.py's A/B runs)
 INPUT_OVERLAP = os.environ.get("CORTEXBENCH_INPUT_OVERLAP", "1") != "0"
-_BLANK = (ERROR, -1.0, *(_NAN,) * N_STAGES, -1.0, -1.0, _NAN)  # a row's columns after the item, until filled
 
 
 @dataclass(frozen=True)
@@ -160,19 +149,9 @@ class ModelWorker:
         self._pool: dict[tuple[int, ...], np.ndarray] = {}
         self._pool_files: dict[tuple[int, ...], list[int]] = {}  # pool entry -> index of its image file
         self._inputs_in_memory = False
-        self._caller_runs = True  # a caller's thread may run images itself (not in cold and swap modes)
         self._loader: ModelLoader | None = None
         self._input_threads: ThreadPoolExecutor | None = None  # cold: images read while their model loads
-        self._free_lanes: queue.SimpleQueue[int] = queue.SimpleQueue()
-        for lane in range(max(1, spec.lanes)):
-            self._free_lanes.put(lane)
-        self._lane_waiters = 0  # lane threads waiting for a free lane
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()  # one entry per lane a job asks for
-        self._threads = [threading.Thread(target=self._lane_main, name=f"{spec.name}-lane{i}", daemon=True)
-                         for i in range(max(1, spec.lanes))]
-        for t in self._threads:
-            t.start()
-        self._inflight = 0
+        self.lanes = Lanes(max(1, spec.lanes), spec.name, self.process, self._counters, clock)
         self._loads = self._hits = self._misses = 0
         self._model_bytes = self._image_bytes = 0
         self._memory = (-1, 0)
@@ -194,7 +173,7 @@ class ModelWorker:
             self._loader = None
         self.residency = make_residency(self.mode, self.spec.models if kind == "cached" else ())
         self._inputs_in_memory = kind != "cold"
-        self._caller_runs = kind == "cached"
+        self.lanes.caller_runs = kind == "cached"
         # Loads are I/O threads handing chunks on: with Python's default 5 ms GIL switch interval a reader
         # back from the kernel waits behind the lanes' inference (measured on an H200: cold at 16 in flight
         # 32 images/s at 5 ms, 48 at 0.5 ms).  A process-wide setting: this worker process is ours.
@@ -230,25 +209,6 @@ class ModelWorker:
         return {"models_s": t_inputs - t_models, "inputs_s": t_warm - t_inputs, "warm_s": end - t_warm,
                 "total_s": end - t0, **{f"loader_{k}": float(v) for k, v in info.items()}, **sizes}
 
-    def _on_every_lane(self, fn: Callable[[int], None]) -> None:
-        """Run ``fn(lane)`` once on every lane, each from that lane's own thread, all at once."""
-        lanes = self.options.lanes
-        barrier = threading.Barrier(lanes)
-
-        def call() -> None:
-            lane = self._lane()
-            try:
-                barrier.wait(timeout=600)  # every lane busy at once: each thread holds a different lane
-                fn(lane)
-            finally:
-                self._release(lane)
-
-        done: list[Future[None]] = [Future() for _ in range(lanes)]
-        for f in done:  # each lane thread takes one (the barrier keeps a thread from taking two)
-            self._jobs.put(_Call(call, f))  # type: ignore[arg-type]
-        for f in done:
-            f.result()
-
     def _input_like(self, spec: ModelSpec) -> np.ndarray:
         pool = self._pool.get(spec.input_shape)
         return pool[:1] if pool is not None else np.zeros((1, *spec.input_shape), np.float32)
@@ -262,7 +222,7 @@ class ModelWorker:
             for spec, model in models:
                 model.predict(self._input_like(spec), lane)
 
-        self._on_every_lane(warm)
+        self.lanes.on_every_lane(warm)
 
     def _warm_loader(self) -> None:
         """Load and run every model once on every lane through the loader (cold, swap): the process has run
@@ -282,7 +242,7 @@ class ModelWorker:
                 finally:
                     model.close()
 
-        self._on_every_lane(warm)
+        self.lanes.on_every_lane(warm)
 
     def _fill_pool(self) -> None:
         from cortexbench.images.dataset import load_batch
@@ -310,102 +270,16 @@ class ModelWorker:
     # --- the per-image path ----------------------------------------------------------------------
 
     def submit(self, group: RequestGroup, arrived_s: float | None = None) -> Future[ResultGroup]:
-        """Share the group's images out over lanes; the future completes when all are done.
-        Never blocks the caller (suits an event loop)."""
-        arrived = self.clock() if arrived_s is None else arrived_s
-        job = _Job(group.rows.tolist(), arrived, self, min(len(group), self.options.lanes), Future(), False)
-        for _ in range(job.lanes_left):
-            self._jobs.put(job)
-        if not job.lanes_left:  # an empty group
-            job.lane_done()
-        return job.future  # type: ignore[return-value]
+        """Share the group's images out over lanes; the future completes when all are done (``Lanes.submit``)."""
+        return self.lanes.submit(group, arrived_s)
 
     def run(self, group: RequestGroup) -> ResultGroup:
-        """Run a group and wait for it.  Several threads may call this at once (a threaded Ray actor's
-        calls, a compiled graph's execution thread).  The calling thread takes a lane itself when one is
-        free and no earlier group is waiting for one (groups start in the order they arrived), so a group
-        that one lane can take runs without any thread hand-off."""
-        arrived = self.clock()
-        return self._run(group.rows.tolist(), arrived, False)  # type: ignore[return-value]
+        """Run a group and wait for it (``Lanes.run``); several threads may call this at once."""
+        return self.lanes.run(group)
 
     def run_bytes(self, data: bytes) -> bytes:
-        """``run`` on the wire form: ``RequestGroup.to_bytes`` in, ``ResultGroup.to_bytes`` out (what the
-        Ray actor calls; builds no arrays or records on the way).  One image with a lane free and nothing
-        waiting for one (every call at low load) runs straight on the calling thread, with no job."""
-        arrived = self.clock()
-        if len(data) == ONE_REQUEST.size and self._caller_runs and not self._lane_waiters and self._jobs.empty():
-            try:
-                lane = self._free_lanes.get_nowait()
-            except queue.Empty:
-                pass
-            else:
-                return self._run_one(ONE_REQUEST.unpack(data), arrived, lane)
-        flat = np.frombuffer(data, np.int64).tolist()
-        return self._run([flat[i:i + 3] for i in range(0, len(flat), 3)], arrived, True)  # type: ignore[return-value]
-
-    def _run(self, items: list[list[int]], arrived: float, wire: bool) -> ResultGroup | bytes:
-        if not items:
-            job = _Job(items, arrived, self, 0, None, wire)
-            job.lane_done()
-            return job.result  # type: ignore[return-value]
-        lane: int | None = None
-        if self._caller_runs and not self._lane_waiters and self._jobs.empty():
-            try:
-                lane = self._free_lanes.get_nowait()
-            except queue.Empty:
-                pass
-        lanes = min(len(items), self.options.lanes)
-        helpers = lanes - (1 if lane is not None else 0)
-        job = _Job(items, arrived, self, lanes, Future() if helpers else None, wire)
-        for _ in range(helpers):
-            self._jobs.put(job)
-        if lane is not None:
-            try:
-                job.work(lane)
-            finally:
-                self._free_lanes.put(lane)
-                job.lane_done()
-        if job.future is None:
-            assert job.result is not None
-            return job.result
-        return job.future.result()
-
-    def _run_one(self, request: tuple[int, int, int], arrived: float, lane: int) -> bytes:
-        item, model_idx, image_idx = request
-        out = [item, *_BLANK]
-        with self._lock:
-            self._inflight += 1
-        try:
-            msg = self.process(model_idx, image_idx, arrived, lane, out)
-        except Exception as e:  # process counts framework errors itself; anything else still answers
-            msg = f"{type(e).__name__}: {e}"
-        finally:
-            self._free_lanes.put(lane)
-            with self._lock:
-                self._inflight -= 1
-        return encode_result(1, ONE_ROW.pack(*out), {} if msg is None else {0: msg}, self._counters())
-
-    def _lane_main(self) -> None:
-        """A lane thread: helps one job after another until ``close``."""
-        jobs = self._jobs
-        while (job := jobs.get()) is not None:
-            job.lane_loop()
-
-    def _lane(self) -> int:
-        try:
-            return self._free_lanes.get_nowait()
-        except queue.Empty:
-            pass
-        with self._lock:
-            self._lane_waiters += 1
-        try:
-            return self._free_lanes.get()  # every lane busy: wait for one
-        finally:
-            with self._lock:
-                self._lane_waiters -= 1
-
-    def _release(self, lane: int) -> None:
-        self._free_lanes.put(lane)
+        """``run`` on the wire form (``Lanes.run_bytes``): what the Ray actor calls."""
+        return self.lanes.run_bytes(data)
 
     def process(self, model_idx: int, image_idx: int, arrived: float, lane: int, out: list[float]) -> str | None:
         """Run one image; fill ``out`` (a row in RESULT_COLS order: outcome, hit, stages, answers); return an
@@ -563,7 +437,7 @@ class ModelWorker:
         if now - self._memory_at >= MEMORY_REFRESH_S:
             self._memory = (device_memory_bytes(self.spec.device), host_memory_bytes())
             self._memory_at = now
-        return (self._loads, self._hits, self._misses, self._model_bytes, self._image_bytes, self._inflight,
+        return (self._loads, self._hits, self._misses, self._model_bytes, self._image_bytes, self.lanes.inflight,
                 *self._memory)
 
     def close(self) -> None:
@@ -576,92 +450,10 @@ class ModelWorker:
         if self._input_threads is not None:
             self._input_threads.shutdown(wait=True)
             self._input_threads = None
-        for _ in self._threads:
-            self._jobs.put(None)
+        self.lanes.close()
 
 
 def _done_future(value: Any) -> Future[Any]:
     f: Future[Any] = Future()
     f.set_result(value)
     return f
-
-
-class _Call:
-    """A one-off task for a lane thread (used to warm lanes up)."""
-
-    def __init__(self, fn: Callable[[], None], future: Future[None]) -> None:
-        self.fn = fn
-        self.future = future
-
-    def lane_loop(self) -> None:
-        try:
-            self.fn()
-            self.future.set_result(None)
-        except BaseException as e:
-            self.future.set_exception(e)
-
-
-class _Job:
-    """One group being run: lanes take its images one by one (work sharing), the last one finishes it.
-    Rows are Python lists while the lanes fill them (cheaper than numpy element writes); at the end they
-    become the ResultGroup, or straight its wire form (``wire``)."""
-
-    __slots__ = ("arrived", "errors", "future", "items", "lanes_left", "lock", "next", "out", "result", "wire",
-                 "worker")
-
-    def __init__(self, items: list[list[int]], arrived: float, worker: ModelWorker, lanes: int,
-                 future: Future[Any] | None, wire: bool) -> None:
-        self.arrived = arrived
-        self.worker = worker
-        self.items = items
-        self.out: list[list[float]] = [[item, *_BLANK] for item, _, _ in items]
-        self.errors: dict[int, str] = {}
-        self.next = itertools.count()  # atomic under the GIL
-        self.future = future
-        self.wire = wire
-        self.result: ResultGroup | bytes | None = None
-        self.lock = threading.Lock() if lanes > 1 else None
-        self.lanes_left = lanes
-        with worker._lock:
-            worker._inflight += len(items)
-
-    def work(self, lane: int) -> None:
-        items, out, n = self.items, self.out, len(self.items)
-        process, arrived, nxt = self.worker.process, self.arrived, self.next
-        while (i := next(nxt)) < n:
-            _, model_idx, image_idx = items[i]
-            msg = process(model_idx, image_idx, arrived, lane, out[i])
-            if msg is not None:
-                self.errors[i] = msg
-
-    def lane_loop(self) -> None:
-        w = self.worker
-        lane = w._lane()
-        try:
-            self.work(lane)
-        except BaseException as e:  # never leave a future hanging
-            if self.future is not None and not self.future.done():
-                self.future.set_exception(e)
-        finally:
-            w._release(lane)
-            self.lane_done()
-
-    def lane_done(self) -> None:
-        if self.lock is not None:
-            with self.lock:
-                self.lanes_left -= 1
-                if self.lanes_left > 0:
-                    return
-        w = self.worker
-        n = len(self.out)
-        with w._lock:
-            w._inflight -= n
-        counters = w._counters()
-        if self.wire:
-            self.result = encode_result(n, array("d", itertools.chain.from_iterable(self.out)).tobytes(),
-                                         self.errors, counters)
-        else:
-            self.result = ResultGroup(np.array(self.out, np.float64).reshape(n, N_COLS), self.errors,
-                                      WorkerState(*counters))
-        if self.future is not None and not self.future.done():
-            self.future.set_result(self.result)

@@ -385,3 +385,33 @@ def test_open_loop_duration_counts_after_the_warmup():
     handles = [FakeWorkerHandle("w0", service_s=0.001, lanes=4)]
     sched, res, _ = _drive(handles, count=100_000, rate=1000.0, duration_s=2.0, warmup=500)
     assert res.not_sent == 0 and res.sent == len(sched)  # the schedule and the driver end together
+
+
+class _DiesWithLateFailures(FakeWorkerHandle):
+    """Dies at its 5th call and is gone for good; the calls in flight then fail one after another, the last
+    ones after its recovery already failed (a Ray actor's in-flight calls do not all fail at one instant)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, service_s=1.0, lanes=8, down_s=None)
+        self.futures: list[asyncio.Future] = []
+
+    def submit(self, group):
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self.futures.append(fut)
+        self.calls += 1
+        if self.calls == 5:
+            from cortexbench.errors import WorkerLostError
+
+            for k, f in enumerate(self.futures):  # the first at once, the rest 10 ms apart
+                loop.call_later(0.01 * k, lambda f=f: f.done() or f.set_exception(WorkerLostError(self.name)))
+        return fut
+
+
+def test_images_whose_worker_loss_is_known_after_every_worker_is_gone_are_still_accounted_for():
+    """Found by a real-clock test that lost one image in 31: failures that arrive after the last worker's
+    recovery failed were parked for a recovery that never comes, and never recorded."""
+    _, res, _ = _drive([_DiesWithLateFailures("w0")], count=40, concurrency=5, retries=1)
+    assert res.error is not None and "every worker is gone" in res.error
+    res.ledger.check_complete(res.sent)
+    assert res.ledger.outcome_counts()["worker_died"] == res.sent == 5
