@@ -7,7 +7,8 @@ process on core 1; each client runs on core 0 (``taskset``), one after the other
 
 - wrk (Debian's package): one thread, C connections, the same binary v2 request body;
 - cortexbench: ``python -m cortexbench.stream --target URL --models mnist_cnn --concurrency C`` (closed loop),
-  its p50/p99 from results.json, its images/s over the measured part.
+  its p50/p99 from results.json, its images/s over the measured part; with its own client (``raw``, the
+  default) and with ``--http-client httpx``.
 
 Targets (issue #12): against the 5 ms server, cortexbench's p50 and p99 within 10% of wrk's at each C;
 against the null server (0 ms), cortexbench's p50 at C=1 at most 0.3 ms over wrk's; and the most req/s
@@ -99,8 +100,9 @@ def run_wrk(url: str, c: int, seconds: float, script: Path) -> dict[str, float]:
             "req_per_s": float(rps.group(1)) if rps else float("nan"), "non_2xx": float(bad.group(1)) if bad else 0.0}
 
 
-def run_cortexbench(url: str, c: int, images: int, work: Path) -> dict[str, float]:
-    cmd = [*_pin(0), sys.executable, "-m", "cortexbench.stream", "--target", url, "--models", MODEL,
+def run_cortexbench(url: str, c: int, images: int, work: Path, client: str = "raw") -> dict[str, float]:
+    cmd = [*_pin(0), sys.executable, "-m", "cortexbench.stream", "--target", url, "--http-client", client,
+           "--models", MODEL,
            "--concurrency", str(c), "--images", str(images), "--warmup", str(min(500, images // 5)),
            "--metrics-port", "0", "--records", "none", "--quiet", "--result-dir", str(work / "results"),
            "--img-dir", str(work / "images")]
@@ -137,14 +139,18 @@ def main() -> int:
                 w = run_wrk(url, c, args.seconds, script)
                 n = max(200, int(w["req_per_s"] * args.seconds)) if w["req_per_s"] == w["req_per_s"] else 2000
                 cb = run_cortexbench(url, c, n, work)
-                out["runs"].append({"service_ms": service, "concurrency": c, "wrk": w, "cortexbench": cb})
-                rows.append([f"{service:g} ms", c, w["p50_ms"], cb["p50_ms"], w["p99_ms"], cb["p99_ms"],
-                             w["req_per_s"], cb["req_per_s"], cb["req_per_s"] / w["req_per_s"]])
+                hx = run_cortexbench(url, c, n, work, "httpx")
+                out["runs"].append({"service_ms": service, "concurrency": c, "wrk": w, "cortexbench": cb,
+                                    "cortexbench_httpx": hx})
+                rows.append([f"{service:g} ms", c, w["p50_ms"], cb["p50_ms"], hx["p50_ms"], w["p99_ms"], cb["p99_ms"],
+                             hx["p99_ms"], w["req_per_s"], cb["req_per_s"], hx["req_per_s"],
+                             cb["req_per_s"] / w["req_per_s"]])
         finally:
             proc.terminate()
             proc.wait(10)
     print_table("loopback, one client core, one server core (ms; req/s)",
-                ["server", "C", "wrk p50", "cb p50", "wrk p99", "cb p99", "wrk req/s", "cb req/s", "cb/wrk"], rows)
+                ["server", "C", "wrk p50", "cb p50", "httpx p50", "wrk p99", "cb p99", "httpx p99", "wrk req/s",
+                 "cb req/s", "httpx req/s", "cb/wrk"], rows)
     targets = []
     for r in out["runs"]:
         w, cb = r["wrk"], r["cortexbench"]

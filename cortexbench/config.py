@@ -81,6 +81,7 @@ class StreamConfig:
     protocol: Literal["v2", "v2-json"] = "v2"
     input_name: str | None = None  # for a target model whose metadata lists no inputs
     input_shape: tuple[int, ...] = ()
+    http_client: Literal["raw", "httpx"] = "raw"  # the HTTP target's client (bench/http_driver.py compares them)
     records: RecordsFormat = "csv.gz"
 
 

@@ -347,7 +347,7 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
             st = cfg.stream
             target = HttpTarget(st.target or "", plan.models, plan.images, protocol=st.protocol,
                                 image_pool=st.image_pool, input_name=st.input_name, input_shape=st.input_shape,
-                                say=say)
+                                client=st.http_client, say=say)
             say(f"waiting for {where} to be ready, reading its models' metadata ...")
             target.start()
         else:

@@ -35,6 +35,7 @@ import httpx
 import numpy as np
 
 from cortexbench.errors import ConfigError, WorkerError, WorkerLostError
+from cortexbench.http_client import HttpError, Pool, request_head
 from cortexbench.ledger import OUTCOMES
 from cortexbench.models.registry import REGISTRY, get_spec
 from cortexbench.protocol import (
@@ -87,8 +88,13 @@ class HttpTarget:
 
     def __init__(self, url: str, models: Sequence[str], images: Sequence[str], *, protocol: str = "v2",
                  image_pool: int = 64, timeout_s: float = 30.0, input_name: str | None = None,
-                 input_shape: Sequence[int] = (), say: Callable[[str], None] = lambda s: None) -> None:
+                 input_shape: Sequence[int] = (), client: str = "raw",
+                 say: Callable[[str], None] = lambda s: None) -> None:
         u = check_target(url, protocol)
+        if client not in ("raw", "httpx"):
+            raise ConfigError(f"--http-client: '{client}' is not a client (valid: raw, httpx)")
+        self.client = "httpx" if u.scheme == "https" else client  # the raw client speaks plain HTTP only
+        self.host, self.port = u.hostname or "127.0.0.1", u.port or (443 if u.scheme == "https" else 80)
         self.url = url.rstrip("/")
         self.models = tuple(models)
         self.images = tuple(images)
@@ -99,6 +105,7 @@ class HttpTarget:
         self.say = say
         self.inputs: dict[str, InputInfo] = {}
         self.bodies: dict[str, list[tuple[bytes, dict[str, str], int]]] = {}  # per model: body, headers, file
+        self.heads: dict[str, list[bytes]] = {}  # per model, per body: the raw client's request head
         self.workers = (WorkerInfo("server", device=self.url, node=u.hostname, host=u.hostname),)
 
     # --- before the run ----------------------------------------------------------------------------
@@ -170,6 +177,8 @@ class HttpTarget:
                                       f"(valid: {', '.join(_DTYPES)})")
                 cache[key] = [(*self._body(info, batch[k:k + 1].astype(dtype)), files[k]) for k in range(len(batch))]
             self.bodies[name] = cache[key]
+            self.heads[name] = [request_head("POST", f"{self.host}:{self.port}", f"/v2/models/{name}/infer", h, len(b))
+                                for b, h, _ in cache[key]]
 
     def _body(self, info: InputInfo, x: np.ndarray) -> tuple[bytes, dict[str, str]]:
         tensor: dict[str, Any] = {"name": info.name, "shape": list(x.shape), "datatype": info.datatype}
@@ -216,16 +225,24 @@ class HttpHandle:
         self.target = target
         self.depth = depth
         self.client: httpx.AsyncClient | None = None
+        self.pool: Pool | None = None
         self.inflight = 0
 
     async def start(self) -> None:
-        limits = httpx.Limits(max_connections=self.depth, max_keepalive_connections=self.depth)
-        self.client = httpx.AsyncClient(limits=limits, timeout=self.target.timeout_s)
+        t = self.target
+        if t.client == "raw":
+            self.pool = Pool(t.host, t.port, self.depth, t.timeout_s)
+        else:
+            limits = httpx.Limits(max_connections=self.depth, max_keepalive_connections=self.depth)
+            self.client = httpx.AsyncClient(limits=limits, timeout=t.timeout_s)
 
     async def close(self) -> None:
         if self.client is not None:
             await self.client.aclose()
             self.client = None
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
 
     def submit(self, group: RequestGroup) -> asyncio.Future[tuple[ResultGroup, float]]:
         return asyncio.ensure_future(self._call(group))
@@ -250,19 +267,25 @@ class HttpHandle:
         t = self.target
         name = t.models[model_idx]
         bodies = t.bodies[name]
-        body, headers, file = bodies[image_idx % len(bodies)]
-        assert self.client is not None
+        k = image_idx % len(bodies)
+        body, headers, file = bodies[k]
         try:
-            r = await self.client.post(f"{t.url}/v2/models/{name}/infer", content=body, headers=headers)
-        except httpx.TimeoutException:
+            if self.pool is not None:
+                r = await self.pool.request(t.heads[name][k], body)
+                status, r_headers, content = r.status, r.headers, r.body
+            else:
+                assert self.client is not None
+                hr = await self.client.post(f"{t.url}/v2/models/{name}/infer", content=body, headers=headers)
+                status, r_headers, content = hr.status_code, {k.lower(): v for k, v in hr.headers.items()}, hr.content
+        except (httpx.TimeoutException, asyncio.TimeoutError):
             return TIMEOUT, file, -1, math.nan, f"no answer within {t.timeout_s:g} s"
-        except httpx.TransportError as e:  # refused, reset, closed: the server is gone (for now)
+        except (httpx.TransportError, HttpError, OSError) as e:  # refused, reset, closed: the server is gone
             raise WorkerLostError(f"{t.url}: {type(e).__name__}") from None
-        if r.status_code != 200:
-            kind = MODEL_ERROR if r.status_code == 404 else INPUT_ERROR if r.status_code < 500 else ERROR
-            return kind, file, -1, math.nan, f"HTTP {r.status_code} from {name}: {r.text[:200]}"
+        if status != 200:
+            kind = MODEL_ERROR if status == 404 else INPUT_ERROR if status < 500 else ERROR
+            return kind, file, -1, math.nan, f"HTTP {status} from {name}: {content[:200].decode('utf-8', 'replace')}"
         try:
-            y = _logits(r)
+            y = _logits(r_headers, content)
         except (ValueError, KeyError, TypeError, IndexError) as e:
             return ERROR, file, -1, math.nan, f"{name}: cannot read the answer: {e}"
         return OK, file, int(y.argmax()), float(y.sum(dtype=np.float64)), ""
@@ -281,15 +304,15 @@ class HttpHandle:
         raise WorkerError(f"the server at {self.target.url} did not come back within {RECOVER_S:g} s")
 
 
-def _logits(r: httpx.Response) -> np.ndarray:
-    """The first output of a v2 answer, binary or JSON, as a flat float array."""
-    head_len = r.headers.get(HEADER)
+def _logits(headers: dict[str, str], content: bytes) -> np.ndarray:
+    """The first output of a v2 answer, binary or JSON, as a flat float array (``headers``: lower-case)."""
+    head_len = headers.get(HEADER.lower())
     if head_len is not None:
         n = int(head_len)
-        head = json.loads(r.content[:n])
+        head = json.loads(content[:n])
         out = head["outputs"][0]
         size = int(out["parameters"]["binary_data_size"])
         dtype = _DTYPES.get(out.get("datatype", "FP32"), np.float32)
-        return np.frombuffer(r.content[n:n + size], dtype).astype(np.float32)
-    out = r.json()["outputs"][0]
+        return np.frombuffer(content[n:n + size], dtype).astype(np.float32)
+    out = json.loads(content)["outputs"][0]
     return np.asarray(out["data"], np.float32)

@@ -26,7 +26,7 @@ STREAM_KEYS = {
     "cold_drop_cache": "stream.cold_drop_cache", "records": "stream.records", "cold_rebuild": "stream.cold_rebuild",
     "on_demand_images": "stream.on_demand_images",
     "target": "stream.target", "protocol": "stream.protocol", "input_name": "stream.input_name",
-    "input_shape": "stream.input_shape",
+    "input_shape": "stream.input_shape", "http_client": "stream.http_client",
 }
 
 
@@ -78,6 +78,8 @@ def build_parser() -> ArgumentParser:
     a("--protocol", metavar="P", help="with --target: v2 (binary tensors) or v2-json [stream.protocol]")
     a("--input-name", metavar="NAME", help="with --target: the input of models whose metadata lists none "
                                            "[stream.input_name]")
+    a("--http-client", metavar="C", help="with --target: raw (cortexbench's own keep-alive HTTP/1.1 client) or "
+                                          "httpx [stream.http_client]")
     a("--input-shape", metavar="D,D", help="with --target: that input's shape without the batch axis, as in "
                                            "3,224,224 [stream.input_shape]")
     a("--records", metavar="F", help="per-image records: csv.gz or none [stream.records]")

@@ -42,12 +42,14 @@ def _expected(images: list[str], model: str, file: int) -> np.ndarray:
     return reference_logits(x)
 
 
+@pytest.mark.parametrize("client", ["raw", "httpx"])
 @pytest.mark.parametrize("protocol", ["v2", "v2-json"])
-def test_every_image_is_sent_answered_and_checked(images, protocol):
+def test_every_image_is_sent_answered_and_checked(images, protocol, client):
     server = V2Server(MODELS, no_metadata=("digits_cnn",))
     said: list[str] = []
     with server.running():
-        target = HttpTarget(server.url, MODELS, images, protocol=protocol, image_pool=8, say=said.append)
+        target = HttpTarget(server.url, MODELS, images, protocol=protocol, image_pool=8, client=client,
+                            say=said.append)
         target.start()
         res = _run(target, 120)
     assert server.requests == 120 and server.binary_requests == (120 if protocol == "v2" else 0)
@@ -76,13 +78,14 @@ def test_server_errors_and_time_outs_are_counted_by_kind(images, monkeypatch):
         assert "HTTP 500" in res.error_samples["error"]
         slow = V2Server(MODELS, service_s=0.5)
     with slow.running():
-        target = HttpTarget(slow.url, MODELS, images, image_pool=4, timeout_s=0.05)
+        target = HttpTarget(slow.url, MODELS, images, image_pool=4, timeout_s=0.05)  # the raw client
         target.start()
         res = _run(target, 8)
     assert res.ledger.outcome_counts()["timeout"] == 8
 
 
-def test_a_server_that_dies_mid_run_leaves_every_image_accounted_for(images, monkeypatch):
+@pytest.mark.parametrize("client", ["raw", "httpx"])
+def test_a_server_that_dies_mid_run_leaves_every_image_accounted_for(images, monkeypatch, client):
     monkeypatch.setattr(http_target, "RECOVER_S", 0.5)
     server = V2Server(MODELS, service_s=0.002)
     stopped = []
@@ -93,7 +96,7 @@ def test_a_server_that_dies_mid_run_leaves_every_image_accounted_for(images, mon
             server.stop()
 
     with server.running():
-        target = HttpTarget(server.url, MODELS, images, image_pool=4)
+        target = HttpTarget(server.url, MODELS, images, image_pool=4, client=client)
         target.start()
         res = _run(target, 400, on_progress=stop_after_some)
     counts = res.ledger.outcome_counts()
