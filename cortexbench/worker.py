@@ -46,7 +46,6 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -290,6 +289,8 @@ class ModelWorker:
         spec = self.specs[model_idx]
         try:
             pending: Future[tuple[np.ndarray, float, float]] | None = None
+            start = t0  # when the model was asked for
+            out[STAGE0 + INPUT] = out[STAGE0 + DECODE] = 0.0
             if self._inputs_in_memory:
                 pool = self._pool[spec.input_shape]
                 k = image_idx % len(pool)
@@ -299,11 +300,11 @@ class ModelWorker:
                 out[INPUT_IDX] = image_idx % len(self.spec.images)
                 assert self._input_threads is not None
                 pending = self._input_threads.submit(self._read_input, image_idx, spec)
-            else:
+            else:  # cold without the overlap: the image first, then the model
                 out[INPUT_IDX] = image_idx % len(self.spec.images)
-                x, t1, t2 = self._read_input(image_idx, spec)
-                pending = _done_future((x, t1, t2))
-            model, res, hit, t3, times = self._acquire(spec, t0)
+                x, t1, start = self._read_input(image_idx, spec)
+                out[STAGE0 + INPUT], out[STAGE0 + DECODE] = t1 - t0, start - t1
+            model, res, hit, t3, times = self._acquire(spec, start)
             out[2] = hit
             try:
                 if pending is not None:
@@ -312,22 +313,21 @@ class ModelWorker:
                     visible = max(0.0, t2 - t3)
                     decode = min(visible, t2 - t1)
                     out[STAGE0 + INPUT], out[STAGE0 + DECODE] = visible - decode, decode
-                    t3 = max(t2, t3)
+                    ready, t3 = t3, max(t2, t3)
                 else:
-                    out[STAGE0 + INPUT] = out[STAGE0 + DECODE] = 0.0
+                    ready = t3
                 y = model.predict(x, lane)
                 t4 = clock()
             finally:
                 self._release_model(model, res)
             t5 = clock()
             out[1] = OK
-            ready = t3 - out[STAGE0 + INPUT] - out[STAGE0 + DECODE]  # when the model was ready
-            if times is None:
-                out[STAGE0 + WAIT] = ready - t0
+            if times is None:  # ready: when the model was; the image may have been ready later (t3)
+                out[STAGE0 + WAIT] = ready - start
                 out[STAGE0 + READ] = out[STAGE0 + BUILD] = out[STAGE0 + COPY] = 0.0
             else:  # the stages add up to the time the model took to be ready
                 out[STAGE0 + READ], out[STAGE0 + BUILD], out[STAGE0 + COPY] = times.read_s, times.build_s, times.copy_s
-                out[STAGE0 + WAIT] = max(0.0, ready - t0 - times.read_s - times.build_s - times.copy_s)
+                out[STAGE0 + WAIT] = max(0.0, ready - start - times.read_s - times.build_s - times.copy_s)
             out[STAGE0 + INFER] = t4 - t3
             out[STAGE0 + FREE] = t5 - t4
             first = y[0]
@@ -451,9 +451,3 @@ class ModelWorker:
             self._input_threads.shutdown(wait=True)
             self._input_threads = None
         self.lanes.close()
-
-
-def _done_future(value: Any) -> Future[Any]:
-    f: Future[Any] = Future()
-    f.set_result(value)
-    return f
