@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -329,6 +330,13 @@ def test_recovering_a_worker_that_is_dead_for_good_fails_at_once(ray_session):
     actor = ray.remote(Worker).options(num_cpus=0, max_restarts=0).remote()
     cluster.get(actor.set_mode.remote("cached"), 60)
     ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + 60
+    while True:  # ray.kill returns before the actor is gone (seen on a loaded machine): wait until a call says so
+        try:
+            ray.get(actor.set_mode.remote("cached"), timeout=10)
+        except ray.exceptions.ActorDiedError:
+            break
+        assert time.monotonic() < deadline, "the killed actor still answers"
     handle = cluster.ActorHandle("gone", actor, "cached")
 
     async def recover() -> None:
