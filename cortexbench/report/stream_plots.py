@@ -32,8 +32,9 @@ from cortexbench.report.stream_summary import STAGES
 DPI = 110
 MODE_COLOURS = {"cached": "#4C72B0", "cold": "#DD8452"}
 OTHER_COLOURS = ("#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974", "#64B5CD")
+# One colour per stage of stream_summary.STAGES (send_delay, the worker's stages, transport): 11 apart.
 STAGE_COLOURS = ("#8C8C8C", "#CCB974", "#64B5CD", "#55A868", "#DD8452", "#4C72B0", "#8172B3", "#C44E52",
-                 "#DA8BC3", "#937860")
+                 "#DA8BC3", "#937860", "#2F2F2F")
 CDF_POINTS = 2000  # points drawn per CDF line (the tail keeps its own points)
 
 

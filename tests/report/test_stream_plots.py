@@ -34,3 +34,10 @@ def test_plots_when_no_mode_succeeded(tmp_path):
     ledgers = {"cold": make_ledger(300, failed_every=1)}
     paths = plot_all(make_results({"cold": mode_summary("cold", ledgers["cold"])}), ledgers, tmp_path / "out", 100)
     check_pngs(paths, tmp_path / "out")
+
+
+def test_every_stage_has_a_colour_of_its_own():
+    from cortexbench.report.stream_plots import STAGE_COLOURS
+    from cortexbench.report.stream_summary import STAGES
+
+    assert len(set(STAGE_COLOURS[:len(STAGES)])) == len(STAGES)
