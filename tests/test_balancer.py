@@ -386,3 +386,24 @@ def test_no_live_worker_errors_name_the_problem_exactly():
     with pytest.raises(ConfigError,
                        match=r"^'stream.balancer': unknown balancer 'least_outstanding' \(did you mean 'least-outstanding'\?\)$"):
         make_balancer("least_outstanding", 4, 8)
+
+
+def test_defaults_and_attributes():
+    calls = [([0, 0, 1], [True] * 3)] * 30
+    assert [PowerOfTwo().pick(0, *c) for c in calls] == [PowerOfTwo(0).pick(0, *c) for c in calls]
+    p_default, p0 = make_balancer("p2c", 3, 2), PowerOfTwo(0)
+    assert [p_default.pick(0, *c) for c in calls] == [p0.pick(0, *c) for c in calls]
+    assert [make_balancer("affinity", 5, 7).homes(m) for m in range(7)] == [Affinity(7, 5, seed=0).homes(m) for m in range(7)]
+    a = Affinity(n_models=8, n_workers=4)
+    assert (a.n_models, a.n_workers, a.spill_at) == (8, 4, 4)
+    assert imbalance([0, 1]) == 1.0 and imbalance([1, 1, 4]) == 1.0
+
+
+def test_affinity_spills_rotate_from_the_first_worker():
+    a = Affinity(n_models=4, n_workers=4, replicas=1, spill_at=1, seed=0)
+    m = next(m for m in range(4) if a.homes(m)[0] != 0)
+    (h,) = a.homes(m)
+    out = [0] * 4
+    out[h] = 5
+    others = [w for w in range(4) if w != h]
+    assert [a.pick(m, out, [True] * 4) for _ in range(3)] == others  # starting at worker 0

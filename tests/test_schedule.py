@@ -397,3 +397,10 @@ def test_make_schedule_and_popularity_error_messages():
             parse_popularity(text, "stream.popularity")
     with pytest.raises(ConfigError, match=r"^'popularity': unknown popularity 'Zipfian' \(did you mean 'zipf:1.1'\?\)$"):
         parse_popularity("Zipfian")
+
+
+def test_popularity_spellings_near_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"needs an exponent above 0"):
+        parse_popularity("zipf:1:2")  # one exponent, not the last of several
+    with pytest.raises(ConfigError, match=r"^'popularity': unknown popularity 'uniformm' \(did you mean 'uniform'\?\)$"):
+        parse_popularity("uniformm")
