@@ -247,6 +247,7 @@ def test_stop_counts_a_retried_image_still_queued():
     assert res.sent == 2 and res.retries == 1
     assert res.ledger.outcome_counts()["worker_died"] == 1 and res.ledger.outcome_counts()["ok"] == 1
     assert _by_item(res, "attempts").tolist() == [1, 1]
+    assert res.error_samples == {}  # no message came with that failure
 
 
 def test_least_outstanding_gives_a_faster_worker_more_images():
@@ -469,16 +470,17 @@ def test_worker_ids_and_names_label_the_rows():
     assert died.any() and (res.ledger.column("worker")[died] == 3).all()
 
 
-@pytest.mark.parametrize("max_group", [2, 3])
-def test_grouped_calls_count_each_images_outcome_and_message(max_group):
-    handles = [FakeWorkerHandle("w0", lanes=4, fail_models=(1,), error_text="model b broke\ntraceback")]
+@pytest.mark.parametrize("max_group, error_text", [(2, "model b broke\ntraceback"), (3, "model b broke\ntraceback"),
+                                                   (2, None)])
+def test_grouped_calls_count_each_images_outcome_and_message(max_group, error_text):
+    handles = [FakeWorkerHandle("w0", lanes=4, fail_models=(1,), error_text=error_text)]
     sched = make_schedule(count=200, models=MODELS, n_images=5, seed=4)
     _, res, seen = _run(sched, handles, _opts(concurrency=8, max_group=max_group, depth=2))
     counts = res.ledger.outcome_counts()
     n_b = int(np.count_nonzero(sched.model_idx == 1))
     assert counts["model_error"] == n_b and counts["ok"] == 200 - n_b
     assert (seen[-1].done, seen[-1].failed) == (200 - n_b, n_b)
-    assert res.error_samples == {"model_error": "model b broke"}
+    assert res.error_samples == ({"model_error": "model b broke"} if error_text else {})
     assert max(handles[0].groups) == max_group
 
 
@@ -490,6 +492,10 @@ def test_the_first_image_goes_alone_and_the_rest_are_grouped_per_loop_turn():
     _, res, _ = _run(sched, handles, _opts(concurrency=8, max_group=4, depth=2))
     assert handles[0].groups[:3] == [1, 4, 3]
     assert sum(handles[0].groups) == 24 and res.ledger.outcome_counts()["ok"] == 24
+    assert (_by_item(res, "sent_s")[:5] == 0).all()  # the second call goes out in the same loop turn
+    handles = [FakeWorkerHandle("w0", lanes=8, service_s=0.01)]
+    _run(sched, handles, _opts(concurrency=3, max_group=4, depth=2))
+    assert handles[0].groups[:2] == [1, 2]  # two queued images: one call of two
     handles = [FakeWorkerHandle("w0", lanes=8, service_s=0.01)]
     _run(sched, handles, _opts(concurrency=8, max_group=2, depth=2))
     assert handles[0].groups[:3] == [1, 2, 2]
@@ -534,7 +540,8 @@ class _Scripted:
         rows[:, 0] = group.rows[:, 0]
         rows[:, 2] = 1
         hits, inflight = self.states.pop(0)
-        return ResultGroup(rows, {}, WorkerState(hits_total=hits, inflight=inflight)), asyncio.get_running_loop().time()
+        state = WorkerState(misses_total=hits, inflight=inflight)
+        return ResultGroup(rows, {}, state), asyncio.get_running_loop().time()
 
     async def recover(self):
         await asyncio.sleep(0.1)
@@ -542,12 +549,13 @@ class _Scripted:
 
 def test_the_newest_worker_counters_are_kept_whatever_order_replies_come_in():
     states = [(3, 0), (5, 0), (5, 1), (4, 0)]  # (5, 1) is the newest: most served, the later of two equal
+    # (served = hits + misses; these are all misses)
     sched = make_schedule(count=4, models=MODELS, n_images=5, seed=0)
     _, res, _ = _run(sched, [_Scripted("w0", states)], _opts(concurrency=1))
-    assert res.states["w0"] == WorkerState(hits_total=5, inflight=1)
+    assert res.states["w0"] == WorkerState(misses_total=5, inflight=1)
     # after the worker died its counters start again: the first reply after the death is kept
     _, res, _ = _run(sched, [_Scripted("w0", [(3, 0), (5, 0), (1, 0), (2, 0)], die_at=3)], _opts(concurrency=1))
-    assert res.worker_losses == {"w0": 1} and res.states["w0"] == WorkerState(hits_total=2)
+    assert res.worker_losses == {"w0": 1} and res.states["w0"] == WorkerState(misses_total=2)
 
 
 class _CancelledCall(FakeWorkerHandle):
@@ -624,8 +632,8 @@ def test_an_open_loop_duration_counts_from_the_first_counted_item():
 
 @pytest.mark.parametrize("how", ["before", "slot", "timer", "deadline", "parked"])
 def test_a_stopped_run_ends_when_its_last_call_does_not_after_the_drain_timeout(how):
-    sched = make_schedule(count=50, models=MODELS, n_images=5, rate=100.0 if how in ("timer", "deadline") else None,
-                          seed=0)
+    sched = make_schedule(count=50, models=MODELS, n_images=5,
+                          rate=100.0 if how in ("timer", "deadline", "parked") else None, seed=0)
     opts = _opts(concurrency=None if sched.open_loop else 2, drain_timeout_s=100.0,
                  duration_s=0.105 if how == "deadline" else None)
     handles = [FakeWorkerHandle("w0", service_s=0.03, die_at_call=3 if how == "parked" else None, down_s=5.0)]
@@ -694,3 +702,11 @@ def test_the_spin_sends_each_image_exactly_when_due():
                      driver_clock=creeping)
     delay = _by_item(res, "sent_s") - _by_item(res, "scheduled_s")
     assert (delay >= 0).all() and (delay < 8e-4).all()  # not a whole spin_s late
+
+
+def test_a_stop_after_the_last_send_still_ends_the_drain_on_time():
+    # everything is sent at once; the second call never answers; stop() at 1 s: the drain gives it 2 s more
+    _, res, _ = _run(make_schedule(count=2, models=MODELS, n_images=5, seed=0), [_NeverAnswers("w0")],
+                     _opts(concurrency=2, drain_timeout_s=2.0), before=lambda d, loop: loop.call_later(1.0, d.stop))
+    assert res.cancelled == 1 and res.ledger.outcome_counts()["ok"] == 1
+    assert res.finished_s - res.started_s == pytest.approx(3.0)
