@@ -235,15 +235,18 @@ def test_choose_is_the_inverse_cdf_and_widens_its_dtype():
 
 
 class _ConstantGaps:
-    """A stand-in generator: every gap is ``gap`` (standard exponential units); records the chunk sizes."""
+    """A stand-in generator: every gap is ``gap`` (standard exponential units), or with ``cycle`` the gaps
+    gap, 2 gap, ..., cycle gap, gap, ... in stream order; records the chunk sizes."""
 
-    def __init__(self, gap: float) -> None:
-        self.gap = gap
+    def __init__(self, gap: float, cycle: int = 1) -> None:
+        self.gap, self.cycle, self.drawn = gap, cycle, 0
         self.sizes: list[int] = []
 
     def standard_exponential(self, k: int) -> np.ndarray:
         self.sizes.append(k)
-        return np.full(k, self.gap)
+        out = self.gap * (1 + (np.arange(self.drawn, self.drawn + k) % self.cycle))
+        self.drawn += k
+        return out
 
 
 def test_arrivals_are_the_prefix_of_the_uncut_stream_whatever_the_chunks():
@@ -270,6 +273,12 @@ def test_arrivals_draw_more_chunks_when_the_stream_runs_ahead():
     assert t[-1] < 3.01 - 1e-9
     # a stream that ends on n_max before the duration is up
     assert np.allclose(_arrivals(_ConstantGaps(0.01), 1.0, 120, 0, 10.0), np.arange(120) * 0.01)
+    # chunk boundaries lose no gap: the times are those of the stream drawn in one go, cut at the end
+    rng = _ConstantGaps(0.01, cycle=3)
+    t = _arrivals(rng, 1.0, 10_000, 0, 5.0)
+    assert len(rng.sizes) > 1
+    full = _arrivals(_ConstantGaps(0.01, cycle=3), 1.0, 10_000, 0, None)
+    assert np.allclose(t, full[:len(t)], rtol=0, atol=1e-9) and full[len(t)] >= 5.0 > t[-1]
     # exactly on the end: excluded
     assert len(_arrivals(_ConstantGaps(0.5), 1.0, 100, 0, 2.0)) == 4
 
@@ -404,3 +413,13 @@ def test_popularity_spellings_near_the_valid_ones():
         parse_popularity("zipf:1:2")  # one exponent, not the last of several
     with pytest.raises(ConfigError, match=r"^'popularity': unknown popularity 'uniformm' \(did you mean 'uniform'\?\)$"):
         parse_popularity("uniformm")
+
+
+def test_defaults_and_edges_of_weights_choices_and_shards():
+    assert make_schedule(count=30, models=MODELS, n_images=5) == make_schedule(count=30, models=MODELS, n_images=5,
+                                                                             seed=0)
+    p, _ = _weights(2, "uniform", [0.25, 0.25])  # weights summing to less than 1 are fine
+    assert p.tolist() == [0.5, 0.5]
+    two = _choose(np.random.default_rng(1), np.array([0.5, 0.5]), 200)
+    assert set(two.tolist()) == {0, 1}
+    assert shard_workers(["a", "b", "b"], 1) == [((0, 1, 2), "b")]  # the node most workers are on
