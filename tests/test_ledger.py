@@ -308,3 +308,15 @@ def test_answer_columns_are_kept_written_and_read_back(tmp_path):
         led.add_many(item=np.array([5]), model_idx=0, image_idx=0, worker=0, outcome=0, scheduled_s=0.0,
                      sent_s=0.0, done_s=1.0, infer_s=1.0, x_s=1.0)
     assert len(led) == 5
+
+
+def test_codes_out_of_range_are_written_as_unknown_and_merge_needs_a_ledger():
+    led = Ledger(MODELS, WORKERS)
+    led.add_many(item=np.arange(2), model_idx=np.array([len(MODELS), len(MODELS) + 1]), image_idx=0,
+                 worker=np.array([len(WORKERS), len(WORKERS) + 1]), outcome=np.array([len(OUTCOMES), 0]),
+                 scheduled_s=0.0, sent_s=0.0, done_s=0.5)
+    rows = list(led.to_rows())
+    col = {name: [r[i] for r in rows] for i, name in enumerate(Ledger.header())}
+    assert col["model"] == ["", ""] and col["worker"] == ["", ""] and col["outcome"] == ["", "ok"]
+    with pytest.raises(ValueError, match=r"^Ledger.merge needs at least one ledger$"):
+        Ledger.merge([])
