@@ -195,19 +195,16 @@ def _arrivals(rng: np.random.Generator, rate: float, n_max: int, warmup: int, du
     if duration_s is None:
         gaps = rng.standard_exponential(n_max) / rate
         return np.concatenate(([0.0], np.cumsum(gaps[:-1]))) if n_max else np.zeros(0)
-    # Draw in chunks (the stream is read in order, so chunking does not change the values).
+    # Draw in chunks (the stream is read in order and every gap is used, so chunking does not change the
+    # values: the times are those of the uncut stream above).
     expected = warmup + rate * duration_s
     chunk = min(n_max, int(expected + 6 * math.sqrt(expected) + 64))
-    times = np.zeros(0)
+    times = np.zeros(1)  # the first arrival, at 0
     last = 0.0
     while len(times) < n_max:
         k = min(chunk, n_max - len(times))
         gaps = rng.standard_exponential(k) / rate
-        if len(times) == 0:
-            new = np.concatenate(([0.0], np.cumsum(gaps[:-1])))
-        else:
-            new = last + np.cumsum(gaps)
-        times = np.concatenate((times, new))
+        times = np.concatenate((times, last + np.cumsum(gaps)))
         last = float(times[-1])
         if len(times) > warmup:
             end = (times[warmup - 1] if warmup else 0.0) + duration_s

@@ -16,7 +16,16 @@ from typing import Any
 import numpy as np
 
 from cortexbench.errors import WorkerError, WorkerLostError
-from cortexbench.protocol import INFER, RESULT_COLS, RequestGroup, ResultGroup, WorkerState
+from cortexbench.protocol import (
+    CHECKSUM,
+    INFER,
+    INPUT_IDX,
+    RESULT_COLS,
+    TOP1,
+    RequestGroup,
+    ResultGroup,
+    WorkerState,
+)
 from cortexbench.target import WorkerInfo
 
 
@@ -34,24 +43,58 @@ class VirtualTime:
         self.now += seconds
 
 
-def run_virtual(coro: Coroutine[Any, Any, Any], clock: VirtualTime | None = None) -> Any:
-    """Run ``coro`` on a loop with virtual time: waiting for a timer advances the clock at once."""
+class VirtualHang(RuntimeError):
+    """``run_virtual`` found that the coroutine can never finish (what a hung driver looks like in virtual time)."""
+
+
+def run_virtual(coro: Coroutine[Any, Any, Any], clock: VirtualTime | None = None, *,
+                max_virtual_s: float = 600.0, max_busy_turns: int = 10_000) -> Any:
+    """Run ``coro`` on a loop with virtual time: waiting for a timer advances the clock at once.
+
+    A hang fails fast instead of blocking the test run (and each mutant of a mutation run) until a timeout:
+    VirtualHang when the loop would wait with no timer (a deadlock), when the clock passes ``max_virtual_s``
+    from its start (a periodic task going on forever), or after ``max_busy_turns`` loop turns in a row at
+    the same time (a busy wait for a time that never comes)."""
     loop = asyncio.new_event_loop()
     now = clock if clock is not None else VirtualTime()
     select = loop._selector.select  # type: ignore[attr-defined]
 
+    start = now.now
+    still = 0  # loop turns in a row without the clock moving
+
     def virtual_select(timeout: float | None = None) -> Any:
-        if timeout is not None and timeout > 0:
+        nonlocal still
+        if timeout is None:  # no timer and nothing ready: in virtual time nothing can ever wake the loop
+            raise VirtualHang("the event loop waits for nothing: deadlock")
+        before = now.now
+        if timeout > 0:
             now.now += timeout
+        # asyncio runs a timer up to its clock resolution early: move the clock onto every timer that will
+        # run now, as a real clock would be by then (the driver's last stretch before a send waits for
+        # ``clock() >= due`` with sleep(0), which in virtual time would never end an instant short)
+        soon = now.now + loop._clock_resolution  # type: ignore[attr-defined]
+        now.now = max([now.now, *(h.when() for h in loop._scheduled if h.when() < soon)])  # type: ignore[attr-defined]
+        if now.now > before:
+            still = 0
+            if now.now - start > max_virtual_s:
+                raise VirtualHang(f"virtual time ran past {max_virtual_s:g} s: a loop that never ends")
             return select(0)
-        return select(timeout)
+        still += 1
+        if still > max_busy_turns:
+            raise VirtualHang(f"{max_busy_turns} loop turns without the clock moving: a busy wait that never ends")
+        return select(0)
 
     loop._selector.select = virtual_select  # type: ignore[attr-defined]
     loop.time = now  # type: ignore[method-assign]
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
     try:
-        return loop.run_until_complete(coro)
+        result = loop.run_until_complete(coro)
     finally:
         loop.close()
+    if errors:  # an exception in a callback: asyncio would only log it, and the run could look fine
+        raise AssertionError(f"exception in the event loop: {errors[0].get('message')}: {errors[0].get('exception')!r}")
+    return result
 
 
 class FakeWorkerHandle:
@@ -62,17 +105,20 @@ class FakeWorkerHandle:
     not only the call that triggered it; it comes back (``recover``) after ``down_s`` seconds with its
     counters and lanes reset, or never when ``down_s`` is None.  Calls made while it is dead fail too
     (Ray's ActorUnavailableError) and do not count as arrived.  ``fail_models``: model indices whose
-    images fail with a model error.  ``deaths`` and ``lost_images`` record what the deaths cost."""
+    images fail with a model error (with the message ``error_text`` when given).  ``deaths`` and
+    ``lost_images`` record what the deaths cost.  An image's answer columns are its image index (input),
+    its model index (top1) and half its item id (checksum)."""
 
     def __init__(self, name: str, service_s: float = 0.01, lanes: int = 1,
                  die_at_call: int | tuple[int, ...] | None = None, down_s: float | None = 0.5,
-                 fail_models: tuple[int, ...] = ()) -> None:
+                 fail_models: tuple[int, ...] = (), error_text: str | None = None) -> None:
         self.name = name
         self.service_s = service_s
         self.lanes = lanes
         self.die_at = {die_at_call} if isinstance(die_at_call, int) else set(die_at_call or ())
         self.down_s = down_s
         self.fail_models = fail_models
+        self.error_text = error_text
         self.calls = 0
         self.images = 0
         self.max_inflight = 0
@@ -116,6 +162,10 @@ class FakeWorkerHandle:
         rows = np.zeros((n, len(RESULT_COLS)))
         rows[:, 0] = group.rows[:, 0]
         rows[:, 2] = 1
+        rows[:, INPUT_IDX] = group.rows[:, 2]
+        rows[:, TOP1] = group.rows[:, 1]
+        rows[:, CHECKSUM] = group.rows[:, 0] / 2
+        errors: dict[int, str] = {}
         finish = arrived
         for i in range(n):  # each image on the lane that frees first
             lane = int(np.argmin(self._lane_free))
@@ -127,6 +177,8 @@ class FakeWorkerHandle:
             finish = max(finish, end)
             if int(group.rows[i, 1]) in self.fail_models:
                 rows[i, 1] = 2  # model_error
+                if self.error_text is not None:
+                    errors[i] = self.error_text
         watch: asyncio.Future[None] = loop.create_future()
         self._deathwatch.add(watch)
         try:
@@ -138,7 +190,7 @@ class FakeWorkerHandle:
         if not survived:
             raise self._lost(n)
         self.images += n
-        return ResultGroup(rows, {}, WorkerState(inflight=self.inflight)), loop.time()
+        return ResultGroup(rows, errors, WorkerState(inflight=self.inflight)), loop.time()
 
     async def recover(self) -> None:
         if self.down_s is None:

@@ -262,3 +262,148 @@ def test_affinity_checks_its_arguments():
 def test_default_replicas_without_an_lru_and_for_one_model():
     assert default_replicas(8, 4) == 2 and default_replicas(8, 4, None) == 2
     assert default_replicas(3, 1) == 3 and default_replicas(3, 0) == 3
+
+
+# --- exact behaviour, pinned against reference implementations (written against mutation survivors) ---
+
+
+def _p2c_reference(seed: int, calls: list[tuple[list[int], list[bool]]]) -> list[tuple[int, tuple[int, int]]]:
+    """p2c by its definition: two distinct alive workers drawn with random(), the less loaded, a coin on ties."""
+    rnd = random.Random(seed).random
+    got = []
+    for out, alive in calls:
+        idx = [i for i, x in enumerate(alive) if x]
+        n = len(idx)
+        if n == 1:
+            got.append((idx[0], (idx[0], idx[0])))
+            continue
+        ka = int(rnd() * n)
+        kb = int(rnd() * (n - 1))
+        if kb >= ka:
+            kb += 1
+        a, b = idx[ka], idx[kb]
+        if out[a] != out[b]:
+            w = a if out[a] < out[b] else b
+        else:
+            w = a if rnd() < 0.5 else b
+        got.append((w, (a, b)))
+    return got
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_p2c_draws_and_breaks_ties_exactly_as_defined(seed):
+    rng = np.random.default_rng(seed)
+    calls = []
+    for _ in range(400):
+        n = int(rng.integers(1, 9))
+        out = rng.integers(0, 3, n).tolist()  # few load levels: many ties
+        alive = [True] * n if rng.random() < 0.5 else (rng.random(n) < 0.7).tolist()
+        if not any(alive):
+            alive[0] = True
+        calls.append((out, alive))
+    b = PowerOfTwo(seed)
+    got = [(b.pick(0, out, alive), b.last_pair) for out, alive in calls]
+    assert got == _p2c_reference(seed, calls)
+    # make_balancer passes the seed on
+    b2 = make_balancer("p2c", 8, 3, seed=seed)
+    assert [b2.pick(0, out, alive) for out, alive in calls] == [w for w, _ in got]
+
+
+def test_p2c_with_one_alive_worker_picks_it_without_a_draw():
+    b = PowerOfTwo(0)
+    assert b.pick(0, [5], [True]) == 0 and b.last_pair == (0, 0)
+    assert b.pick(0, [5, 0, 1], [False, False, True]) == 2 and b.last_pair == (2, 2)
+    assert b.pick(0, [3, 2], [True, True]) == 1  # the first draw is still the first of the seeded stream
+
+
+@pytest.mark.parametrize("cls", [RoundRobin, LeastOutstanding])
+def test_rotation_starts_at_the_first_worker(cls):
+    b = cls()
+    assert [b.pick(0, [0] * 3, [True] * 3) for _ in range(4)] == [0, 1, 2, 0]
+
+
+def test_affinity_rotates_over_equally_loaded_homes_in_order():
+    a = Affinity(n_models=2, n_workers=5, replicas=3, seed=0)
+    for m in range(2):
+        h = a.homes(m)
+        assert [a.pick(m, [1] * 5, [True] * 5) for _ in range(6)] == list(h) * 2
+    assert a.spills == 0
+
+
+def test_affinity_spills_exactly_at_spill_at_and_rotates_its_spills():
+    a = Affinity(n_models=1, n_workers=4, replicas=1, spill_at=3, seed=0)
+    (h,) = a.homes(0)
+    others = [w for w in range(4) if w != h]
+    out = [1] * 4
+    out[h] = 3  # spill_at - 1 above the others: stays home
+    assert a.pick(0, out, [True] * 4) == h and a.spills == 0
+    out[h] = 4  # exactly spill_at above: spills to the least loaded, rotating from the first worker
+    assert [a.pick(0, out, [True] * 4) for _ in range(3)] == others
+    assert a.spills == 3
+    # a dead idle worker does not count: the least loaded alive one is only 1 below the home
+    alive = [True] * 4
+    dead = others[0]
+    alive[dead] = False
+    out = [3] * 4
+    out[dead] = 0
+    out[h] = 4
+    assert a.pick(0, out, alive) == h and a.spills == 3
+
+
+def test_affinity_rankings_match_the_reference_for_uneven_shapes():
+    for seed in range(4):
+        for n_models, n_workers, replicas in [(3, 2, 1), (5, 2, 1), (5, 3, 2), (7, 4, 3), (2, 5, 2)]:
+            a = Affinity(n_models, n_workers, replicas, seed=seed)
+            cap = -(-n_models * replicas // n_workers)
+            load = [0] * n_workers
+            for m in range(n_models):
+                order = _reference_order(seed, m, n_workers)
+                homes = [w for w in order if load[w] < cap][:replicas]
+                for w in homes:
+                    load[w] += 1
+                assert a._rank[m] == tuple(homes) + tuple(w for w in order if w not in homes)
+
+
+def test_make_balancer_passes_seed_and_lru_capacity_to_affinity():
+    b = make_balancer("affinity", n_workers=8, n_models=4, seed=3, lru_capacity=2)
+    ref = Affinity(4, 8, seed=3, lru_capacity=2)
+    assert b.replicas == ref.replicas == 4
+    assert [b.homes(m) for m in range(4)] == [ref.homes(m) for m in range(4)]
+    assert [b.homes(m) for m in range(4)] != [Affinity(4, 8, seed=0, lru_capacity=2).homes(m) for m in range(4)]
+
+
+def test_no_live_worker_errors_name_the_problem_exactly():
+    msg = r"^no live worker to send to$"
+    for b in (RoundRobin(), LeastOutstanding(), PowerOfTwo(0)):
+        with pytest.raises(WorkerError, match=msg):
+            b.pick(0, [], [])
+        with pytest.raises(WorkerError, match=msg):
+            b.pick(0, [0, 0], [False, False])
+    with pytest.raises(WorkerError, match=msg):
+        Affinity(2, 2).pick(0, [0, 0], [False, False])
+    with pytest.raises(ConfigError, match=r"^balancer 'p2c': there are no workers to balance over \(got 0\)$"):
+        make_balancer("p2c", 0, 8)
+    with pytest.raises(ConfigError,
+                       match=r"^'stream.balancer': unknown balancer 'least_outstanding' \(did you mean 'least-outstanding'\?\)$"):
+        make_balancer("least_outstanding", 4, 8)
+
+
+def test_defaults_and_attributes():
+    calls = [([0, 0, 1], [True] * 3)] * 30
+    assert [PowerOfTwo().pick(0, *c) for c in calls] == [PowerOfTwo(0).pick(0, *c) for c in calls]
+    p_default, p0 = make_balancer("p2c", 3, 2), PowerOfTwo(0)
+    assert [p_default.pick(0, *c) for c in calls] == [p0.pick(0, *c) for c in calls]
+    assert [make_balancer("affinity", 5, 7).homes(m) for m in range(7)] == [Affinity(7, 5, seed=0).homes(m) for m in range(7)]
+    a = Affinity(n_models=8, n_workers=4)
+    assert (a.n_models, a.n_workers, a.spill_at) == (8, 4, 4)
+    assert imbalance([0, 1]) == 1.0 and imbalance([1, 1, 4]) == 1.0
+
+
+def test_affinity_spills_rotate_from_the_first_worker():
+    a = Affinity(n_models=4, n_workers=4, replicas=1, spill_at=1, seed=0)
+    m = next(m for m in range(4) if a.homes(m)[0] != 0)
+    (h,) = a.homes(m)
+    out = [0] * 4
+    out[h] = 5
+    others = [w for w in range(4) if w != h]
+    assert [a.pick(m, out, [True] * 4) for _ in range(3)] == others  # starting at worker 0

@@ -247,6 +247,7 @@ def test_stop_counts_a_retried_image_still_queued():
     assert res.sent == 2 and res.retries == 1
     assert res.ledger.outcome_counts()["worker_died"] == 1 and res.ledger.outcome_counts()["ok"] == 1
     assert _by_item(res, "attempts").tolist() == [1, 1]
+    assert res.error_samples == {}  # no message came with that failure
 
 
 def test_least_outstanding_gives_a_faster_worker_more_images():
@@ -415,3 +416,327 @@ def test_images_whose_worker_loss_is_known_after_every_worker_is_gone_are_still_
     assert res.error is not None and "every worker is gone" in res.error
     res.ledger.check_complete(res.sent)
     assert res.ledger.outcome_counts()["worker_died"] == res.sent == 5
+
+
+# --- written against the survivors of a mutation run (docs/testing.md) ---
+
+from cortexbench.errors import WorkerLostError  # noqa: E402
+from cortexbench.protocol import RESULT_COLS, ResultGroup, WorkerState  # noqa: E402
+
+
+def _run(sched, handles, opts, *, balancer="least-outstanding", clock=None, before=None, **driver_kw):
+    """One Driver over ``sched`` in virtual time, with the end-of-run checks; ``before(driver, loop)``
+    runs before ``run()``."""
+    seen = []
+    view = LiveView(sched.models, [h.name for h in handles], server=None, run_id="t", backend="fake", quiet=True)
+    view.start_mode(opts.mode, len(sched), sched.warmup)
+
+    def progress(p):
+        seen.append(p)
+        view.fold(p)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        bal = make_balancer(balancer, len(handles), len(sched.models))
+        driver = Driver(sched, handles, bal, opts, clock=driver_kw.pop("driver_clock", loop.time),
+                        on_progress=progress, **driver_kw)
+        if before is not None:
+            before(driver, loop)
+        return driver, await driver.run()
+
+    driver, res = run_virtual(main(), clock)
+    _check_end_of_run(driver, res, sched, seen, view)
+    return driver, res, seen
+
+
+def _opts(**kw):
+    base = dict(mode="cached", concurrency=None, spin_s=0.0, fold_interval_s=0.05)
+    return DriverOptions(**{**base, **kw})
+
+
+def test_a_run_reports_its_result_and_progress_exactly():
+    handles = [FakeWorkerHandle("w0", lanes=2), FakeWorkerHandle("w1", lanes=2)]
+    sched = make_schedule(count=60, models=MODELS, n_images=50, seed=1)
+    _, res, seen = _run(sched, handles, _opts(mode="lru:2", concurrency=4))
+    assert (res.mode, res.sent, res.not_sent, res.retries, res.cancelled) == ("lru:2", 60, 0, 0, 0)
+    assert res.stopped_early is False and res.error is None and res.error_samples == {} and res.worker_losses == {}
+    assert res.started_s == 1000.0 and res.finished_s == pytest.approx(1000.0 + 60 / 4 * 0.01)
+    assert set(res.states) == {"w0", "w1"} and all(isinstance(s, WorkerState) for s in res.states.values())
+    assert len(seen) >= 3  # a snapshot every fold interval, not only at the end
+    for p in seen[:-1]:
+        assert p.mode == "lru:2" and p.workers == ("w0", "w1")
+    assert [round(p.elapsed_s, 9) for p in seen[:2]] == [0.05, 0.1]
+    last = seen[-1]
+    assert (last.scheduled, last.sent, last.done, last.failed) == (60, 60, 60, 0)
+    assert last.elapsed_s == pytest.approx(res.finished_s - res.started_s)
+    assert sum(len(p.new_rows) for p in seen) == 60 and set(last.states) == {"w0", "w1"}
+    # what the workers answered reaches the ledger, row by row
+    led = res.ledger
+    item = led.column("item")
+    assert (led.column("hit") == 1).all()
+    assert np.array_equal(led.column("input_idx"), sched.image_idx[item])
+    assert np.array_equal(led.column("top1"), sched.model_idx[item])
+    assert np.array_equal(led.column("checksum"), item / 2)
+
+
+def test_start_at_waits_for_the_agreed_start():
+    sched = make_schedule(count=20, models=MODELS, n_images=5, rate=100.0, seed=2)
+    _, res, _ = _run(sched, [FakeWorkerHandle("w0")], _opts(), start_at=1002.5)
+    assert res.started_s == 1002.5
+    np.testing.assert_allclose(_by_item(res, "scheduled_s"), sched.send_at_s, rtol=0, atol=1e-9)
+    _, res, _ = _run(sched, [FakeWorkerHandle("w0")], _opts(), start_at=900.0)  # already past: no wait
+    assert res.started_s == 1000.0
+
+
+def test_worker_ids_and_names_label_the_rows():
+    handles = [FakeWorkerHandle("a0", die_at_call=2, down_s=None, service_s=0.01), FakeWorkerHandle("a1")]
+    sched = make_schedule(count=30, models=MODELS, n_images=5, seed=3)
+    # a shard's two workers are workers 3 and 1 of the run's four
+    _, res, _ = _run(sched, handles, _opts(concurrency=4, retries=0), worker_ids=[3, 1],
+                     worker_names=["x", "y", "z", "q"])
+    assert res.ledger.workers == ("x", "y", "z", "q")
+    assert set(res.ledger.column("worker").tolist()) == {3, 1}
+    died = res.ledger.column("outcome") == WORKER_DIED
+    assert died.any() and (res.ledger.column("worker")[died] == 3).all()
+
+
+@pytest.mark.parametrize("max_group, error_text", [(2, "model b broke\ntraceback"), (3, "model b broke\ntraceback"),
+                                                   (2, None)])
+def test_grouped_calls_count_each_images_outcome_and_message(max_group, error_text):
+    handles = [FakeWorkerHandle("w0", lanes=4, fail_models=(1,), error_text=error_text)]
+    sched = make_schedule(count=200, models=MODELS, n_images=5, seed=4)
+    _, res, seen = _run(sched, handles, _opts(concurrency=8, max_group=max_group, depth=2))
+    counts = res.ledger.outcome_counts()
+    n_b = int(np.count_nonzero(sched.model_idx == 1))
+    assert counts["model_error"] == n_b and counts["ok"] == 200 - n_b
+    assert (seen[-1].done, seen[-1].failed) == (200 - n_b, n_b)
+    assert res.error_samples == ({"model_error": "model b broke"} if error_text else {})
+    assert max(handles[0].groups) == max_group
+
+
+def test_the_first_image_goes_alone_and_the_rest_are_grouped_per_loop_turn():
+    # closed loop of 8 on one worker with 2 call slots: the first image finds it idle and goes at once;
+    # the 7 others arrive in the same loop turn and go out as groups of up to 4 as slots free
+    handles = [FakeWorkerHandle("w0", lanes=8, service_s=0.01)]
+    sched = make_schedule(count=24, models=MODELS, n_images=5, seed=5)
+    _, res, _ = _run(sched, handles, _opts(concurrency=8, max_group=4, depth=2))
+    assert handles[0].groups[:3] == [1, 4, 3]
+    assert sum(handles[0].groups) == 24 and res.ledger.outcome_counts()["ok"] == 24
+    assert (_by_item(res, "sent_s")[:5] == 0).all()  # the second call goes out in the same loop turn
+    handles = [FakeWorkerHandle("w0", lanes=8, service_s=0.01)]
+    _run(sched, handles, _opts(concurrency=3, max_group=4, depth=2))
+    assert handles[0].groups[:2] == [1, 2]  # two queued images: one call of two
+    handles = [FakeWorkerHandle("w0", lanes=8, service_s=0.01)]
+    _run(sched, handles, _opts(concurrency=8, max_group=2, depth=2))
+    assert handles[0].groups[:3] == [1, 2, 2]
+
+
+def test_a_grouped_call_lost_with_its_worker_retries_each_image_once():
+    handles = [FakeWorkerHandle("w0", die_at_call=3, down_s=0.2, lanes=4), FakeWorkerHandle("w1", lanes=4)]
+    sched = make_schedule(count=100, models=MODELS, n_images=5, seed=6)
+    _, res, _ = _run(sched, handles, _opts(concurrency=8, max_group=4, depth=2))
+    attempts = res.ledger.column("attempts")
+    assert res.retries == handles[0].lost_images > 1
+    assert np.bincount(attempts, minlength=3).tolist() == [0, 100 - res.retries, res.retries]
+
+
+def test_the_affinity_balancer_gets_each_images_model():
+    handles = [FakeWorkerHandle(f"w{i}") for i in range(4)]
+    sched = make_schedule(count=200, models=MODELS, n_images=5, seed=7)
+    _, res, _ = _run(sched, handles, _opts(concurrency=1), balancer="affinity")
+    homes = make_balancer("affinity", 4, 4)
+    led = res.ledger
+    for m in range(4):  # one image at a time: never a spill, every image on its model's home
+        assert set(led.column("worker")[led.column("model_idx") == m].tolist()) == set(homes.homes(m))
+
+
+class _Scripted:
+    """A worker that answers each call after 10 ms with the next (hits_total, inflight) of ``states``;
+    its call ``die_at`` fails as a lost worker, which comes back 0.1 s later."""
+
+    def __init__(self, name, states, die_at=None):
+        self.name, self.states, self.die_at, self.calls = name, list(states), die_at, 0
+
+    def submit(self, group):
+        return asyncio.ensure_future(self._call(group))
+
+    async def _call(self, group):
+        self.calls += 1
+        if self.calls == self.die_at:
+            await asyncio.sleep(0.001)
+            raise WorkerLostError("gone")
+        await asyncio.sleep(0.01)
+        rows = np.zeros((len(group), len(RESULT_COLS)))
+        rows[:, 0] = group.rows[:, 0]
+        rows[:, 2] = 1
+        hits, inflight = self.states.pop(0)
+        state = WorkerState(misses_total=hits, inflight=inflight)
+        return ResultGroup(rows, {}, state), asyncio.get_running_loop().time()
+
+    async def recover(self):
+        await asyncio.sleep(0.1)
+
+
+def test_the_newest_worker_counters_are_kept_whatever_order_replies_come_in():
+    states = [(3, 0), (5, 0), (5, 1), (4, 0)]  # (5, 1) is the newest: most served, the later of two equal
+    # (served = hits + misses; these are all misses)
+    sched = make_schedule(count=4, models=MODELS, n_images=5, seed=0)
+    _, res, _ = _run(sched, [_Scripted("w0", states)], _opts(concurrency=1))
+    assert res.states["w0"] == WorkerState(misses_total=5, inflight=1)
+    # after the worker died its counters start again: the first reply after the death is kept
+    _, res, _ = _run(sched, [_Scripted("w0", [(3, 0), (5, 0), (1, 0), (2, 0)], die_at=3)], _opts(concurrency=1))
+    assert res.worker_losses == {"w0": 1} and res.states["w0"] == WorkerState(misses_total=2)
+
+
+class _CancelledCall(FakeWorkerHandle):
+    """Its second call's future is cancelled by the transport (as a Ray ref can be)."""
+
+    def submit(self, group):
+        fut = super().submit(group)
+        if self.calls == 1 and not getattr(self, "_cancelled_one", False):
+            self._cancelled_one = True
+            asyncio.get_running_loop().call_later(0.005, fut.cancel)
+        return fut
+
+
+def test_a_cancelled_call_fails_its_images_as_cancelled():
+    handles = [_CancelledCall("w0"), FakeWorkerHandle("w1")]
+    sched = make_schedule(count=20, models=MODELS, n_images=5, seed=0)
+    _, res, _ = _run(sched, handles, _opts(concurrency=2))
+    assert res.ledger.outcome_counts()["cancelled"] == 1 and res.ledger.outcome_counts()["ok"] == 19
+    assert res.error_samples == {"cancelled": "the call was cancelled"}
+
+
+class _RaisesOnSubmit(FakeWorkerHandle):
+    def submit(self, group):
+        if self.calls == 2 and not getattr(self, "_raised", False):
+            self._raised = True
+            raise RuntimeError("could not serialise")
+        return super().submit(group)
+
+
+class _AnswersTooMuch(FakeWorkerHandle):
+    async def call(self, group):
+        result, t = await super().call(group)
+        if self.images == 3:
+            return ResultGroup(np.vstack([result.rows, result.rows]), {}, result.state), t
+        return result, t
+
+
+@pytest.mark.parametrize("handle, outcome, sample", [
+    (_RaisesOnSubmit, ERROR, "RuntimeError: could not serialise"),
+    (_AnswersTooMuch, ERROR, "driver: WorkerError: worker w0 answered 2 results for 1 images"),
+])
+def test_a_bad_call_fails_its_images_on_its_own_worker(handle, outcome, sample):
+    handles = [handle("w0"), FakeWorkerHandle("w1")]
+    sched = make_schedule(count=40, models=MODELS, n_images=5, seed=0)
+    _, res, _ = _run(sched, handles, _opts(concurrency=2))
+    counts = res.ledger.outcome_counts()
+    assert counts[OUTCOMES[outcome]] == 1 and counts["ok"] == 39
+    assert res.error_samples == {OUTCOMES[outcome]: sample}
+
+
+def test_a_closed_loop_duration_stops_dispatching_at_the_deadline():
+    # one image at a time, 0.125 s each: about 4 images fit in 0.5 s
+    sched = make_schedule(count=100, models=MODELS, n_images=5, seed=0)
+    _, res, _ = _run(sched, [FakeWorkerHandle("w0", service_s=0.125)], _opts(concurrency=1, duration_s=0.5))
+    assert res.sent in (4, 5) and res.stopped_early and res.finished_s - res.started_s == pytest.approx(0.5, abs=0.13)
+
+
+def test_an_image_due_exactly_at_the_deadline_is_not_sent():
+    from cortexbench.schedule import Schedule
+
+    n = 5
+    sched = Schedule(models=MODELS, item=np.arange(n), model_idx=np.zeros(n, np.int16), image_idx=np.zeros(n, np.int32),
+                     send_at_s=np.arange(n) * 0.25, warmup=0, rate=4.0, seed=0, popularity="uniform")
+    _, res, _ = _run(sched, [FakeWorkerHandle("w0", service_s=0.001)], _opts(duration_s=0.5))
+    assert res.sent == 2 and res.stopped_early  # due at 0 and 0.25; the one due at 0.5 is not
+
+
+def test_an_open_loop_duration_counts_from_the_first_counted_item():
+    sched = make_schedule(count=1000, models=MODELS, n_images=5, rate=100.0, warmup=5, seed=8)  # 10 s, uncut
+    _, res, _ = _run(sched, [FakeWorkerHandle("w0", service_s=0.001)], _opts(duration_s=1.0))
+    end = sched.send_at_s[5] + 1.0
+    assert res.sent == int(np.count_nonzero(sched.send_at_s < end)) and res.stopped_early
+
+
+@pytest.mark.parametrize("how", ["before", "slot", "timer", "deadline", "parked"])
+def test_a_stopped_run_ends_when_its_last_call_does_not_after_the_drain_timeout(how):
+    sched = make_schedule(count=50, models=MODELS, n_images=5,
+                          rate=100.0 if how in ("timer", "deadline", "parked") else None, seed=0)
+    opts = _opts(concurrency=None if sched.open_loop else 2, drain_timeout_s=100.0,
+                 duration_s=0.105 if how == "deadline" else None)
+    handles = [FakeWorkerHandle("w0", service_s=0.03, die_at_call=3 if how == "parked" else None, down_s=5.0)]
+
+    def before(driver, loop):
+        if how == "before":
+            driver.stop()
+        elif how != "deadline":
+            loop.call_later(0.2 if how == "parked" else 0.1, driver.stop)
+
+    _, res, _ = _run(sched, handles, opts, before=before)
+    assert res.stopped_early
+    assert res.finished_s - res.started_s < 1.0  # not the 100 s drain timeout
+    if how == "before":
+        assert res.sent == 0
+
+
+def test_a_stop_leaves_queued_images_unsent_and_uncounted():
+    handles = [FakeWorkerHandle("w0", service_s=1.0)]
+    sched = make_schedule(count=20, models=MODELS, n_images=5, seed=0)
+    _, res, _ = _run(sched, handles, _opts(concurrency=8, depth=1, drain_timeout_s=100.0),
+                     before=lambda d, loop: loop.call_later(0.5, d.stop))
+    assert res.sent == 1 and res.not_sent == 19 and len(res.ledger) == 1
+    assert res.ledger.outcome_counts()["ok"] == 1 and res.error_samples == {}
+    assert res.finished_s - res.started_s == pytest.approx(1.0)
+
+
+def test_images_due_while_a_worker_is_down_go_to_the_others_on_time():
+    handles = [FakeWorkerHandle("w0", die_at_call=3, down_s=0.5), FakeWorkerHandle("w1")]
+    sched = make_schedule(count=200, models=MODELS, n_images=5, rate=50.0, seed=9)
+    _, res, _ = _run(sched, handles, _opts())
+    retried = _by_item(res, "attempts") > 1
+    delay = _by_item(res, "sent_s") - _by_item(res, "scheduled_s")
+    assert retried.sum() == 1 and (delay[~retried] == 0).all()
+
+
+def test_images_due_while_the_only_worker_is_down_wait_for_it_each_time():
+    handles = [FakeWorkerHandle("w0", die_at_call=(3, 8), down_s=0.5)]
+    sched = make_schedule(count=60, models=MODELS, n_images=5, rate=20.0, seed=9)
+    _, res, _ = _run(sched, handles, _opts())
+    assert res.ledger.outcome_counts()["ok"] == 60 and res.worker_losses == {"w0": 2}
+    assert (_by_item(res, "sent_s") > _by_item(res, "scheduled_s")).sum() > 2  # they waited for it
+
+
+def test_a_worker_gone_for_good_leaves_the_run_to_the_others():
+    handles = [FakeWorkerHandle("w0", die_at_call=2, down_s=None), FakeWorkerHandle("w1")]
+    sched = make_schedule(count=50, models=MODELS, n_images=5, seed=0)
+    _, res, _ = _run(sched, handles, _opts(concurrency=2))
+    assert res.error is None and res.ledger.outcome_counts()["ok"] == 50 and not res.stopped_early
+    handles = [FakeWorkerHandle("w0", die_at_call=2, down_s=None), FakeWorkerHandle("w1", die_at_call=4, down_s=None)]
+    _, res, _ = _run(sched, handles, _opts(concurrency=2, retries=0))
+    assert res.error == "every worker is gone (last: worker w1 is gone)" and res.stopped_early
+    assert res.error_samples == {"worker_died": "worker w0 died; retries ran out"}
+
+
+def test_the_spin_sends_each_image_exactly_when_due():
+    # a driver clock that moves 0.1 ms per read: the last stretch before each send is a busy wait
+    now = VirtualTime()
+
+    def creeping():
+        now.now += 1e-4
+        return now.now
+
+    sched = make_schedule(count=50, models=MODELS, n_images=5, rate=100.0, seed=0)
+    _, res, _ = _run(sched, [FakeWorkerHandle("w0", service_s=0.001)], _opts(spin_s=0.001), clock=now,
+                     driver_clock=creeping)
+    delay = _by_item(res, "sent_s") - _by_item(res, "scheduled_s")
+    assert (delay >= 0).all() and (delay < 8e-4).all()  # not a whole spin_s late
+
+
+def test_a_stop_after_the_last_send_still_ends_the_drain_on_time():
+    # everything is sent at once; the second call never answers; stop() at 1 s: the drain gives it 2 s more
+    _, res, _ = _run(make_schedule(count=2, models=MODELS, n_images=5, seed=0), [_NeverAnswers("w0")],
+                     _opts(concurrency=2, drain_timeout_s=2.0), before=lambda d, loop: loop.call_later(1.0, d.stop))
+    assert res.cancelled == 1 and res.ledger.outcome_counts()["ok"] == 1
+    assert res.finished_s - res.started_s == pytest.approx(3.0)

@@ -277,3 +277,46 @@ def test_defaults_a_scalar_row_and_an_unknown_column():
     assert len(led) == 2 and led.column("attempts").tolist() == [1, 1] and led.column("hit").tolist() == [-1, -1]
     with pytest.raises(KeyError, match=r"no ledger column 'nope' \(columns: item, model_idx, "):
         led.column("nope")
+
+
+def test_answer_columns_are_kept_written_and_read_back(tmp_path):
+    """What a worker ran and answered (input_idx, top1, checksum): by add and add_many, to CSV and back;
+    unknown values (-1, NaN) are written as '' and read back as unknown, 0 is a real value."""
+    led = Ledger(MODELS, WORKERS)
+    led.add(0, 0, 0, 0, "ok", scheduled_s=0.0, sent_s=0.0, done_s=1.0, input_idx=0, top1=0, checksum=0.0, infer_s=0.5)
+    led.add(1, 0, 0, 0, "ok", scheduled_s=0.0, sent_s=0.0, done_s=1.0, input_idx=7, top1=3, checksum=-2.5)
+    led.add_many(item=np.array([2, 3]), model_idx=0, image_idx=0, worker=0, outcome=0, scheduled_s=0.0, sent_s=0.0,
+                 done_s=1.0, answers=np.array([[5, 1, 1.25], [-1, -1, np.nan]]))
+    led.add_many(item=np.array([4]), model_idx=0, image_idx=0, worker=0, outcome=0, scheduled_s=0.0, sent_s=0.0,
+                 done_s=1.0)
+    want = {"input_idx": [0, 7, 5, -1, -1], "top1": [0, 3, 1, -1, -1]}
+    for name, values in want.items():
+        assert led.column(name).tolist() == values
+    np.testing.assert_array_equal(led.column("checksum"), [0.0, -2.5, 1.25, np.nan, np.nan])
+    assert led.column("infer_s")[0] == 0.5 and np.isnan(led.column("infer_s")[1:]).all()
+    rows = list(led.to_rows())
+    col = {name: [r[i] for r in rows] for i, name in enumerate(Ledger.header())}
+    assert col["input_idx"] == [0, 7, 5, "", ""] and col["top1"] == [0, 3, 1, "", ""]
+    assert col["checksum"] == [0.0, -2.5, 1.25, "", ""]
+    back = Ledger.from_csv_gz(led.save_csv_gz(tmp_path / "l.csv.gz"))
+    for name, values in want.items():
+        assert back.column(name).tolist() == values
+    np.testing.assert_array_equal(back.column("checksum"), led.column("checksum"))
+    with pytest.raises(TypeError, match=r"^Ledger: unknown stage column 'load_s' \(valid: queue_s, input_s, "):
+        led.add(5, 0, 0, 0, "ok", scheduled_s=0.0, sent_s=0.0, done_s=1.0, load_s=1.0, infer_s=1.0)
+    with pytest.raises(TypeError, match=r"^Ledger: unknown stage column 'x_s' \(valid: .*, free_s\)$"):
+        led.add_many(item=np.array([5]), model_idx=0, image_idx=0, worker=0, outcome=0, scheduled_s=0.0,
+                     sent_s=0.0, done_s=1.0, infer_s=1.0, x_s=1.0)
+    assert len(led) == 5
+
+
+def test_codes_out_of_range_are_written_as_unknown_and_merge_needs_a_ledger():
+    led = Ledger(MODELS, WORKERS)
+    led.add_many(item=np.arange(2), model_idx=np.array([len(MODELS), len(MODELS) + 1]), image_idx=0,
+                 worker=np.array([len(WORKERS), len(WORKERS) + 1]), outcome=np.array([len(OUTCOMES), 0]),
+                 scheduled_s=0.0, sent_s=0.0, done_s=0.5)
+    rows = list(led.to_rows())
+    col = {name: [r[i] for r in rows] for i, name in enumerate(Ledger.header())}
+    assert col["model"] == ["", ""] and col["worker"] == ["", ""] and col["outcome"] == ["", "ok"]
+    with pytest.raises(ValueError, match=r"^Ledger.merge needs at least one ledger$"):
+        Ledger.merge([])

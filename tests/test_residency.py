@@ -125,3 +125,11 @@ def test_make_residency():
     assert make_residency("lru:4", MODELS).capacity == 4
     with pytest.raises(ConfigError):
         Lru(0)
+
+
+def test_messages_and_defaults_exactly():
+    with pytest.raises(ConfigError, match=r"^'mode': unknown mode 'qqq' \(valid: cached, swap, cold, lru:K\)$"):
+        parse_mode("qqq")
+    with pytest.raises(ConfigError, match=r"^lru capacity must be 1 or more models, not 0$"):
+        Lru(0)
+    assert Cold().mode == Mode("cold") and str(Cold().mode) == "cold"
