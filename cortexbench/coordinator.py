@@ -373,7 +373,7 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
                 and cfg.source("times") != "flag":
             print("this was the small CPU run; scale up on a GPU machine or a Ray cluster with e.g.: "
                   "python -m cortexbench.stream --gpus 8 --models imagenet --images 100000 "
-                  "--mode cached,cold,lru:2 (add --address auto to join a cluster)")
+                  "--mode cached,swap,cold,lru:2 (add --address auto to join a cluster)")
         if server is not None and cfg.stream.linger_s > 0 and not run.interrupted and not run.error:
             say(f"metrics stay up for {cfg.stream.linger_s:g} s (--linger)")
             time.sleep(cfg.stream.linger_s)

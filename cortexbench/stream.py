@@ -36,7 +36,7 @@ def build_parser() -> ArgumentParser:
         description="Per-image latency and throughput of a stream of images over many workers, with models "
                     "cached on the workers, held in host memory and copied in for every image (swap), loaded "
                     "cold from disk for every image, or kept in an LRU of K.",
-        epilog=f"examples:\n  {PROG}\n  {PROG} --gpus 8 --mode cached,cold,lru:2\n"
+        epilog=f"examples:\n  {PROG}\n  {PROG} --gpus 8 --mode cached,swap,cold,lru:2\n"
                f"  {PROG} --rate 2000 --duration 60 --balancer p2c\n  {PROG} --address auto --gpus 16",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_flags(p)
