@@ -229,16 +229,22 @@ def _reference_order(seed: int, model: int, n_workers: int) -> list[int]:
     return sorted(range(n_workers), key=weight, reverse=True)
 
 
+def _reference_homes(seed: int, n_models: int, n_workers: int, replicas: int):
+    """Per model: its rendezvous order and its homes under bounded load (the reference for Affinity)."""
+    cap = -(-n_models * replicas // n_workers)
+    load = [0] * n_workers
+    for m in range(n_models):
+        order = _reference_order(seed, m, n_workers)
+        homes = [w for w in order if load[w] < cap][:replicas]
+        for w in homes:
+            load[w] += 1
+        yield m, order, homes
+
+
 def test_affinity_rankings_are_bounded_load_rendezvous_order():
     for seed, n_models, n_workers, replicas in [(0, 8, 4, 1), (5, 6, 8, 3), (1, 3, 5, 2)]:
         a = Affinity(n_models, n_workers, replicas, seed=seed)
-        cap = -(-n_models * replicas // n_workers)
-        load = [0] * n_workers
-        for m in range(n_models):
-            order = _reference_order(seed, m, n_workers)
-            homes = [w for w in order if load[w] < cap][:replicas]
-            for w in homes:
-                load[w] += 1
+        for m, order, homes in _reference_homes(seed, n_models, n_workers, replicas):
             assert a.homes(m) == tuple(homes)
             assert a._rank[m] == tuple(homes) + tuple(w for w in order if w not in homes)
     assert Affinity(8, 4).homes(0) == Affinity(8, 4, seed=0).homes(0)  # seed 0 by default
@@ -354,13 +360,7 @@ def test_affinity_rankings_match_the_reference_for_uneven_shapes():
     for seed in range(4):
         for n_models, n_workers, replicas in [(3, 2, 1), (5, 2, 1), (5, 3, 2), (7, 4, 3), (2, 5, 2)]:
             a = Affinity(n_models, n_workers, replicas, seed=seed)
-            cap = -(-n_models * replicas // n_workers)
-            load = [0] * n_workers
-            for m in range(n_models):
-                order = _reference_order(seed, m, n_workers)
-                homes = [w for w in order if load[w] < cap][:replicas]
-                for w in homes:
-                    load[w] += 1
+            for m, order, homes in _reference_homes(seed, n_models, n_workers, replicas):
                 assert a._rank[m] == tuple(homes) + tuple(w for w in order if w not in homes)
 
 
