@@ -185,6 +185,8 @@ def main() -> int:
     ap.add_argument("--ab", action="store_true", help="only the A/B of the loader's tuning knobs (cold, c=16)")
     ap.add_argument("--c1-modes", default="cached,cold,swap",
                     help="modes of the concurrency-1 run (cached checks the other tiers' answers)")
+    ap.add_argument("--eager-ab", action="store_true",
+                    help="also run cold at c=1 and c=16 with the loader's slot graphs off (CORTEXBENCH_SLOT_GRAPHS=0)")
     ap.add_argument("--switch-interval", type=float, default=0.0,
                     help="also run c=16 with the workers' GIL switch interval in the loading modes at this value "
                          "(an A/B against cortexbench's 0.0005 s)")
@@ -260,6 +262,10 @@ def main() -> int:
         if args.switch_interval:  # A/B: the workers' GIL switch interval
             out["c16_switch"] = run_stream(cfg, "cold,swap", 16, args.images16, 64, args.precision, [],
                                            env={"CORTEXBENCH_SWITCH_INTERVAL_S": str(args.switch_interval)})
+        if args.eager_ab:  # A/B: loaded models run eagerly instead of replaying their slot's CUDA graph
+            eager = {"CORTEXBENCH_SLOT_GRAPHS": "0"}
+            out["c1_eager"] = run_stream(cfg, "cold", 1, args.images, 16, args.precision, [], env=eager)
+            out["c16_eager"] = run_stream(cfg, "cold", 16, args.images16, 64, args.precision, [], env=eager)
     # the table
     rows = [[n, f"{v['bytes'] / 1e6:.0f}", v["floor_s"] * 1e3, v["eager_s"] * 1e3, v.get("graph_s", float("nan")) * 1e3,
              v["bare_s"] * 1e3, *(((out.get("c1") or {}).get(m) or {}).get("per_model_mean_s", {}).get(n, float("nan"))
@@ -292,6 +298,11 @@ def main() -> int:
                         verdict(c16["cold"]["img_per_s"] >= bound)])
         if "swap" in c16:
             targets.append(["swap c=16 img/s (information)", c16["swap"]["img_per_s"], copy_bw * 1e9 / mean_bytes, "-"])
+        for key, label in (("c1_eager", "cold c=1 mean ms, slot graphs off (A/B)"),
+                           ("c16_eager", "cold c=16 img/s, slot graphs off (A/B)")):
+            r = (out.get(key) or {}).get("cold")
+            if r:
+                targets.append([label, r["mean_s"] * 1e3 if key == "c1_eager" else r["img_per_s"], "-", "-"])
         ab = (out.get("c16_switch") or {}).get("cold")
         if ab:
             targets.append([f"cold c=16 img/s, switch interval {args.switch_interval:g} s (A/B)", ab["img_per_s"],

@@ -4,8 +4,8 @@
   input file it ran, its top-1 class and the sum of its logits): the share of pairs whose top-1 agrees,
   and the largest relative difference of the logit sums.  A loader that races its copy or reuses a
   device slot too early gives wrong answers, and shows here.  The floor is 100% in fp32 and
-  ``FP16_AGREEMENT_FLOOR`` in fp16 (cached runs CUDA graphs with autotuned kernels, the other tiers run
-  eagerly with cuDNN's heuristics: in fp16 near-ties may flip).
+  ``FP16_AGREEMENT_FLOOR`` in fp16 (the tiers may run different kernels: cached's own CUDA graphs, the
+  loader's graphs bound to its slots, or eager runs with cuDNN's heuristics; in fp16 near-ties may flip).
 - ``loads``: per model in the modes that load on demand, the mean read, build and copy times, the read
   bandwidth (file bytes / read time), the whole load's bandwidth (bytes / (read + build + copy)), and the
   floor (bytes / the pinned host-to-device bandwidth the worker measured before the run).

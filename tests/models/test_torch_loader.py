@@ -228,19 +228,26 @@ def test_loads_in_flight_queue_for_the_loader_and_wait_for_slots(small_dir):
 @gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("tier", ["disk", "host"])
-def test_gpu_loader_agrees_with_a_plain_load(small_dir, precision, tier):
+@pytest.mark.parametrize("graphs", [False, True])
+def test_gpu_loader_agrees_with_a_plain_load(small_dir, precision, tier, graphs):
+    """Each model loaded several times, so every slot holds each model in turn: a slot's graph must replay
+    the weights of the load, not those it was captured with (zeros) or a previous model's."""
     specs = [REGISTRY[n] for n in SMALL]
-    loader = BACKEND.loader(small_dir, "gpu:0", LoadOptions(precision=precision, lanes=2), tier)
+    loader = BACKEND.loader(small_dir, "gpu:0", LoadOptions(precision=precision, lanes=2, cuda_graphs=graphs), tier)
     try:
         info = loader.prepare(specs)
         assert info["h2d_gbps"] > 0
-        for spec in specs:
-            x = _x(spec)
-            plain = BACKEND.load(spec, small_dir, "gpu:0", LoadOptions(precision=precision)).predict(x)
-            model = loader.load(spec, LoadTimes())
-            got = model.predict(x, lane=1)
-            model.close()
-            tol = 1e-5 if precision == "fp32" else 2e-2
-            np.testing.assert_allclose(got, plain, rtol=tol, atol=tol * float(np.abs(plain).max()))
+        assert info.get("graphs", 0) == (len(specs) * info["slots"] if graphs else 0)
+        plain = {s.name: BACKEND.load(s, small_dir, "gpu:0", LoadOptions(precision=precision)).predict(_x(s))
+                 for s in specs}
+        tol = 1e-5 if precision == "fp32" else 2e-2
+        for _ in range(int(info["slots"]) + 1):
+            for spec in specs:
+                model = loader.load(spec, LoadTimes())
+                assert (model._bound is not None) == graphs
+                got = model.predict(_x(spec), lane=1)
+                model.close()
+                want = plain[spec.name]
+                np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(np.abs(want).max()))
     finally:
         loader.close()

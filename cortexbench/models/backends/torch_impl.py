@@ -171,14 +171,52 @@ class _Lane:
     slots: dict[int, _Slot] = field(default_factory=dict)
 
 
+@dataclass
+class BoundGraph:
+    """A CUDA graph of one network bound to fixed weight memory (an on-demand loader's device slot): the
+    loader captures it once before the run, and every load into that slot replays it, with new weights in
+    the same memory.  ``lock``: one lane replays it at a time (its input and output buffers are static);
+    a lane that finds it busy runs eagerly instead."""
+
+    graph: Any  # torch.cuda.CUDAGraph
+    dev_in: torch.Tensor
+    static_out: torch.Tensor
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def run_net(net: nn.Module, x: torch.Tensor, fp16: bool) -> torch.Tensor:
+    """One forward: fp32 in, fp32 out, fp16 inside when ``fp16``."""
+    y = net(x.half() if fp16 else x)
+    return y if y.dtype == torch.float32 else y.float()
+
+
+def capture(forward: Callable[[torch.Tensor], torch.Tensor], dev_in: torch.Tensor, stream: Any,
+            cuda: torch.device) -> tuple[Any, torch.Tensor]:
+    """Warm ``forward`` up on a side stream (cuDNN autotuning, lazy workspaces), then capture one call on
+    ``stream``; other lanes keep running meanwhile ('thread_local' capture mode).  Returns the graph and
+    its static output."""
+    with _CAPTURE_LOCK:
+        side = torch.cuda.Stream(device=cuda)
+        side.wait_stream(stream)
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(3):
+                forward(dev_in)
+        stream.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+            static_out = forward(dev_in)
+    return graph, static_out
+
+
 class TorchModel:
     """A torch network on one device (see the module docstring for the GPU serving path)."""
 
     def __init__(self, spec: ModelSpec, device: str, net: nn.Module, path: Path, size_bytes: int,
                  options: LoadOptions, lanes: list[_Lane] | None = None,
-                 on_close: Callable[[], None] | None = None) -> None:
+                 on_close: Callable[[], None] | None = None, bound: BoundGraph | None = None) -> None:
         """``lanes``: lanes shared with other models (an on-demand loader's: their streams and I/O buffers
-        outlive the model); ``on_close``: called once when the model is closed (frees its weights' slot)."""
+        outlive the model); ``on_close``: called once when the model is closed (frees its weights' slot);
+        ``bound``: a graph captured on this model's weight memory (replayed for batches of its size)."""
         self.spec, self.device, self.path, self.size_bytes = spec, device, path, size_bytes
         self.param_count = sum(p.numel() for p in net.parameters())
         self.options = options
@@ -190,6 +228,7 @@ class TorchModel:
         self._shared_lanes = lanes is not None
         self._lanes = lanes if lanes is not None else make_lanes(self._cuda, options.lanes)
         self._on_close = on_close
+        self._bound = bound
 
     @property
     def net(self) -> nn.Module:
@@ -198,10 +237,14 @@ class TorchModel:
         return self._net
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.net(x.half() if self._fp16 else x)
-        return y if y.dtype == torch.float32 else y.float()
+        return run_net(self.net, x, self._fp16)
 
     def _input(self, batch: np.ndarray) -> np.ndarray:
+        if isinstance(batch, torch.Tensor):  # a device tensor from a GPU decoder
+            if batch.ndim != len(self.spec.input_shape) + 1 or tuple(batch.shape[1:]) != self.spec.input_shape:
+                raise ValueError(f"model '{self.spec.name}' takes (N, {', '.join(map(str, self.spec.input_shape))}), "
+                                 f"got {tuple(batch.shape)}")
+            return batch if self._cuda is not None else batch.cpu().numpy()  # type: ignore[return-value]
         x = np.ascontiguousarray(batch, dtype=np.float32)
         if x.ndim != len(self.spec.input_shape) + 1 or x.shape[1:] != self.spec.input_shape:
             raise ValueError(f"model '{self.spec.name}' takes (N, {', '.join(map(str, self.spec.input_shape))}), "
@@ -222,9 +265,24 @@ class TorchModel:
         state = self._lanes[lane]
         key = (len(x), self.spec.input_shape, self.spec.num_classes)
         slot = state.slots.get(key) or self._new_slot(state, key)
-        np.copyto(slot.host_in.numpy(), x)
+        if isinstance(x, torch.Tensor):  # already on the device (its producer synchronised its stream)
+            src = x
+        else:
+            np.copyto(slot.host_in.numpy(), x)
+            src = slot.host_in
+        bound = self._bound
+        if bound is not None and bound.dev_in.shape == slot.dev_in.shape and bound.lock.acquire(blocking=False):
+            try:
+                with torch.cuda.device(self._cuda), torch.cuda.stream(state.stream):
+                    bound.dev_in.copy_(src, non_blocking=True)
+                    bound.graph.replay()
+                    slot.host_out.copy_(bound.static_out, non_blocking=True)
+                state.stream.synchronize()
+            finally:
+                bound.lock.release()
+            return slot.host_out.numpy().copy()
         with torch.cuda.device(self._cuda), torch.cuda.stream(state.stream):
-            slot.dev_in.copy_(slot.host_in, non_blocking=True)
+            slot.dev_in.copy_(src, non_blocking=True)
             if graphs:
                 if slot.graph is None:
                     self._capture(state, slot)
@@ -247,20 +305,8 @@ class TorchModel:
         return slot
 
     def _capture(self, state: _Lane, slot: _Slot) -> None:
-        """Warm up on a side stream (cuDNN autotuning, lazy workspaces), then capture one forward on the
-        lane's stream.  Other lanes keep running meanwhile ('thread_local' capture mode)."""
-        with _CAPTURE_LOCK:
-            side = torch.cuda.Stream(device=self._cuda)
-            side.wait_stream(state.stream)
-            with torch.cuda.stream(side), torch.inference_mode():
-                for _ in range(3):
-                    self._forward(slot.dev_in)
-            state.stream.wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.inference_mode(), torch.cuda.graph(graph, stream=state.stream,
-                                                          capture_error_mode="thread_local"):
-                static_out = self._forward(slot.dev_in)
-            slot.graph, slot.static_out = graph, static_out
+        assert self._cuda is not None
+        slot.graph, slot.static_out = capture(self._forward, slot.dev_in, state.stream, self._cuda)
 
     def close(self) -> None:
         if self._net is None:
@@ -453,6 +499,12 @@ class TorchBackend:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise corrupt(spec, path, self.name, e) from None
         return self._build(spec, state, meta, path, files_size(files), device, options)
+
+    def gpu_decoder(self, device: str) -> Callable[[bytes, Path, ModelSpec], Any]:
+        """JPEG decoding on ``device`` (nvJPEG) for ``--inputs jpeg --decode gpu``."""
+        from cortexbench.models.backends.torch_decode import GpuDecoder
+
+        return GpuDecoder(device)
 
     def load_blobs(self, spec: ModelSpec, blobs: Sequence[bytes], paths: Sequence[Path], device: str,
                    options: LoadOptions = _DEFAULTS) -> LoadedModel:

@@ -23,8 +23,13 @@ and the copy engine instead of thrashing them; lanes keep running inference mean
    buffer and one kernel converts them into the slot (integer buffers are gathered by a second one);
 3. ``build``: picks the module bound to the slot (or builds one with ``rebuild``).
 
-The model is then run eagerly on the lane's stream with cuDNN's heuristics (``cudnn.benchmark`` off: no
-autotuning on the cold path).  Closing it gives the slot back.  On the CPU the same happens without the
+On a GPU with ``cuda_graphs`` (the stream's torch default) ``prepare`` also captures, for every (model,
+slot), a CUDA graph of batch 1 bound to the slot's memory, with cuDNN's autotuned kernels; a loaded model
+replays its slot's graph, so its first inference after the load costs what a cached one does (a serving
+process keeps its compiled plans; only the weights are new).  Without graphs (``rebuild``, other batch
+sizes, a graph busy on another lane, ``CORTEXBENCH_SLOT_GRAPHS=0``) the model runs eagerly on the lane's
+stream with cuDNN's heuristics (``cudnn.benchmark`` off: no autotuning on the cold path).  Closing it gives
+the slot back.  On the CPU the same happens without the
 copy: the file is read straight into the slot (``disk``) or copied from host memory (``host``).
 
 Files this fast path cannot take (mixed or unusual dtypes, unaligned tensors) and the null model go
@@ -60,13 +65,24 @@ from cortexbench.models.backends.base import (
     parse_device,
     require_files,
 )
-from cortexbench.models.backends.torch_impl import _DTYPES, TorchModel, _check_keys, _ieee_fp32, make_lanes
+from cortexbench.models.backends.torch_impl import (
+    _DTYPES,
+    BoundGraph,
+    TorchModel,
+    _check_keys,
+    _ieee_fp32,
+    capture,
+    make_lanes,
+    run_net,
+)
 from cortexbench.models.registry import ModelSpec
 
 MIN_CHUNK = 1 << 20
 # Copies follow the reads in bursts of readers x chunk; each chunk costs a GIL hand-off.  The environment
 # variable is a tuning knob for bench/cold.py's A/B runs.
 MAX_CHUNK = int(float(os.environ.get("CORTEXBENCH_CHUNK_MB", "8")) * (1 << 20))
+# CUDA graphs bound to the slots (see the module docstring); 0 runs loaded models eagerly (bench/cold.py's A/B)
+SLOT_GRAPHS = os.environ.get("CORTEXBENCH_SLOT_GRAPHS", "1") != "0"
 STAGING = 2
 CHUNK_ALIGN = 1 << 16
 _ALIGN = 256
@@ -174,11 +190,13 @@ class TorchLoader:
                  drop_cache: bool = False, rebuild: bool = False, slots: int = 0, readers: int = 0,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         self.backend, self.model_dir, self.device = backend, Path(model_dir), device
-        self.options = replace(options, cuda_graphs=False)  # a model used once: capturing would cost more
+        self.options = replace(options, cuda_graphs=False)  # models get a slot's graph, never their own
         self.tier: Tier = tier
         self.drop_cache, self.rebuild, self.clock = drop_cache, rebuild, clock
         kind, index = parse_device(device)
         self._cuda = torch.device("cuda", index) if kind == "gpu" else None
+        self.slot_graphs = bool(options.cuda_graphs and self._cuda is not None and not rebuild and SLOT_GRAPHS)
+        self._graphs: dict[tuple[str, int], BoundGraph] = {}
         self._n_slots = slots or options.lanes + 1
         self._readers = readers or max(2, min(16, os.cpu_count() or 2))
         self._fallback = BlobLoader(backend, model_dir, device, self.options, tier, drop_cache=drop_cache, clock=clock)
@@ -273,11 +291,40 @@ class TorchLoader:
                 spec = next(s for s in specs if s.name == name)
                 for i in range(len(self._slots)):
                     self._nets[(name, i)] = self._bind(spec, lay, i)
+        t_graphs = self.clock()
+        if self.slot_graphs:
+            self._capture_all(specs)
+        if self._graphs:
+            info.update(graphs=float(len(self._graphs)), graphs_s=self.clock() - t_graphs)
         info.update(prepare_s=self.clock() - t0, host_bytes=info.get("host_bytes", 0.0) + host,
                     slots=float(len(self._slots)), slot_bytes=float(slot_bytes + side_bytes))
         if self._cuda is not None and layouts:
             info["h2d_gbps"] = self._h2d_gbps(biggest)
         return info
+
+    def _capture_all(self, specs: Sequence[ModelSpec]) -> None:
+        """A CUDA graph of batch 1 for every (model, slot), bound to the slot's memory and captured with
+        cuDNN autotuning on (then off again for eager runs).  A load replays the graph of its slot: the
+        weights are new, the kernels and their order are the ones a serving process would have compiled
+        once.  The slots hold zeros while capturing: the graphs record addresses, not values."""
+        assert self._cuda is not None
+        fp16 = self.options.precision == "fp16"
+        stream = self.lanes[0].stream
+        torch.backends.cudnn.benchmark = True
+        try:
+            with torch.cuda.device(self._cuda):
+                for spec in specs:
+                    if spec.name not in self._layouts:
+                        continue
+                    dev_in = torch.zeros((1, *spec.input_shape), dtype=torch.float32, device=self._cuda)
+                    for i in range(len(self._slots)):
+                        net = self._nets[(spec.name, i)]
+                        graph, out = capture(lambda x, net=net: run_net(net, x, fp16), dev_in, stream, self._cuda)
+                        self._graphs[(spec.name, i)] = BoundGraph(graph, dev_in, out)
+                        dev_in = torch.zeros_like(dev_in)
+            stream.synchronize()
+        finally:
+            torch.backends.cudnn.benchmark = False
 
     def _skeleton(self, spec: ModelSpec, layout: _Layout) -> nn.Module:
         with torch.device("meta"):
@@ -379,7 +426,7 @@ class TorchLoader:
             raise
         times.wait_s, times.read_s, times.copy_s, times.build_s = t1 - t0, t_read - t1, t2 - t_read, t3 - t2
         return TorchModel(spec, self.device, net, layout.path, layout.file_bytes, self.options, lanes=self.lanes,
-                          on_close=lambda: self._free.put(slot))
+                          on_close=lambda: self._free.put(slot), bound=self._graphs.get((spec.name, slot)))
 
     def _fill(self, spec: ModelSpec, layout: _Layout, slot: int, staging: int, start: float) -> tuple[float, Any]:
         """Start putting the weights into ``slot``: read them (disk) and queue their copy and conversion on
@@ -462,6 +509,7 @@ class TorchLoader:
             self._pool.shutdown(wait=True)
             self._pool = None
         self._fallback.close()
+        self._graphs.clear()
         self._nets.clear()
         self._host.clear()
         self._slots.clear()
