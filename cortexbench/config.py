@@ -77,6 +77,8 @@ class StreamConfig:
     cold_drop_cache: bool = False
     cold_rebuild: bool = False  # cold, swap: build each network's structure for every load (timed as 'build')
     on_demand_images: int = 0  # counted images in swap, cold and lru:K modes; 0 = 'times'
+    inputs: Literal["pool", "jpeg"] = "pool"  # pool: decoded once, reused; jpeg: every image read and decoded
+    decode: Literal["cpu", "gpu"] = "cpu"  # jpeg inputs: OpenCV on the CPU, or nvJPEG on the worker's GPU
     target: str | None = None  # an Open Inference Protocol server (http://HOST:PORT) instead of the Ray workers
     protocol: Literal["v2", "v2-json"] = "v2"
     input_name: str | None = None  # for a target model whose metadata lists no inputs

@@ -95,6 +95,9 @@ def plan_http(cfg: Config, *, quiet: bool = False) -> StreamPlan:
         raise ConfigError("--mode does not apply with --target: what stays loaded is the server's business")
     if st.drivers > 1:
         raise ConfigError("--drivers: the HTTP target runs one driver for now; leave --drivers out")
+    if st.inputs != "pool" or st.decode != "cpu":
+        raise ConfigError("--inputs/--decode apply to cortexbench's own workers; an HTTP target gets decoded "
+                          "tensors (leave them out with --target)")
     models = expand_model_names(cfg.models, known_only=False)
     images = ensure_images(cfg.img_dir, cfg.images.synth_count, seed=cfg.images.seed,
                            create=not cfg.from_flag("img_dir"), progress=not quiet)
@@ -129,6 +132,12 @@ def plan_stream(cfg: Config, resources: dict[str, float], *, quiet: bool = False
         backend = "torch" if gpu else resolve_backend("auto", ["cpu"])
     else:
         backend = resolve_backend(cfg.backend)
+    if st.decode == "gpu":
+        if st.inputs != "jpeg":
+            raise ConfigError("--decode gpu decodes JPEG inputs: add --inputs jpeg")
+        if not gpu or backend != "torch":
+            raise ConfigError(f"--decode gpu needs GPU workers with the torch backend (this run: "
+                              f"{'GPU' if gpu else 'CPU'} workers, {backend}); use --decode cpu")
     model_dir = cfg.model_dir
     if not cfg.from_flag("model_dir"):
         ensure_models(models, backend, model_dir, seed=cfg.seed, progress=not quiet)
@@ -146,7 +155,7 @@ def plan_stream(cfg: Config, resources: dict[str, float], *, quiet: bool = False
         WorkerSpec(name=f"{'gpu' if gpu else 'cpu'}{i}", device="gpu:0" if gpu else "cpu", backend=backend,
                    model_dir=str(model_dir), models=models, images=tuple(str(p) for p in images), lanes=lanes,
                    precision=cfg.precision, cuda_graphs=gpu and backend == "torch", image_pool=st.image_pool,
-                   drop_cache=st.cold_drop_cache, cold_rebuild=st.cold_rebuild)
+                   drop_cache=st.cold_drop_cache, cold_rebuild=st.cold_rebuild, inputs=st.inputs, decode=st.decode)
         for i in range(n_workers))
     # auto = grouped: a worker runs several grouped calls at once (Ray's threads), so its lanes never
     # wait for the slowest image of a group; a compiled graph runs its executions one after another on
@@ -340,7 +349,9 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
         od = cfg.stream.on_demand_images
         also = f"; {od} counted in the modes that load on demand" if od and od < cfg.times else ""
         say(f"stream: {len(plan.schedule)} images ({plan.schedule.warmup} warm-up{also}), {len(plan.models)} models, "
-            f"{where}, backend {plan.backend}, dispatch {plan.dispatch}, drivers {plan.drivers}")
+            f"{where}, backend {plan.backend}, dispatch {plan.dispatch}, drivers {plan.drivers}"
+            + ("" if http or cfg.stream.inputs == "pool" else
+               f", inputs jpeg (every image read and decoded, on the {cfg.stream.decode.upper()})"))
         if http:
             from cortexbench.http_target import HttpTarget
 
@@ -428,8 +439,9 @@ def _results(plan: StreamPlan, target: Target, run: StreamRun, port: int | None,
                                                run.plan.schedule.warmup, cfg.precision),
                   "loads": load_figures(modes),
                   "process_warm": "cold and swap: each model was loaded and run once per lane before the run (cuDNN "
-                                  "plans and the network's structure are kept, as in a serving process that has "
-                                  "run it before); the weights come from disk or host memory for every image"
+                                  "plans, the network's structure and, on a GPU, CUDA graphs bound to the loader's "
+                                  "weight slots are kept, as in a serving process that has run it before); the "
+                                  "weights come from disk or host memory for every image"
                                   + ("; the structure is rebuilt for every load" if cfg.stream.cold_rebuild else "")},
         "workers": describe(target.workers),
         "run": {"dispatch": plan.dispatch, "drivers": plan.drivers, "balancer": cfg.stream.balancer,
@@ -437,7 +449,7 @@ def _results(plan: StreamPlan, target: Target, run: StreamRun, port: int | None,
                 "concurrency": cfg.stream.concurrency, "rate": cfg.stream.rate, "images": cfg.times,
                 "warmup": cfg.stream.warmup, "popularity": cfg.stream.popularity, "metrics_port": port,
                 "backend": plan.backend, "lanes": plan.workers[0].lanes if plan.workers else None,
-                "max_group": plan.max_group,
+                "max_group": plan.max_group, "inputs": cfg.stream.inputs, "decode": cfg.stream.decode,
                 "depth": plan.depth, "image_files": len(plan.images), "models": list(plan.models),
                 "interrupted": run.interrupted, "error": run.error},
     }

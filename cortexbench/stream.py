@@ -24,7 +24,7 @@ STREAM_KEYS = {
     "drivers": "stream.drivers", "max_group": "stream.max_group", "lanes": "stream.lanes",
     "retries": "stream.retries", "image_pool": "stream.image_pool", "drain_timeout": "stream.drain_timeout_s",
     "cold_drop_cache": "stream.cold_drop_cache", "records": "stream.records", "cold_rebuild": "stream.cold_rebuild",
-    "on_demand_images": "stream.on_demand_images",
+    "on_demand_images": "stream.on_demand_images", "inputs": "stream.inputs", "decode": "stream.decode",
     "target": "stream.target", "protocol": "stream.protocol", "input_name": "stream.input_name",
     "input_shape": "stream.input_shape", "http_client": "stream.http_client",
 }
@@ -72,6 +72,11 @@ def build_parser() -> ArgumentParser:
     a("--on-demand-images", type=int, metavar="N",
       help="counted images in the modes that load models on demand (swap, cold, lru:K), the first N of the "
            "same stream; 0 = --images [stream.on_demand_images]")
+    a("--inputs", metavar="I",
+      help="pool: each worker decodes a pool of images once and reuses them; jpeg: every image's file is "
+           "read and decoded for that image, as a server gets them (cold always does) [stream.inputs]")
+    a("--decode", metavar="D", help="with --inputs jpeg: cpu (OpenCV) or gpu (nvJPEG on the worker's GPU, "
+                                    "torch) [stream.decode]")
     a("--target", metavar="URL",
       help="an Open Inference Protocol (v2) server to load-test instead of cortexbench's Ray workers, as in "
            "http://127.0.0.1:8000 (Triton, KServe) [stream.target]")

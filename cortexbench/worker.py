@@ -46,6 +46,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -91,6 +92,7 @@ MEMORY_REFRESH_S = 0.25  # WorkerState.memory_bytes is read again at most this o
 _NAN = float("nan")
 _DEFAULT_SWITCH_S = sys.getswitchinterval()
 LOADING_SWITCH_S = float(os.environ.get("CORTEXBENCH_SWITCH_INTERVAL_S", "0.0005"))
+CACHED_SWITCH_S = float(os.environ.get("CORTEXBENCH_CACHED_SWITCH_INTERVAL_S", str(_DEFAULT_SWITCH_S)))
 # cold: read and decode the image while the model loads (a tuning knob for bench/cold.py's A/B runs)
 INPUT_OVERLAP = os.environ.get("CORTEXBENCH_INPUT_OVERLAP", "1") != "0"
 
@@ -111,6 +113,8 @@ class WorkerSpec:
     image_pool: int = 256
     drop_cache: bool = False
     cold_rebuild: bool = False  # cold/swap: build the network's structure for every load, timed as 'build'
+    inputs: str = "pool"  # pool: a decoded pool reused (not in cold); jpeg: every image read and decoded
+    decode: str = "cpu"  # jpeg inputs on a GPU worker: cpu (OpenCV) or gpu (the backend's GPU decoder)
 
 
 class _Resident:
@@ -148,6 +152,8 @@ class ModelWorker:
         self._pool: dict[tuple[int, ...], np.ndarray] = {}
         self._pool_files: dict[tuple[int, ...], list[int]] = {}  # pool entry -> index of its image file
         self._inputs_in_memory = False
+        self._overlap_inputs = False  # the image is read and decoded on an input thread while its model loads
+        self._decoder: Callable[[bytes, Path, ModelSpec], Any] | None = None  # --decode gpu
         self._loader: ModelLoader | None = None
         self._input_threads: ThreadPoolExecutor | None = None  # cold: images read while their model loads
         self.lanes = Lanes(max(1, spec.lanes), spec.name, self.process, self._counters, clock)
@@ -171,13 +177,20 @@ class ModelWorker:
             self._loader.close()
             self._loader = None
         self.residency = make_residency(self.mode, self.spec.models if kind == "cached" else ())
-        self._inputs_in_memory = kind != "cold"
+        self._inputs_in_memory = kind != "cold" and self.spec.inputs == "pool"
+        self._overlap_inputs = not self._inputs_in_memory and kind != "cached" and INPUT_OVERLAP
+        if self.spec.decode == "gpu" and self._decoder is None:
+            make = getattr(self.backend, "gpu_decoder", None)
+            if make is None or not self.spec.device.startswith("gpu"):
+                raise UsageError(f"--decode gpu: the {self.backend.name} backend on {self.spec.device} has no GPU "
+                                 "decoder; use --decode cpu")
+            self._decoder = make(self.spec.device)
         self.lanes.caller_runs = kind == "cached"
         # Loads are I/O threads handing chunks on: with Python's default 5 ms GIL switch interval a reader
         # back from the kernel waits behind the lanes' inference (measured on an H200: cold at 16 in flight
         # 32 images/s at 5 ms, 48 at 0.5 ms).  A process-wide setting: this worker process is ours.
-        sys.setswitchinterval(_DEFAULT_SWITCH_S if kind == "cached" else LOADING_SWITCH_S)
-        if kind == "cold" and self._input_threads is None:
+        sys.setswitchinterval(CACHED_SWITCH_S if kind == "cached" else LOADING_SWITCH_S)
+        if self._overlap_inputs and self._input_threads is None:
             self._input_threads = ThreadPoolExecutor(self.options.lanes, thread_name_prefix=f"{self.spec.name}-input")
         t_models = self.clock()
         info: dict[str, float] = {}
@@ -208,6 +221,16 @@ class ModelWorker:
         return {"models_s": t_inputs - t_models, "inputs_s": t_warm - t_inputs, "warm_s": end - t_warm,
                 "total_s": end - t0, **{f"loader_{k}": float(v) for k, v in info.items()}, **sizes}
 
+    def _warm_input(self, spec: ModelSpec) -> Any:
+        """A warm-up's input: from the pool, or, when inputs are read per image, the first image read and
+        decoded as the run will (so a GPU decoder is warm too); zeros if it does not decode."""
+        if not self._inputs_in_memory and self.spec.images:
+            try:
+                return self._read_input(0, spec)[0]
+            except ImageDecodeError:
+                pass
+        return self._input_like(spec)
+
     def _input_like(self, spec: ModelSpec) -> np.ndarray:
         pool = self._pool.get(spec.input_shape)
         return pool[:1] if pool is not None else np.zeros((1, *spec.input_shape), np.float32)
@@ -219,7 +242,7 @@ class ModelWorker:
 
         def warm(lane: int) -> None:
             for spec, model in models:
-                model.predict(self._input_like(spec), lane)
+                model.predict(self._warm_input(spec), lane)
 
         self.lanes.on_every_lane(warm)
 
@@ -237,7 +260,7 @@ class ModelWorker:
                 except (ModelFileError, ModelNotFoundError):
                     continue
                 try:
-                    model.predict(self._input_like(spec), lane)
+                    model.predict(self._warm_input(spec), lane)
                 finally:
                     model.close()
 
@@ -296,11 +319,11 @@ class ModelWorker:
                 k = image_idx % len(pool)
                 x = pool[k:k + 1]
                 out[INPUT_IDX] = self._pool_files[spec.input_shape][k]
-            elif INPUT_OVERLAP:  # cold: the image is read and decoded while the model loads
+            elif self._overlap_inputs:  # the image is read and decoded while the model loads
                 out[INPUT_IDX] = image_idx % len(self.spec.images)
                 assert self._input_threads is not None
                 pending = self._input_threads.submit(self._read_input, image_idx, spec)
-            else:  # cold without the overlap: the image first, then the model
+            else:  # the image first, then the model (cached with --inputs jpeg; loads without the overlap)
                 out[INPUT_IDX] = image_idx % len(self.spec.images)
                 x, t1, start = self._read_input(image_idx, spec)
                 out[STAGE0 + INPUT], out[STAGE0 + DECODE] = t1 - t0, start - t1
@@ -347,7 +370,7 @@ class ModelWorker:
             out[1] = ERROR
             return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
 
-    def _read_input(self, image_idx: int, spec: ModelSpec) -> tuple[np.ndarray, float, float]:
+    def _read_input(self, image_idx: int, spec: ModelSpec) -> tuple[Any, float, float]:
         from cortexbench.images.dataset import decode, preprocess, read_bytes
 
         path = Path(self.spec.images[image_idx % len(self.spec.images)])
@@ -355,9 +378,12 @@ class ModelWorker:
             drop_page_cache(path)
         data = read_bytes(path)
         t1 = self.clock()
-        x = preprocess(decode(data, path), spec)[None]
-        with self._lock:
+        with self._lock:  # read, whether it decodes or not
             self._image_bytes += len(data)
+        if self._decoder is not None:
+            x = self._decoder(data, path, spec)  # on the worker's GPU, a device tensor (1, *input_shape)
+        else:
+            x = preprocess(decode(data, path), spec)[None]
         return x, t1, self.clock()
 
     def _acquire(self, spec: ModelSpec, now: float) -> tuple[LoadedModel, _Resident | None, int, float,

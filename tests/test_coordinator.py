@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 from cortexbench import coordinator
 from cortexbench.config import Config, StreamConfig
 from cortexbench.coordinator import StreamPlan, StreamRun
+from cortexbench.errors import ConfigError
 from cortexbench.live import LiveView
 from cortexbench.schedule import make_schedule
 from cortexbench.worker import WorkerSpec
@@ -144,3 +146,21 @@ def test_fp16_without_gpu_workers_is_refused_before_anything_starts(monkeypatch,
                  img_dir=tmp_path / "i")
     with pytest.raises(DeviceError, match="onnxruntime backend runs fp32 only"):
         coordinator.plan_stream(cfg, {"CPU": 2.0, "GPU": 1.0})
+
+
+@pytest.mark.parametrize(("inputs", "gpus", "backend", "expect"), [
+    ("pool", 0, "auto", "add --inputs jpeg"),
+    ("jpeg", 0, "auto", "needs GPU workers with the torch backend (this run: CPU workers"),
+    ("jpeg", 1, "onnxruntime", "needs GPU workers with the torch backend (this run: GPU workers, onnxruntime)"),
+])
+def test_gpu_decoding_is_refused_where_it_cannot_run_before_anything_starts(monkeypatch, tmp_path, inputs, gpus,
+                                                                            backend, expect):
+    def no(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("started something before checking --decode")
+
+    monkeypatch.setattr(coordinator, "ensure_models", no)
+    monkeypatch.setattr(coordinator, "ensure_images", no)
+    cfg = Config(models=MODELS, gpu_num=gpus, backend=backend, model_dir=tmp_path / "m", img_dir=tmp_path / "i",
+                 stream=StreamConfig(inputs=inputs, decode="gpu"))
+    with pytest.raises(ConfigError, match=re.escape(expect)):
+        coordinator.plan_stream(cfg, {"CPU": 2.0, "GPU": float(gpus)})

@@ -123,6 +123,8 @@ BAD = {
     "gpus": ("--gpus", "3"),
     "corrupt-model": ("--model-dir", "{corrupt}"),
     "fp16-on-cpu": ("--precision", "fp16"),
+    "inputs": ("--inputs", "bmp"),
+    "decode-gpu-pool": ("--decode", "gpu"),
 }
 EXPECT = {
     "unknown-model": "resnet9000",
@@ -132,6 +134,8 @@ EXPECT = {
     "gpus": "--gpus 3",
     "corrupt-model": "digits_cnn",
     "fp16-on-cpu": "'precision' fp16 needs GPU workers",
+    "inputs": "'bmp'",
+    "decode-gpu-pool": "--decode gpu decodes JPEG inputs: add --inputs jpeg",
 }
 
 

@@ -62,9 +62,9 @@ class CountingBackend:
 
 
 def _worker(model_dir: Path, images: list[Path], models: tuple[str, ...] = MODELS, lanes: int = 1,
-            backend: Any = None) -> ModelWorker:
+            backend: Any = None, inputs: str = "pool") -> ModelWorker:
     spec = WorkerSpec(name="w0", device="cpu", backend="mxnet", model_dir=str(model_dir), models=models,
-                      images=tuple(str(p) for p in images), lanes=lanes, image_pool=8)
+                      images=tuple(str(p) for p in images), lanes=lanes, image_pool=8, inputs=inputs)
     return ModelWorker(spec, backend=backend)
 
 
@@ -181,6 +181,39 @@ def test_an_undecodable_image_is_an_input_error_not_an_exception(model_dir, imag
         res = w.run(RequestGroup.of([0, 1, 2], [1, 1, 1], [0, 2, 1]))
         assert res.rows[:, 1].tolist() == [OK, INPUT_ERROR, OK]
         assert set(res.errors) == {1} and "bad.jpg" in res.errors[1]
+    finally:
+        w.close()
+
+
+@pytest.mark.parametrize("mode", ["cached", "lru:1", "swap"])
+def test_jpeg_inputs_read_and_decode_every_image_in_every_mode(model_dir, images, tmp_path, mode):
+    """--inputs jpeg: each image's file is read and decoded for that image (no pool), timed as input and
+    decode; a corrupt file fails its images with input_error and the others go on."""
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(images[0].read_bytes()[:200])  # a JPEG cut short
+    files = [*images[:3], bad]
+    w = _worker(model_dir, files, inputs="jpeg", lanes=2)
+    try:
+        w.set_mode(mode)
+        m, i = _sequence(24, len(MODELS))
+        res = w.run(_group(m, i))
+        broken = [k % len(files) == 3 for k in i]
+        assert res.rows[:, 1].tolist() == [INPUT_ERROR if b else OK for b in broken]
+        assert all("bad.jpg" in msg for msg in res.errors.values()) and len(res.errors) == sum(broken)
+        ok = ~np.array(broken)
+        decode_s = res.rows[ok, 3 + WORKER_STAGES.index("decode")]
+        # cached decodes before it runs; a load (or a wait for another lane's load of the same model) hides
+        # the decode it overlaps: only what it left visible counts
+        assert (decode_s > 0).all() if mode == "cached" else (decode_s >= 0).all()
+        assert w.state().image_bytes_read == sum(files[k % len(files)].stat().st_size for k in i)
+        assert res.rows[:, -3].tolist() == [k % len(files) for k in i]  # the input file each image ran
+        ref = _worker(model_dir, images[:3])  # the same images from the decoded pool answer alike
+        try:
+            ref.set_mode("cached")
+            want = ref.run(_group(m[ok], np.array([k % len(files) for k in i[ok]])))
+            assert np.array_equal(want.rows[:, -2], res.rows[ok, -2])  # top-1
+        finally:
+            ref.close()
     finally:
         w.close()
 

@@ -91,10 +91,9 @@ def _bad(path: Path | str, why: str) -> ImageDecodeError:
     return ImageDecodeError(f"image {path or '<bytes>'} does not decode: {why}; delete or replace the file")
 
 
-def decode(data: bytes, path: Path | str = "") -> np.ndarray:
-    """Decode JPEG/PNG bytes to a BGR uint8 H x W x 3 array; ImageDecodeError naming ``path`` on failure.
-
-    A JPEG or PNG cut short is refused even where libjpeg would fill in the missing rows with grey."""
+def check_encoded(data: bytes, path: Path | str = "") -> bool:
+    """Refuse (ImageDecodeError) empty files and a JPEG or PNG cut short, even where a decoder would fill
+    in the missing rows with grey; True for a JPEG."""
     if not data:
         raise _bad(path, "the file is empty")
     if data.startswith(_JPEG_SOI):
@@ -103,8 +102,16 @@ def decode(data: bytes, path: Path | str = "") -> np.ndarray:
         eoi = data.rfind(_JPEG_EOI)
         if eoi < 0 or data.find(_JPEG_SOS, eoi) >= 0:
             raise _bad(path, "truncated JPEG (no end-of-image marker after the last scan)")
-    elif data.startswith(_PNG_SIG) and data.rfind(b"IEND") < 0:
+        return True
+    if data.startswith(_PNG_SIG) and data.rfind(b"IEND") < 0:
         raise _bad(path, "truncated PNG (no IEND chunk)")
+    return False
+
+
+def decode(data: bytes, path: Path | str = "") -> np.ndarray:
+    """Decode JPEG/PNG bytes to a BGR uint8 H x W x 3 array; ImageDecodeError naming ``path`` on failure
+    (``check_encoded`` first)."""
+    check_encoded(data, path)
     try:
         img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     except cv2.error as e:
@@ -147,13 +154,26 @@ def _plan(kind: str, shape: tuple[int, ...]) -> _Plan:
     raise DatasetError(f"unknown input kind '{kind}' (rgb, gray, flat or features)")
 
 
+def rgb_crop(h: int, w: int, spec: ModelSpec) -> tuple[int, int, int, int, tuple[float, ...], tuple[float, ...]]:
+    """For an 'rgb' model and an h x w image: the centre crop (y0, x0, height, width) that preprocessing
+    resizes to the input, and the per-channel (RGB) scale and shift after it (GPU decoders use this)."""
+    plan = _plan(spec.input_kind, tuple(spec.input_shape))
+    _, oh, ow = plan.shape
+    y0, x0, ch, cw = _centre(h, w, oh, ow, plan.short / min(h, w))
+    return y0, x0, ch, cw, plan.scale, plan.shift
+
+
+def _centre(h: int, w: int, out_h: int, out_w: int, scale: float) -> tuple[int, int, int, int]:
+    ch = min(h, max(1, round(out_h / scale)))
+    cw = min(w, max(1, round(out_w / scale)))
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
 def _crop_resize(img: np.ndarray, out_h: int, out_w: int, scale: float, gray: bool = False) -> np.ndarray:
     """The centre region of ``img`` that, scaled by ``scale``, is out_h x out_w; resized to that size (and
     made grayscale first when ``gray``: one channel is cheaper to resize)."""
     h, w = img.shape[:2]
-    ch = min(h, max(1, round(out_h / scale)))
-    cw = min(w, max(1, round(out_w / scale)))
-    y0, x0 = (h - ch) // 2, (w - cw) // 2
+    y0, x0, ch, cw = _centre(h, w, out_h, out_w, scale)
     crop = img[y0:y0 + ch, x0:x0 + cw]
     if gray:
         crop = cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY)

@@ -262,6 +262,8 @@ def _header_lines(results: Mapping[str, Any]) -> list[str]:
         f"- {_int(run.get('images'))} images ({_int(run.get('warmup'))} warm-up, not counted), one random model "
         f"each at batch size 1, popularity {run.get('popularity', MISSING)}; {loop}",
         f"- models: {', '.join(map(str, models)) or MISSING}",
+        *([f"- inputs: every image's JPEG read and decoded for it, on the {str(run.get('decode', 'cpu')).upper()} "
+           "(`--inputs jpeg`)"] if run.get("inputs") == "jpeg" else []),
         f"- balancer {run.get('balancer', MISSING)}, dispatch {run.get('dispatch', MISSING)}, "
         f"{run.get('drivers', MISSING)} driver(s)"
         + (f"; metrics were served on port {run['metrics_port']}" if run.get("metrics_port") else ""),
