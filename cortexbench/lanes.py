@@ -33,6 +33,8 @@ from cortexbench.protocol import (
 )
 
 ProcessFn = Callable[[int, int, float, int, list], "str | None"]
+BeginFn = Callable[[int, int, float, list], Any]
+EndFn = Callable[[Any, list], "str | None"]
 
 
 class Lanes:
@@ -46,6 +48,9 @@ class Lanes:
         self.counters = counters
         self.clock = clock
         self.caller_runs = True  # a caller's thread may run images itself
+        # (begin, end): the launched path.  A group runs on one thread: ``begin`` queues each image without
+        # waiting (the worker spreads them over the lanes' streams), then ``end`` collects each answer.
+        self.pipeline: tuple[BeginFn, EndFn] | None = None
         self.inflight = 0
         self._lock = threading.Lock()
         self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -58,10 +63,11 @@ class Lanes:
             t.start()
 
     def submit(self, group: RequestGroup, arrived_s: float | None = None) -> Future[ResultGroup]:
-        """Share the group's images out over lanes; the future completes when all are done.
-        Never blocks the caller (suits an event loop)."""
+        """Share the group's images out over lanes (one lane thread runs it on the launched path); the
+        future completes when all are done.  Never blocks the caller (suits an event loop)."""
         arrived = self.clock() if arrived_s is None else arrived_s
-        job = _Job(group.rows.tolist(), arrived, self, min(len(group), self.n), Future(), False)
+        lanes = 1 if self.pipeline is not None else min(len(group), self.n)
+        job = _Job(group.rows.tolist(), arrived, self, lanes, Future(), False)
         for _ in range(job.lanes_left):
             self._jobs.put(job)
         if not job.lanes_left:  # an empty group
@@ -77,7 +83,8 @@ class Lanes:
         """``run`` on the wire form.  One image with a lane free and nothing waiting for one (every call at
         low load) runs straight on the calling thread, with no job."""
         arrived = self.clock()
-        if len(data) == ONE_REQUEST.size and self.caller_runs and not self._waiters and self._jobs.empty():
+        if len(data) == ONE_REQUEST.size and self.pipeline is None and self.caller_runs and not self._waiters \
+                and self._jobs.empty():
             try:
                 lane = self._free.get_nowait()
             except queue.Empty:
@@ -91,6 +98,13 @@ class Lanes:
         if not items:
             job = _Job(items, arrived, self, 0, None, wire)
             job.lane_done()
+            return job.result  # type: ignore[return-value]
+        if self.pipeline is not None:  # the calling thread queues every image, then collects them
+            job = _Job(items, arrived, self, 1, None, wire)
+            try:
+                job.work(0)
+            finally:
+                job.lane_done()
             return job.result  # type: ignore[return-value]
         lane: int | None = None
         if self.caller_runs and not self._waiters and self._jobs.empty():
@@ -216,6 +230,15 @@ class _Job:
 
     def work(self, lane: int) -> None:
         items, out, n = self.items, self.out, len(self.items)
+        pipeline = self.owner.pipeline
+        if pipeline is not None:
+            begin, end = pipeline
+            begun = [(i, begin(items[i][1], items[i][2], self.arrived, out[i])) for i in range(n)]
+            for i, b in begun:
+                msg = end(b, out[i])
+                if msg is not None:
+                    self.errors[i] = msg
+            return
         process, arrived, nxt = self.owner.process, self.arrived, self.next
         while (i := next(nxt)) < n:
             _, model_idx, image_idx = items[i]

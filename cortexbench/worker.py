@@ -37,6 +37,7 @@ as in a serving process that has run each model before, and the report says so.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
@@ -95,6 +96,9 @@ LOADING_SWITCH_S = float(os.environ.get("CORTEXBENCH_SWITCH_INTERVAL_S", "0.0005
 CACHED_SWITCH_S = float(os.environ.get("CORTEXBENCH_CACHED_SWITCH_INTERVAL_S", str(_DEFAULT_SWITCH_S)))
 # cold: read and decode the image while the model loads (a tuning knob for bench/cold.py's A/B runs)
 INPUT_OVERLAP = os.environ.get("CORTEXBENCH_INPUT_OVERLAP", "1") != "0"
+# cached on a GPU: launch a group's images back to back and collect them (0: one lane thread per image,
+# each waiting for its own; bench/gpu.py's A/B)
+LAUNCH = os.environ.get("CORTEXBENCH_LAUNCH", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,7 @@ class ModelWorker:
         self._inputs_in_memory = False
         self._overlap_inputs = False  # the image is read and decoded on an input thread while its model loads
         self._decoder: Callable[[bytes, Path, ModelSpec], Any] | None = None  # --decode gpu
+        self._turn = itertools.count()  # the launched path: images take the lanes' streams in turn
         self._loader: ModelLoader | None = None
         self._input_threads: ThreadPoolExecutor | None = None  # cold: images read while their model loads
         self.lanes = Lanes(max(1, spec.lanes), spec.name, self.process, self._counters, clock)
@@ -186,6 +191,7 @@ class ModelWorker:
                                  "decoder; use --decode cpu")
             self._decoder = make(self.spec.device)
         self.lanes.caller_runs = kind == "cached"
+        self.lanes.pipeline = None
         # Loads are I/O threads handing chunks on: with Python's default 5 ms GIL switch interval a reader
         # back from the kernel waits behind the lanes' inference (measured on an H200: cold at 16 in flight
         # 32 images/s at 5 ms, 48 at 0.5 ms).  A process-wide setting: this worker process is ours.
@@ -212,6 +218,10 @@ class ModelWorker:
             self._warm_lanes()
         else:
             self._warm_loader()
+        resident = [r.model for r in self._resident.values()]
+        launched = kind == "cached" and LAUNCH and bool(resident) and all(
+            getattr(m, "launches", False) for m in resident)
+        self.lanes.pipeline = (self.begin, self.end) if launched else None
         self._loads = self._hits = self._misses = 0
         self._model_bytes = self._image_bytes = 0
         self._memory_at = -math.inf  # read the memory in use afresh with the next group
@@ -357,18 +367,67 @@ class ModelWorker:
             out[TOP1] = float(first.argmax())
             out[CHECKSUM] = float(first.sum(dtype=np.float64))
             return None
-        except ImageDecodeError as e:
-            out[1] = INPUT_ERROR
-            return str(e)
-        except (ModelFileError, ModelNotFoundError) as e:
-            out[1] = MODEL_ERROR
-            return str(e)
-        except UsageError as e:
-            out[1] = MODEL_ERROR
-            return str(e)
-        except Exception as e:  # a framework error: counted, the worker keeps going
-            out[1] = ERROR
-            return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+        except Exception as e:
+            return _failed(e, out)
+
+    # --- the launched path (cached on a GPU): a group's images queued back to back, then collected ----
+
+    def begin(self, model_idx: int, image_idx: int, arrived: float, out: list[float]) -> Any:
+        """Queue one image (``Lanes.pipeline``): its input, its model, then ``launch`` on the next lane's
+        stream in turn.  Returns what ``end`` takes (an error message once the image has failed)."""
+        t0 = self.clock()
+        out[STAGE0 + QUEUE] = t0 - arrived
+        spec = self.specs[model_idx]
+        try:
+            out[STAGE0 + INPUT] = out[STAGE0 + DECODE] = 0.0
+            if self._inputs_in_memory:
+                pool = self._pool[spec.input_shape]
+                k = image_idx % len(pool)
+                x = pool[k:k + 1]
+                out[INPUT_IDX] = self._pool_files[spec.input_shape][k]
+                start = t0
+            else:
+                out[INPUT_IDX] = image_idx % len(self.spec.images)
+                x, t1, start = self._read_input(image_idx, spec)
+                out[STAGE0 + INPUT], out[STAGE0 + DECODE] = t1 - t0, start - t1
+            model, res, hit, t3, times = self._acquire(spec, start)
+            out[2] = hit
+            try:
+                pending = model.launch(x, next(self._turn) % self.lanes.n)  # type: ignore[attr-defined]
+            except BaseException:
+                self._release_model(model, res)
+                raise
+        except Exception as e:
+            return _failed(e, out)
+        return pending, model, res, start, t3, times
+
+    def end(self, begun: Any, out: list[float]) -> str | None:
+        """Wait for an image ``begin`` queued and fill in its row; returns an error message or None.
+        ``infer`` runs from the launch to the answer on the host (it includes the wait behind the images
+        queued before it on the same stream)."""
+        if isinstance(begun, str):
+            return begun
+        pending, model, res, start, t3, times = begun
+        try:
+            y = pending.result()
+        except Exception as e:
+            return _failed(e, out)
+        finally:
+            self._release_model(model, res)
+        t4 = self.clock()
+        out[1] = OK
+        if times is None:
+            out[STAGE0 + WAIT] = t3 - start
+            out[STAGE0 + READ] = out[STAGE0 + BUILD] = out[STAGE0 + COPY] = 0.0
+        else:
+            out[STAGE0 + READ], out[STAGE0 + BUILD], out[STAGE0 + COPY] = times.read_s, times.build_s, times.copy_s
+            out[STAGE0 + WAIT] = max(0.0, t3 - start - times.read_s - times.build_s - times.copy_s)
+        out[STAGE0 + INFER] = t4 - t3
+        out[STAGE0 + FREE] = 0.0
+        first = y[0]
+        out[TOP1] = float(first.argmax())
+        out[CHECKSUM] = float(first.sum(dtype=np.float64))
+        return None
 
     def _read_input(self, image_idx: int, spec: ModelSpec) -> tuple[Any, float, float]:
         from cortexbench.images.dataset import decode, preprocess, read_bytes
@@ -477,3 +536,15 @@ class ModelWorker:
             self._input_threads.shutdown(wait=True)
             self._input_threads = None
         self.lanes.close()
+
+
+def _failed(e: Exception, out: list[float]) -> str:
+    """An image's failure: its outcome in ``out`` by kind, and the message."""
+    if isinstance(e, ImageDecodeError):
+        out[1] = INPUT_ERROR
+        return str(e)
+    if isinstance(e, (ModelFileError, ModelNotFoundError, UsageError)):
+        out[1] = MODEL_ERROR
+        return str(e)
+    out[1] = ERROR  # a framework error: counted, the worker keeps going
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"

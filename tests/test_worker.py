@@ -61,6 +61,39 @@ class CountingBackend:
         return model
 
 
+class _Deferred:
+    """A launched inference: the model runs when the answer is asked for, as a GPU's queued work
+    finishes after ``launch`` has returned."""
+
+    def __init__(self, model: Any, x: Any, lane: int, log: list[str]) -> None:
+        self.model, self.x, self.lane, self.log = model, x, lane, log
+
+    def result(self) -> np.ndarray:
+        self.log.append("result")
+        return self.model.predict(self.x, self.lane)
+
+
+class LaunchingBackend(CountingBackend):
+    """The real backend whose models can ``launch`` (a fake of the torch GPU path's queue-then-collect,
+    which needs a GPU; bench/gpu.py runs the real one): the worker then runs cached groups on the
+    launched path."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.log: list[str] = []
+
+    def _counted(self, spec: Any, model: Any) -> Any:
+        model = super()._counted(spec, model)
+        model.launches = True
+
+        def launch(x: Any, lane: int = 0) -> _Deferred:
+            self.log.append(f"launch {lane}")
+            return _Deferred(model, x, lane, self.log)
+
+        model.launch = launch
+        return model
+
+
 def _worker(model_dir: Path, images: list[Path], models: tuple[str, ...] = MODELS, lanes: int = 1,
             backend: Any = None, inputs: str = "pool") -> ModelWorker:
     spec = WorkerSpec(name="w0", device="cpu", backend="mxnet", model_dir=str(model_dir), models=models,
@@ -216,6 +249,39 @@ def test_jpeg_inputs_read_and_decode_every_image_in_every_mode(model_dir, images
             ref.close()
     finally:
         w.close()
+
+
+@pytest.mark.parametrize("inputs", ["pool", "jpeg"])
+def test_cached_groups_of_launching_models_are_queued_first_then_collected_with_the_same_answers(
+        model_dir, images, tmp_path, inputs):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 not a jpeg")
+    files = [*images[:3], bad] if inputs == "jpeg" else images
+    backend = LaunchingBackend(get_backend("mxnet"))
+    w = _worker(model_dir, files, lanes=3, backend=backend, inputs=inputs)
+    ref = _worker(model_dir, files, lanes=3, inputs=inputs)
+    try:
+        w.set_mode("cached")
+        ref.set_mode("cached")
+        assert w.lanes.pipeline is not None and ref.lanes.pipeline is None
+        m, i = _sequence(12, len(MODELS))
+        backend.log.clear()
+        res = w.run(_group(m, i))
+        n_ok = 12 - len(res.errors)  # an image that does not decode fails before its launch
+        assert backend.log == [f"launch {k % 3}" for k in range(n_ok)] + ["result"] * n_ok
+        want = ref.run(_group(m, i))
+        cols = [0, 1, 2, -3, -2, -1]
+        assert np.array_equal(res.rows[:, cols], want.rows[:, cols], equal_nan=True)
+        assert res.errors == want.errors
+        ok = res.rows[:, 1] == OK
+        assert ok.sum() == (12 if inputs == "pool" else sum(k % 4 != 3 for k in i))
+        assert (res.rows[ok, 3 + WORKER_STAGES.index("infer")] > 0).all()
+        assert all(r.users == 0 for r in w._resident.values())  # every model given back
+        assert w.state().hits_total == 12 - (0 if inputs == "pool" else 12 - int(ok.sum()))
+    finally:
+        w.close()
+        ref.close()
+    assert not backend.live
 
 
 @pytest.mark.parametrize("damage", ["missing", "corrupt"])

@@ -379,3 +379,39 @@ def test_builds_in_parallel_threads_get_their_own_seeds():
     for t in threads:
         t.join()
     assert all(torch.equal(got[s], expected[s]) for s in range(4))
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_launches_queued_back_to_back_answer_as_predict_does(exported):
+    """Many launches queued on 4 lanes from 3 threads before any is collected: each answer equals the
+    model's own predict of that input (pinned buffers are not reused before their answer is read)."""
+    e = exported("mnist_cnn")
+    model = BACKEND.load(e.spec, e.model_dir, "gpu:0", LoadOptions(lanes=4, cuda_graphs=True))
+    assert model.launches
+    inputs = [_input(e.spec, 1, seed) for seed in range(24)]
+    expected = [model.predict(x) for x in inputs]
+    got: dict[int, np.ndarray] = {}
+
+    def run(t: int) -> None:
+        mine = list(range(t, 24, 3))
+        pending = [(k, model.launch(inputs[k], k % 4)) for k in mine]
+        for k, p in pending:
+            got[k] = p.result()
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in range(24):
+        np.testing.assert_array_equal(got[k], expected[k])
+    model.close()
+
+
+def test_on_the_cpu_launch_runs_at_once_and_the_worker_keeps_its_lane_threads(exported):
+    e = exported("mnist_cnn")
+    model = BACKEND.load(e.spec, e.model_dir, "cpu", LoadOptions(lanes=2, cuda_graphs=True))
+    assert not model.launches  # a worker runs cached CPU images on its lane threads, not launched
+    np.testing.assert_array_equal(model.launch(e.x, 1).result(), model.predict(e.x, 1))
+    model.close()

@@ -94,6 +94,23 @@ class LoadedModel(Protocol):
         ...
 
 
+class Pending(Protocol):
+    """An inference queued on a device (``launch``); ``result`` waits for it and returns what ``predict``
+    would have."""
+
+    def result(self) -> np.ndarray:
+        ...
+
+
+@runtime_checkable
+class Launchable(Protocol):
+    """A model that can queue inferences without waiting for them (torch with CUDA graphs on a GPU): a
+    worker launches a group's images back to back on several streams, then collects the answers."""
+
+    def launch(self, batch: Any, lane: int = 0) -> Pending:
+        ...
+
+
 @runtime_checkable
 class Backend(Protocol):
     """One framework: MXNet, torch or ONNX Runtime."""

@@ -163,12 +163,32 @@ class _Slot:
     host_out: torch.Tensor  # pinned
     graph: Any = None  # torch.cuda.CUDAGraph once captured
     static_out: torch.Tensor | None = None
+    spare: list = field(default_factory=list)  # launch: free (pinned in, pinned out, event) triples
 
 
 @dataclass
 class _Lane:
     stream: Any  # torch.cuda.Stream, or None on the CPU
     slots: dict[int, _Slot] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # launches on this stream, one at a time
+
+
+class _Launched:
+    """An image queued on a lane's stream (``TorchModel.launch``): its pinned buffers and the event after
+    its output copy.  ``result`` waits for the event (without the GIL), returns the logits and gives the
+    buffers back to the slot's free list."""
+
+    __slots__ = ("bufs", "free")
+
+    def __init__(self, bufs: tuple[torch.Tensor, torch.Tensor, Any], free: list) -> None:
+        self.bufs, self.free = bufs, free
+
+    def result(self) -> np.ndarray:
+        _, host_out, event = self.bufs
+        event.synchronize()
+        y = host_out.numpy().copy()
+        self.free.append(self.bufs)  # list.append is atomic under the GIL
+        return y
 
 
 @dataclass
@@ -182,6 +202,18 @@ class BoundGraph:
     dev_in: torch.Tensor
     static_out: torch.Tensor
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class _Done:
+    """A launch that already ran (no graphs, or the CPU)."""
+
+    __slots__ = ("y",)
+
+    def __init__(self, y: np.ndarray) -> None:
+        self.y = y
+
+    def result(self) -> np.ndarray:
+        return self.y
 
 
 def run_net(net: nn.Module, x: torch.Tensor, fp16: bool) -> torch.Tensor:
@@ -225,6 +257,7 @@ class TorchModel:
         kind, index = parse_device(device)
         self._cuda = torch.device("cuda", index) if kind == "gpu" else None
         self._graphs = bool(options.cuda_graphs and self._cuda is not None)
+        self.launches = self._graphs  # ``launch`` queues without waiting (else it runs ``predict``)
         self._shared_lanes = lanes is not None
         self._lanes = lanes if lanes is not None else make_lanes(self._cuda, options.lanes)
         self._on_close = on_close
@@ -281,7 +314,7 @@ class TorchModel:
             finally:
                 bound.lock.release()
             return slot.host_out.numpy().copy()
-        with torch.cuda.device(self._cuda), torch.cuda.stream(state.stream):
+        with state.lock, torch.cuda.device(self._cuda), torch.cuda.stream(state.stream):
             slot.dev_in.copy_(src, non_blocking=True)
             if graphs:
                 if slot.graph is None:
@@ -294,6 +327,39 @@ class TorchModel:
             slot.host_out.copy_(out, non_blocking=True)
         state.stream.synchronize()
         return slot.host_out.numpy().copy()
+
+    def launch(self, batch: Any, lane: int = 0) -> Any:
+        """Queue one batch on lane ``lane``'s stream and return at once: a ``_Launched`` whose ``result``
+        waits for it.  On a GPU with CUDA graphs (the cached serving path): the input is copied into a
+        pinned buffer of its own, then the copy in, the graph and the copy out are queued back to back,
+        with an event after them, so one thread can keep several streams busy and nothing waits per image
+        until its answer is wanted.  Elsewhere it runs ``predict`` and returns the finished result."""
+        if not self._graphs:
+            return _Done(self.predict(batch, lane))
+        self.net  # noqa: B018 - raises once closed
+        x = self._input(batch)
+        state = self._lanes[lane]
+        key = (len(x), self.spec.input_shape, self.spec.num_classes)
+        slot = state.slots.get(key) or self._new_slot(state, key)
+        try:
+            bufs = slot.spare.pop()
+        except IndexError:
+            bufs = (torch.empty(slot.host_in.shape, dtype=torch.float32, pin_memory=True),
+                    torch.empty(slot.host_out.shape, dtype=torch.float32, pin_memory=True), torch.cuda.Event())
+        host_in, host_out, event = bufs
+        if isinstance(x, torch.Tensor):
+            src = x
+        else:
+            np.copyto(host_in.numpy(), x)
+            src = host_in
+        with state.lock, torch.cuda.device(self._cuda), torch.cuda.stream(state.stream):
+            if slot.graph is None:
+                self._capture(state, slot)
+            slot.dev_in.copy_(src, non_blocking=True)
+            slot.graph.replay()
+            host_out.copy_(slot.static_out, non_blocking=True)
+            event.record()
+        return _Launched(bufs, slot.spare)
 
     def _new_slot(self, state: _Lane, key: tuple[Any, ...]) -> _Slot:
         n = key[0]
