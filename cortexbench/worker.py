@@ -5,7 +5,11 @@ A plain class, testable without Ray; ``cortexbench.cluster`` wraps it in a Ray a
 Requests travel in groups (``protocol.RequestGroup``) so that one Ray call can carry several images;
 each image is still run on its own at batch size 1 and timed on its own.  A worker has ``lanes`` lanes
 (``lanes.Lanes``: one CUDA stream each on a GPU, a thread per lane); the images of a group are shared out
-over free lanes, so several images are in flight at once, each through ``process``.
+over free lanes, so several images are in flight at once, each through ``process``.  Cached models that
+can queue work without waiting (torch with CUDA graphs on a GPU) take the launched path instead: the
+calling thread queues each image of the group on the next lane's stream (``begin``), then collects the
+answers (``end``), so the GPU is fed by a few threads that never wait per image.  Its inputs are
+``inputs.WorkerInputs``, its models ``resident.ResidentModels``.
 
 Per image the worker measures (``ledger.WORKER_STAGES``):
 
@@ -16,7 +20,8 @@ Per image the worker measures (``ledger.WORKER_STAGES``):
   another lane that is loading the same model (LRU);
 - ``read``, ``build``, ``copy``: a miss's load (``models.backends.base.LoadTimes``): the model's bytes from
   disk (0 from host memory), its structure, and the copy to the device;
-- ``infer``: ``predict`` at batch size 1, host-to-device copy and synchronisation included;
+- ``infer``: ``predict`` at batch size 1, host-to-device copy and synchronisation included (launched: from
+  the launch to the answer on the host, the wait behind images queued before it on its stream included);
 - ``free``: freeing the model after use (cold, swap) or freeing evicted models (LRU).
 
 It also says which input file each image ran on and the model's top-1 class and logit sum, so that the
@@ -26,9 +31,8 @@ Modes (see ``residency``): ``cached`` loads every model and decodes an in-memory
 the run; ``swap`` holds every model's weights in host memory and loads them onto the device for every
 image; ``cold`` reads the model file and the image file from disk for every image; both free the model
 afterwards and load through the backend's ``ModelLoader``, one load at a time.  ``lru:K`` keeps at most K
-models loaded.  Every mode but cold takes inputs from an in-memory pool, so that it measures model
-residency alone: ``image_pool`` decoded images per input shape; image ``i`` uses pool entry
-``i % len(pool)`` (a pool of 100K decoded 224x224 inputs would need 60 GB).
+models loaded.  Every mode but cold takes inputs from an in-memory pool unless ``--inputs jpeg`` (see
+``inputs``), so that it measures model residency alone.
 
 In the modes that load on demand (swap, cold, lru:K) images run on the lane threads only (never on a
 caller's thread): per-thread framework state (cuDNN's plans) is then warmed once per lane before the run,
@@ -41,10 +45,9 @@ import itertools
 import math
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,18 +55,10 @@ from typing import Any
 import numpy as np
 
 from cortexbench.errors import ImageDecodeError, ModelFileError, ModelNotFoundError, UsageError
+from cortexbench.inputs import WorkerInputs
 from cortexbench.lanes import Lanes
 from cortexbench.machine import device_memory_bytes, host_memory_bytes
-from cortexbench.models.backends.base import (
-    Backend,
-    BlobLoader,
-    LoadedModel,
-    LoadOptions,
-    LoadTimes,
-    ModelLoader,
-    drop_page_cache,
-    files_size,
-)
+from cortexbench.models.backends.base import Backend, LoadOptions, LoadTimes, files_size
 from cortexbench.models.registry import ModelSpec, get_spec
 from cortexbench.protocol import (
     BUILD,
@@ -87,15 +82,13 @@ from cortexbench.protocol import (
     ResultGroup,
     WorkerState,
 )
-from cortexbench.residency import Mode, Residency, make_residency, parse_mode
+from cortexbench.residency import Mode, Residency, parse_mode
+from cortexbench.resident import ResidentModels
 
 MEMORY_REFRESH_S = 0.25  # WorkerState.memory_bytes is read again at most this often (a /proc read costs ~20 us)
-_NAN = float("nan")
 _DEFAULT_SWITCH_S = sys.getswitchinterval()
 LOADING_SWITCH_S = float(os.environ.get("CORTEXBENCH_SWITCH_INTERVAL_S", "0.0005"))
 CACHED_SWITCH_S = float(os.environ.get("CORTEXBENCH_CACHED_SWITCH_INTERVAL_S", str(_DEFAULT_SWITCH_S)))
-# cold: read and decode the image while the model loads (a tuning knob for bench/cold.py's A/B runs)
-INPUT_OVERLAP = os.environ.get("CORTEXBENCH_INPUT_OVERLAP", "1") != "0"
 # cached on a GPU: launch a group's images back to back and collect them (0: one lane thread per image,
 # each waiting for its own; bench/gpu.py's A/B)
 LAUNCH = os.environ.get("CORTEXBENCH_LAUNCH", "1") != "0"
@@ -121,17 +114,6 @@ class WorkerSpec:
     decode: str = "cpu"  # jpeg inputs on a GPU worker: cpu (OpenCV) or gpu (the backend's GPU decoder)
 
 
-class _Resident:
-    """A loaded model shared by lanes; freed when evicted and no lane uses it any more."""
-
-    __slots__ = ("evicted", "model", "users")
-
-    def __init__(self, model: LoadedModel) -> None:
-        self.model = model
-        self.users = 0
-        self.evicted = False
-
-
 class ModelWorker:
     """One device, its models under a residency policy, and ``lanes`` threads that run images."""
 
@@ -149,23 +131,18 @@ class ModelWorker:
         self.options = LoadOptions(precision=spec.precision, lanes=max(1, spec.lanes),  # type: ignore[arg-type]
                                    cuda_graphs=spec.cuda_graphs)
         self.mode: Mode = parse_mode("cold")
-        self.residency: Residency = make_residency(self.mode, ())
-        self._resident: dict[str, _Resident] = {}
-        self._loading: dict[str, threading.Lock] = {m: threading.Lock() for m in spec.models}
-        self._lock = threading.Lock()
-        self._pool: dict[tuple[int, ...], np.ndarray] = {}
-        self._pool_files: dict[tuple[int, ...], list[int]] = {}  # pool entry -> index of its image file
-        self._inputs_in_memory = False
-        self._overlap_inputs = False  # the image is read and decoded on an input thread while its model loads
-        self._decoder: Callable[[bytes, Path, ModelSpec], Any] | None = None  # --decode gpu
+        self.models = ResidentModels(spec.models, backend, self.model_dir, spec.device, self.options, clock)
+        self.inputs = WorkerInputs(spec.images, pool_size=spec.image_pool, inputs=spec.inputs, decode=spec.decode,
+                                   device=spec.device, backend=backend, threads=self.options.lanes, name=spec.name,
+                                   drop_cache=spec.drop_cache, clock=clock)
         self._turn = itertools.count()  # the launched path: images take the lanes' streams in turn
-        self._loader: ModelLoader | None = None
-        self._input_threads: ThreadPoolExecutor | None = None  # cold: images read while their model loads
         self.lanes = Lanes(max(1, spec.lanes), spec.name, self.process, self._counters, clock)
-        self._loads = self._hits = self._misses = 0
-        self._model_bytes = self._image_bytes = 0
         self._memory = (-1, 0)
         self._memory_at = -math.inf
+
+    @property
+    def residency(self) -> Residency:
+        return self.models.residency
 
     # --- setup between runs (not timed) ---------------------------------------------------------
 
@@ -175,55 +152,35 @@ class ModelWorker:
         t0 = self.clock()
         self.mode = parse_mode(mode)
         kind = self.mode.kind
-        with self._lock:
-            for name in list(self._resident):
-                self._evict(name)
-        if self._loader is not None:
-            self._loader.close()
-            self._loader = None
-        self.residency = make_residency(self.mode, self.spec.models if kind == "cached" else ())
-        self._inputs_in_memory = kind != "cold" and self.spec.inputs == "pool"
-        self._overlap_inputs = not self._inputs_in_memory and kind != "cached" and INPUT_OVERLAP
-        if self.spec.decode == "gpu" and self._decoder is None:
-            make = getattr(self.backend, "gpu_decoder", None)
-            if make is None or not self.spec.device.startswith("gpu"):
-                raise UsageError(f"--decode gpu: the {self.backend.name} backend on {self.spec.device} has no GPU "
-                                 "decoder; use --decode cpu")
-            self._decoder = make(self.spec.device)
         self.lanes.caller_runs = kind == "cached"
         self.lanes.pipeline = None
         # Loads are I/O threads handing chunks on: with Python's default 5 ms GIL switch interval a reader
         # back from the kernel waits behind the lanes' inference (measured on an H200: cold at 16 in flight
         # 32 images/s at 5 ms, 48 at 0.5 ms).  A process-wide setting: this worker process is ours.
         sys.setswitchinterval(CACHED_SWITCH_S if kind == "cached" else LOADING_SWITCH_S)
-        if self._overlap_inputs and self._input_threads is None:
-            self._input_threads = ThreadPoolExecutor(self.options.lanes, thread_name_prefix=f"{self.spec.name}-input")
         t_models = self.clock()
         info: dict[str, float] = {}
-        if kind == "cached":
-            for spec in self.specs:
-                self._resident[spec.name] = _Resident(self.backend.load(spec, self.model_dir, self.spec.device,
-                                                                        self.options))
-        else:  # every model resident at once at most K (lru), or for one image (swap, cold), plus loads in flight
+        self.models.reset(self.mode, self.specs if kind == "cached" else ())
+        if kind != "cached":  # every model resident at once at most K (lru), or for one image (swap, cold), plus loads in flight
             slots = (self.mode.capacity if kind == "lru" else 0) + self.options.lanes + 1
-            self._loader = self.backend.loader(self.model_dir, self.spec.device, self.options,
-                                               "host" if kind == "swap" else "disk", drop_cache=self.spec.drop_cache,
-                                               rebuild=self.spec.cold_rebuild, slots=slots)
-            info = self._loader.prepare(self.specs)
+            loader = self.backend.loader(self.model_dir, self.spec.device, self.options,
+                                         "host" if kind == "swap" else "disk", drop_cache=self.spec.drop_cache,
+                                         rebuild=self.spec.cold_rebuild, slots=slots)
+            self.models.loader = loader
+            info = loader.prepare(self.specs)
         t_inputs = self.clock()
-        if self._inputs_in_memory and not self._pool:
-            self._fill_pool()
+        self.inputs.configure(kind, self.specs)
         t_warm = self.clock()
         if kind == "cached":
             self._warm_lanes()
         else:
             self._warm_loader()
-        resident = [r.model for r in self._resident.values()]
+        resident = [h.model for h in self.models.held.values()]
         launched = kind == "cached" and LAUNCH and bool(resident) and all(
             getattr(m, "launches", False) for m in resident)
         self.lanes.pipeline = (self.begin, self.end) if launched else None
-        self._loads = self._hits = self._misses = 0
-        self._model_bytes = self._image_bytes = 0
+        self.models.reset_counts()
+        self.inputs.reset()
         self._memory_at = -math.inf  # read the memory in use afresh with the next group
         end = self.clock()
         sizes = {f"model_bytes.{spec.name}": float(files_size(self.backend.model_files(spec, self.model_dir)))
@@ -231,28 +188,14 @@ class ModelWorker:
         return {"models_s": t_inputs - t_models, "inputs_s": t_warm - t_inputs, "warm_s": end - t_warm,
                 "total_s": end - t0, **{f"loader_{k}": float(v) for k, v in info.items()}, **sizes}
 
-    def _warm_input(self, spec: ModelSpec) -> Any:
-        """A warm-up's input: from the pool, or, when inputs are read per image, the first image read and
-        decoded as the run will (so a GPU decoder is warm too); zeros if it does not decode."""
-        if not self._inputs_in_memory and self.spec.images:
-            try:
-                return self._read_input(0, spec)[0]
-            except ImageDecodeError:
-                pass
-        return self._input_like(spec)
-
-    def _input_like(self, spec: ModelSpec) -> np.ndarray:
-        pool = self._pool.get(spec.input_shape)
-        return pool[:1] if pool is not None else np.zeros((1, *spec.input_shape), np.float32)
-
     def _warm_lanes(self) -> None:
         """Run every resident model once on every lane, from that lane's thread, so that per-thread setup
         (cuDNN tuning, CUDA graph capture) happens before the run and not inside its first images."""
-        models = [(s, r.model) for s in self.specs if (r := self._resident.get(s.name)) is not None]
+        models = [(s, h.model) for s in self.specs if (h := self.models.held.get(s.name)) is not None]
 
         def warm(lane: int) -> None:
             for spec, model in models:
-                model.predict(self._warm_input(spec), lane)
+                model.predict(self.inputs.warm(spec), lane)
 
         self.lanes.on_every_lane(warm)
 
@@ -260,7 +203,7 @@ class ModelWorker:
         """Load and run every model once on every lane through the loader (cold, swap): the process has run
         each model before, as a serving process has; its weights still come from disk or host memory for
         every image of the run.  A model that does not load is left to fail its images."""
-        loader = self._loader
+        loader = self.models.loader
         assert loader is not None
 
         def warm(lane: int) -> None:
@@ -270,25 +213,11 @@ class ModelWorker:
                 except (ModelFileError, ModelNotFoundError):
                     continue
                 try:
-                    model.predict(self._warm_input(spec), lane)
+                    model.predict(self.inputs.warm(spec), lane)
                 finally:
                     model.close()
 
         self.lanes.on_every_lane(warm)
-
-    def _fill_pool(self) -> None:
-        from cortexbench.images.dataset import load_batch
-
-        shapes = {s.input_shape: s for s in self.specs}
-        n = min(self.spec.image_pool, len(self.spec.images))
-        paths = [Path(p) for p in self.spec.images[:n]]
-        for shape, spec in shapes.items():
-            batch, bad = load_batch(paths, spec)
-            if len(batch) == 0:
-                raise ImageDecodeError(f"none of the first {n} images decodes; check img_dir")
-            self._pool[shape] = batch
-            skip = set(bad)
-            self._pool_files[shape] = [i for i, p in enumerate(paths) if p not in skip]
 
     def check(self) -> None:
         """Load every model once and decode one image: a bad file is a clear error before the run."""
@@ -324,20 +253,17 @@ class ModelWorker:
             pending: Future[tuple[np.ndarray, float, float]] | None = None
             start = t0  # when the model was asked for
             out[STAGE0 + INPUT] = out[STAGE0 + DECODE] = 0.0
-            if self._inputs_in_memory:
-                pool = self._pool[spec.input_shape]
-                k = image_idx % len(pool)
-                x = pool[k:k + 1]
-                out[INPUT_IDX] = self._pool_files[spec.input_shape][k]
-            elif self._overlap_inputs:  # the image is read and decoded while the model loads
-                out[INPUT_IDX] = image_idx % len(self.spec.images)
-                assert self._input_threads is not None
-                pending = self._input_threads.submit(self._read_input, image_idx, spec)
+            inputs = self.inputs
+            if inputs.in_memory:
+                x, out[INPUT_IDX] = inputs.pooled(spec, image_idx)
+            elif inputs.overlap:  # the image is read and decoded while the model loads
+                out[INPUT_IDX] = inputs.file_index(image_idx)
+                pending = inputs.submit(image_idx, spec)
             else:  # the image first, then the model (cached with --inputs jpeg; loads without the overlap)
-                out[INPUT_IDX] = image_idx % len(self.spec.images)
-                x, t1, start = self._read_input(image_idx, spec)
+                out[INPUT_IDX] = inputs.file_index(image_idx)
+                x, t1, start = inputs.read(image_idx, spec)
                 out[STAGE0 + INPUT], out[STAGE0 + DECODE] = t1 - t0, start - t1
-            model, res, hit, t3, times = self._acquire(spec, start)
+            model, res, hit, t3, times = self.models.acquire(spec, start)
             out[2] = hit
             try:
                 if pending is not None:
@@ -352,7 +278,7 @@ class ModelWorker:
                 y = model.predict(x, lane)
                 t4 = clock()
             finally:
-                self._release_model(model, res)
+                self.models.release(model, res)
             t5 = clock()
             out[1] = OK
             if times is None:  # ready: when the model was; the image may have been ready later (t3)
@@ -380,22 +306,20 @@ class ModelWorker:
         spec = self.specs[model_idx]
         try:
             out[STAGE0 + INPUT] = out[STAGE0 + DECODE] = 0.0
-            if self._inputs_in_memory:
-                pool = self._pool[spec.input_shape]
-                k = image_idx % len(pool)
-                x = pool[k:k + 1]
-                out[INPUT_IDX] = self._pool_files[spec.input_shape][k]
+            inputs = self.inputs
+            if inputs.in_memory:
+                x, out[INPUT_IDX] = inputs.pooled(spec, image_idx)
                 start = t0
             else:
-                out[INPUT_IDX] = image_idx % len(self.spec.images)
-                x, t1, start = self._read_input(image_idx, spec)
+                out[INPUT_IDX] = inputs.file_index(image_idx)
+                x, t1, start = inputs.read(image_idx, spec)
                 out[STAGE0 + INPUT], out[STAGE0 + DECODE] = t1 - t0, start - t1
-            model, res, hit, t3, times = self._acquire(spec, start)
+            model, res, hit, t3, times = self.models.acquire(spec, start)
             out[2] = hit
             try:
                 pending = model.launch(x, next(self._turn) % self.lanes.n)  # type: ignore[attr-defined]
             except BaseException:
-                self._release_model(model, res)
+                self.models.release(model, res)
                 raise
         except Exception as e:
             return _failed(e, out)
@@ -413,7 +337,7 @@ class ModelWorker:
         except Exception as e:
             return _failed(e, out)
         finally:
-            self._release_model(model, res)
+            self.models.release(model, res)
         t4 = self.clock()
         out[1] = OK
         if times is None:
@@ -429,90 +353,6 @@ class ModelWorker:
         out[CHECKSUM] = float(first.sum(dtype=np.float64))
         return None
 
-    def _read_input(self, image_idx: int, spec: ModelSpec) -> tuple[Any, float, float]:
-        from cortexbench.images.dataset import decode, preprocess, read_bytes
-
-        path = Path(self.spec.images[image_idx % len(self.spec.images)])
-        if self.spec.drop_cache:
-            drop_page_cache(path)
-        data = read_bytes(path)
-        t1 = self.clock()
-        with self._lock:  # read, whether it decodes or not
-            self._image_bytes += len(data)
-        if self._decoder is not None:
-            x = self._decoder(data, path, spec)  # on the worker's GPU, a device tensor (1, *input_shape)
-        else:
-            x = preprocess(decode(data, path), spec)[None]
-        return x, t1, self.clock()
-
-    def _acquire(self, spec: ModelSpec, now: float) -> tuple[LoadedModel, _Resident | None, int, float,
-                                                             LoadTimes | None]:
-        """The model to run ``spec`` with, its residency entry (None: a private copy, freed after use),
-        whether it was resident, the time it was ready, and the load's times (None for a hit)."""
-        name = spec.name
-        with self._lock:
-            access = self.residency.access(name)
-            for victim in access.evict:  # at once, so the loaded set never drifts from the policy's
-                if victim != name:
-                    self._evict(victim)
-            res = self._resident.get(name) if access.hit else None
-            if res is not None:
-                res.users += 1
-                self._hits += 1
-                return res.model, res, 1, now, None
-        if not access.keep:  # cold, swap: a private copy, loaded now, freed after use
-            times = LoadTimes()
-            model = self._load(spec, times)
-            return model, None, 0, self.clock(), times
-        with self._loading[name]:  # one lane loads; others wanting the same model wait for it
-            with self._lock:
-                res = self._resident.get(name)
-                if res is not None:
-                    res.users += 1
-                    self._hits += 1
-                    return res.model, res, 1, self.clock(), None
-            times = LoadTimes()
-            model = self._load(spec, times)
-            with self._lock:
-                res = _Resident(model)
-                res.users = 1
-                if name in self.residency.resident():
-                    self._resident[name] = res
-                else:  # another lane's miss evicted it while it loaded: use it once, then free it
-                    res.evicted = True
-        return model, res, 0, self.clock(), times
-
-    def _load(self, spec: ModelSpec, times: LoadTimes) -> LoadedModel:
-        """Load ``spec`` on demand through the mode's loader (a model loaded before the run never comes here
-        except in cached mode's misses, which load like LRU misses)."""
-        loader = self._loader
-        if loader is None:  # cached mode, a model not in the list
-            loader = self._loader = BlobLoader(self.backend, self.model_dir, self.spec.device, self.options, "disk")
-        model = loader.load(spec, times)
-        with self._lock:
-            self._loads += 1
-            self._misses += 1
-            self._model_bytes += model.size_bytes
-        return model
-
-    def _release_model(self, model: LoadedModel, res: _Resident | None) -> None:
-        if res is None:
-            model.close()
-            return
-        with self._lock:
-            res.users -= 1
-            if res.evicted and res.users == 0:
-                model.close()
-
-    def _evict(self, name: str) -> None:
-        """Called with ``self._lock`` held; the last lane still using the model frees it."""
-        res = self._resident.pop(name, None)
-        if res is None:
-            return
-        res.evicted = True
-        if res.users == 0:
-            res.model.close()
-
     def state(self) -> WorkerState:
         return WorkerState(*self._counters())
 
@@ -522,19 +362,12 @@ class ModelWorker:
         if now - self._memory_at >= MEMORY_REFRESH_S:
             self._memory = (device_memory_bytes(self.spec.device), host_memory_bytes())
             self._memory_at = now
-        return (self._loads, self._hits, self._misses, self._model_bytes, self._image_bytes, self.lanes.inflight,
-                *self._memory)
+        m = self.models
+        return (m.loads, m.hits, m.misses, m.model_bytes, self.inputs.bytes_read, self.lanes.inflight, *self._memory)
 
     def close(self) -> None:
-        with self._lock:
-            for name in list(self._resident):
-                self._evict(name)
-        if self._loader is not None:
-            self._loader.close()
-            self._loader = None
-        if self._input_threads is not None:
-            self._input_threads.shutdown(wait=True)
-            self._input_threads = None
+        self.models.close()
+        self.inputs.close()
         self.lanes.close()
 
 

@@ -276,7 +276,7 @@ def test_cached_groups_of_launching_models_are_queued_first_then_collected_with_
         ok = res.rows[:, 1] == OK
         assert ok.sum() == (12 if inputs == "pool" else sum(k % 4 != 3 for k in i))
         assert (res.rows[ok, 3 + WORKER_STAGES.index("infer")] > 0).all()
-        assert all(r.users == 0 for r in w._resident.values())  # every model given back
+        assert all(h.users == 0 for h in w.models.held.values())  # every model given back
         assert w.state().hits_total == 12 - (0 if inputs == "pool" else 12 - int(ok.sum()))
     finally:
         w.close()
@@ -406,7 +406,7 @@ def test_lru_with_several_lanes_keeps_at_most_k_models_loaded(model_dir, images)
         m, i = _sequence(120, len(MODELS), seed=7)
         res = w.run(_group(m, i))
         assert (res.rows[:, 1] == OK).all(), res.errors
-        assert set(w._resident) <= set(w.residency.resident())
+        assert set(w.models.held) <= set(w.residency.resident())
         assert len(backend.live) <= 1 + 4  # K resident, plus models still held by a lane when evicted
         hit_ratio = res.rows[:, 2].mean()
         assert hit_ratio < 0.6  # 3 models, lru:1: a replay gives about a third; far from "all hits"
