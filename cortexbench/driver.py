@@ -35,12 +35,12 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from cortexbench.balancer import Balancer, make_balancer
+from cortexbench.driver_types import DriverOptions, DriverResult, Progress
 from cortexbench.errors import WorkerError, WorkerLostError
 from cortexbench.ledger import OUTCOMES, WORKER_STAGES, Ledger
 from cortexbench.protocol import RequestGroup, ResultGroup, WorkerHandle, WorkerState
@@ -48,53 +48,6 @@ from cortexbench.schedule import Schedule
 
 WORKER_DIED, TIMEOUT, CANCELLED, ERROR = (OUTCOMES.index(n) for n in ("worker_died", "timeout", "cancelled", "error"))
 LATE_S = 1e-3
-
-
-@dataclass
-class DriverOptions:
-    mode: str
-    concurrency: int | None = 64  # closed loop when rate is None
-    max_group: int = 1
-    depth: int = 64
-    retries: int = 2
-    duration_s: float | None = None
-    drain_timeout_s: float = 10.0
-    call_timeout_s: float | None = None  # a call's images fail as 'timeout' when it is not answered by then
-    fold_interval_s: float = 0.5
-    spin_s: float = 0.001  # open loop: wake this early and yield until due (asyncio timers are ms-coarse)
-
-
-@dataclass
-class Progress:
-    """A snapshot for the live line and the metrics: counts so far and the rows since the last fold."""
-
-    mode: str
-    scheduled: int
-    sent: int
-    done: int
-    failed: int
-    elapsed_s: float
-    new_rows: Ledger
-    outstanding: list[int]
-    states: dict[str, WorkerState]
-    workers: tuple[str, ...] = ()  # names of the workers ``outstanding`` counts for, in its order
-
-
-@dataclass
-class DriverResult:
-    mode: str
-    ledger: Ledger
-    sent: int
-    not_sent: int
-    started_s: float
-    finished_s: float
-    retries: int
-    cancelled: int
-    stopped_early: bool
-    states: dict[str, WorkerState] = field(default_factory=dict)
-    worker_losses: dict[str, int] = field(default_factory=dict)
-    error: str | None = None  # why the run could not go on (every worker gone), if so
-    error_samples: dict[str, str] = field(default_factory=dict)  # outcome -> the first message of that kind
 
 
 class Driver:
