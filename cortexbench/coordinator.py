@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from cortexbench import cluster, machine
+from cortexbench import machine
 from cortexbench.config import Config
 from cortexbench.driver import Driver, drive
 from cortexbench.driver_types import DriverOptions, DriverResult, merge_results
@@ -161,7 +161,9 @@ def plan_stream(cfg: Config, resources: dict[str, float], *, quiet: bool = False
     # Calls in flight per worker: enough that the closed loop's images wait at the worker (its queue stage),
     # not in the driver's pending list, where they would count as sent late; no more than the worker actor
     # runs at once.  A compiled graph keeps a buffer per execution in flight, so it keeps a few.
-    calls = min(cluster.CALLS_PER_WORKER, max(4, math.ceil(st.concurrency / max_group)))
+    from cortexbench.cluster import CALLS_PER_WORKER
+
+    calls = min(CALLS_PER_WORKER, max(4, math.ceil(st.concurrency / max_group)))
     depth = 4 if dispatch == "compiled" else calls
     schedule = make_schedule(count=cfg.times, models=models, n_images=len(images), popularity=st.popularity,
                              weights=st.model_weights, rate=st.rate, duration_s=st.duration_s,
@@ -310,6 +312,9 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
     """
     started = time.time()
     http = cfg.stream.target is not None
+    cluster: Any = None
+    if not http:  # the HTTP target does not import Ray
+        from cortexbench import cluster
     own_ray = not http and not cluster.ray_running()
     target: Target | None = None
     server: MetricsServer | None = None
