@@ -229,9 +229,9 @@ def drive(actors: list[Any], names: list[str], *, dispatch: str, seconds: float,
     """A closed-loop stream through cortexbench's Driver, as the coordinator runs it in one process:
     images/s over the measured part, the median latency per image (done - scheduled), images per call,
     and this process's CPU seconds per image."""
-    from cortexbench.ray_handles import make_handles
     from cortexbench.driver import DriverOptions
     from cortexbench.driver import drive as drive_stream
+    from cortexbench.ray_handles import make_handles
     from cortexbench.schedule import make_schedule
 
     async def run() -> dict[str, float]:
