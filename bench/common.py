@@ -8,7 +8,7 @@ harness and Ray, not a framework.  Three kinds of measurement:
   return their argument.  The payload is 24 bytes (one image's request) as ``bytes``, the cheapest thing
   Ray can carry, so a baseline is the best bare Ray does; ``payload="numpy"`` sends the same as an int64
   array, for comparison.
-- cortexbench: ``drive`` runs a closed-loop stream through ``driver.drive`` and ``cluster.make_handles`` as the
+- cortexbench: ``drive`` runs a closed-loop stream through ``driver.drive`` and ``ray_handles.make_handles`` as the
   coordinator does in one process (its progress fold included).
 - the worker alone: ``worker_ceiling`` (a ``ModelWorker`` without Ray).
 
@@ -229,9 +229,9 @@ def drive(actors: list[Any], names: list[str], *, dispatch: str, seconds: float,
     """A closed-loop stream through cortexbench's Driver, as the coordinator runs it in one process:
     images/s over the measured part, the median latency per image (done - scheduled), images per call,
     and this process's CPU seconds per image."""
-    from cortexbench.cluster import make_handles
     from cortexbench.driver import DriverOptions
     from cortexbench.driver import drive as drive_stream
+    from cortexbench.ray_handles import make_handles
     from cortexbench.schedule import make_schedule
 
     async def run() -> dict[str, float]:

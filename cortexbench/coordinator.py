@@ -26,12 +26,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from cortexbench import cluster, machine
+from cortexbench import machine
 from cortexbench.config import Config
-from cortexbench.driver import Driver, DriverOptions, DriverResult, drive
+from cortexbench.driver import Driver, drive
+from cortexbench.driver_types import DriverOptions, DriverResult, merge_results
 from cortexbench.errors import ConfigError, DeviceError, Interrupted, ModelNotFoundError, WorkerError
 from cortexbench.images.dataset import ensure_images
-from cortexbench.ledger import Ledger
 from cortexbench.live import LiveView
 from cortexbench.metrics import MetricsServer, MetricsState
 from cortexbench.models.backends import get_backend, resolve_backend
@@ -93,11 +93,13 @@ def plan_http(cfg: Config, *, quiet: bool = False) -> StreamPlan:
     check_target(st.target or "", st.protocol)
     if cfg.from_flag("stream.modes"):
         raise ConfigError("--mode does not apply with --target: what stays loaded is the server's business")
-    if st.drivers > 1:
-        raise ConfigError("--drivers: the HTTP target runs one driver for now; leave --drivers out")
     if st.inputs != "pool" or st.decode != "cpu":
         raise ConfigError("--inputs/--decode apply to cortexbench's own workers; an HTTP target gets decoded "
                           "tensors (leave them out with --target)")
+    drivers = st.drivers or 1
+    if st.rate is None and drivers > st.concurrency:
+        raise ConfigError(f"--drivers {drivers} with --concurrency {st.concurrency}: each driver keeps at least one "
+                          f"image in flight; use --drivers {st.concurrency} or fewer")
     models = expand_model_names(cfg.models, known_only=False)
     images = ensure_images(cfg.img_dir, cfg.images.synth_count, seed=cfg.images.seed,
                            create=not cfg.from_flag("img_dir"), progress=not quiet)
@@ -105,8 +107,8 @@ def plan_http(cfg: Config, *, quiet: bool = False) -> StreamPlan:
                              weights=st.model_weights, rate=st.rate, duration_s=st.duration_s,
                              warmup=st.warmup, seed=cfg.seed)
     depth = st.concurrency if st.rate is None else max(st.concurrency, 1024)
-    return StreamPlan(cfg, "http", models, tuple(str(p) for p in images), (), False, 0.0, 1, "http", 1, 1, depth,
-                      schedule, modes=(SERVER_PASS,))
+    return StreamPlan(cfg, "http", models, tuple(str(p) for p in images), (), False, 0.0, 1, "http", drivers, 1,
+                      depth, schedule, modes=(SERVER_PASS,))
 
 
 def plan_stream(cfg: Config, resources: dict[str, float], *, quiet: bool = False) -> StreamPlan:
@@ -168,7 +170,9 @@ def plan_stream(cfg: Config, resources: dict[str, float], *, quiet: bool = False
     # Calls in flight per worker: enough that the closed loop's images wait at the worker (its queue stage),
     # not in the driver's pending list, where they would count as sent late; no more than the worker actor
     # runs at once.  A compiled graph keeps a buffer per execution in flight, so it keeps a few.
-    calls = min(cluster.CALLS_PER_WORKER, max(4, math.ceil(st.concurrency / max_group)))
+    from cortexbench.cluster import CALLS_PER_WORKER
+
+    calls = min(CALLS_PER_WORKER, max(4, math.ceil(st.concurrency / max_group)))
     depth = 4 if dispatch == "compiled" else calls
     schedule = make_schedule(count=cfg.times, models=models, n_images=len(images), popularity=st.popularity,
                              weights=st.model_weights, rate=st.rate, duration_s=st.duration_s,
@@ -197,9 +201,12 @@ class StreamRun:
         self._stop_current: Any = None
         self.setup_s: dict[str, list[dict[str, float]]] = {}
 
-    def options(self, mode: str, shards: int) -> DriverOptions:
+    def options(self, mode: str, shards: int, index: int = 0) -> DriverOptions:
+        """Driver ``index`` of ``shards``: the closed loop's images in flight shared out, sizes differing by
+        one at most (at least one each)."""
         st = self.plan.cfg.stream
-        conc = None if st.rate is not None else max(1, st.concurrency // shards)
+        conc = None if st.rate is not None else \
+            max(1, st.concurrency // shards + (1 if index < st.concurrency % shards else 0))
         return DriverOptions(mode=mode, concurrency=conc, max_group=self.plan.max_group, depth=self.plan.depth,
                              retries=st.retries, duration_s=st.duration_s, drain_timeout_s=st.drain_timeout_s,
                              call_timeout_s=CALL_TIMEOUT_S)
@@ -288,10 +295,13 @@ class StreamRun:
         merged into one result."""
         plan = self.plan
         n = plan.drivers
-        # each shard's workers together, the shard on their node
-        parts = shard_workers([w.node_id for w in self.target.workers], n)
+        workers = self.target.workers
+        if len(workers) >= n:  # each shard's workers together, the shard on their node
+            parts = shard_workers([w.node_id for w in workers], n)
+        else:  # fewer workers than shards (an HTTP target's one server): every shard sends to all of them
+            parts = [(tuple(range(len(workers))), "")] * n
         start_wall = time.time() + 1.0
-        jobs = [ShardJob(sched.shard(i, n), ids, node, self.options(mode, n), self.handle_options(mode, n),
+        jobs = [ShardJob(sched.shard(i, n), ids, node, self.options(mode, n, i), self.handle_options(mode, n),
                          plan.cfg.stream.balancer, plan.cfg.seed + i, lru, start_wall)
                 for i, (ids, node) in enumerate(parts)]
         self._stop_current = self.target.stop_shards
@@ -299,15 +309,7 @@ class StreamRun:
             results = await self.target.run_shards(jobs, self.live.fold, lambda: self.interrupted)
         finally:
             self._stop_current = None
-        return DriverResult(mode, Ledger.merge([r.ledger for r in results]), sum(r.sent for r in results),
-                            sum(r.not_sent for r in results), min(r.started_s for r in results),
-                            max(r.finished_s for r in results), sum(r.retries for r in results),
-                            sum(r.cancelled for r in results), any(r.stopped_early for r in results),
-                            {k: v for r in results for k, v in r.states.items()},
-                            {k: v for r in results for k, v in r.worker_losses.items()},
-                            error="; ".join(f"shard {i}: {r.error}" for i, r in enumerate(results) if r.error)
-                            or None,
-                            error_samples={k: v for r in reversed(results) for k, v in r.error_samples.items()})
+        return merge_results(results)
 
 
 def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = None) -> Path:
@@ -319,6 +321,9 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
     """
     started = time.time()
     http = cfg.stream.target is not None
+    cluster: Any = None
+    if not http:  # the HTTP target does not import Ray
+        from cortexbench import cluster
     own_ray = not http and not cluster.ray_running()
     target: Target | None = None
     server: MetricsServer | None = None
@@ -444,7 +449,7 @@ def _results(plan: StreamPlan, target: Target, run: StreamRun, port: int | None,
                                   "weights come from disk or host memory for every image"
                                   + ("; the structure is rebuilt for every load" if cfg.stream.cold_rebuild else "")},
         "workers": describe(target.workers),
-        "run": {"dispatch": plan.dispatch, "drivers": plan.drivers, "balancer": cfg.stream.balancer,
+        "run": {"passes": list(plan.run_modes), "dispatch": plan.dispatch, "drivers": plan.drivers, "balancer": cfg.stream.balancer,
                 "loop": "open" if cfg.stream.rate is not None else "closed",
                 "concurrency": cfg.stream.concurrency, "rate": cfg.stream.rate, "images": cfg.times,
                 "warmup": cfg.stream.warmup, "popularity": cfg.stream.popularity, "metrics_port": port,

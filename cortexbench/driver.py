@@ -9,15 +9,13 @@ One image's life::
                                                                                    │ (a future)
     ledger row (ok | failed kind) <── results (stage times from the worker) <──────┘ (its done callback)
 
-- Open loop (``rate``): each image has a scheduled send time from one Poisson process; latency is counted
-  from that time, so a slow system cannot hide its queueing (MLPerf LoadGen's Server scenario).
-- Closed loop (``concurrency``): C images in flight; an image is scheduled when a slot frees.
+- When an image is due: ``pacing.Pacer`` (open loop: its Poisson time; closed loop: a free slot).  What is
+  known of each image, and its ledger row, is kept by ``tally.Tally``.
 - Sending is plain callbacks, not a task per call: an image for an idle worker is sent at once (the
   lowest latency); otherwise it waits in the worker's queue and a flush (the next loop turn, or the
   completion of a call) sends up to ``max_group`` queued images per call, keeping up to ``depth`` calls in
   flight, so the transport's round trip does not serialise the device.  With ``max_group=1`` every image
-  is its own call (the plain actor path).  A call's future completes through a done callback; results are
-  appended to the ledger in batches (at every fold and at the end).
+  is its own call (the plain actor path).
 - ``send_delay`` (sent - scheduled) is recorded for every image; the share sent more than 1 ms late is
   reported, so an overloaded driver shows instead of flattering the result.
 - A worker that dies (``WorkerLostError``): its images are retried on live workers up to ``retries``
@@ -35,66 +33,20 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from cortexbench.balancer import Balancer, make_balancer
+from cortexbench.driver_types import DriverOptions, DriverResult, Progress
 from cortexbench.errors import WorkerError, WorkerLostError
-from cortexbench.ledger import OUTCOMES, WORKER_STAGES, Ledger
-from cortexbench.protocol import RequestGroup, ResultGroup, WorkerHandle, WorkerState
+from cortexbench.ledger import OUTCOMES
+from cortexbench.pacing import Pacer
+from cortexbench.protocol import RequestGroup, ResultGroup, WorkerHandle
 from cortexbench.schedule import Schedule
+from cortexbench.tally import Tally
 
 WORKER_DIED, TIMEOUT, CANCELLED, ERROR = (OUTCOMES.index(n) for n in ("worker_died", "timeout", "cancelled", "error"))
-LATE_S = 1e-3
-
-
-@dataclass
-class DriverOptions:
-    mode: str
-    concurrency: int | None = 64  # closed loop when rate is None
-    max_group: int = 1
-    depth: int = 64
-    retries: int = 2
-    duration_s: float | None = None
-    drain_timeout_s: float = 10.0
-    call_timeout_s: float | None = None  # a call's images fail as 'timeout' when it is not answered by then
-    fold_interval_s: float = 0.5
-    spin_s: float = 0.001  # open loop: wake this early and yield until due (asyncio timers are ms-coarse)
-
-
-@dataclass
-class Progress:
-    """A snapshot for the live line and the metrics: counts so far and the rows since the last fold."""
-
-    mode: str
-    scheduled: int
-    sent: int
-    done: int
-    failed: int
-    elapsed_s: float
-    new_rows: Ledger
-    outstanding: list[int]
-    states: dict[str, WorkerState]
-    workers: tuple[str, ...] = ()  # names of the workers ``outstanding`` counts for, in its order
-
-
-@dataclass
-class DriverResult:
-    mode: str
-    ledger: Ledger
-    sent: int
-    not_sent: int
-    started_s: float
-    finished_s: float
-    retries: int
-    cancelled: int
-    stopped_early: bool
-    states: dict[str, WorkerState] = field(default_factory=dict)
-    worker_losses: dict[str, int] = field(default_factory=dict)
-    error: str | None = None  # why the run could not go on (every worker gone), if so
-    error_samples: dict[str, str] = field(default_factory=dict)  # outcome -> the first message of that kind
 
 
 class Driver:
@@ -111,26 +63,22 @@ class Driver:
         self.clock = clock
         self.on_progress = on_progress
         self.start_at = start_at
-        n, nw = len(schedule), len(handles)
-        self.model_idx = np.asarray(schedule.model_idx, np.int64)
-        self.image_idx = np.asarray(schedule.image_idx, np.int64)
-        self.scheduled_s = np.full(n, np.nan)
-        self.sent_s = np.full(n, np.nan)
-        self.attempts = np.zeros(n, np.int64)
-        self.worker_of = np.full(n, -1, np.int64)
+        nw = len(handles)
+        ids = np.asarray(worker_ids if worker_ids is not None else range(nw), np.int16)
+        names = tuple(worker_names) if worker_names is not None else tuple(h.name for h in handles)
+        self.tally = tally = Tally(schedule, ids, names)
+        # the tally's arrays, by schedule position (the hot path's names)
+        self.scheduled_s, self.sent_s, self.attempts, self.worker_of = \
+            tally.scheduled_s, tally.sent_s, tally.attempts, tally.worker_of
         self.outstanding = np.zeros(nw, np.int64)
         self.alive = np.ones(nw, bool)
         self.pending: list[deque[int]] = [deque() for _ in range(nw)]
         self.calls_inflight = [0] * nw
         self._flush_due = [False] * nw
-        self._model_of = self.model_idx.tolist()  # plain ints: the balancer's hot path
+        self._model_of = tally.model_idx.tolist()  # plain ints: the balancer's hot path
         self._n_down = 0  # workers lost and not yet back (the dispatcher checks ``alive`` only then)
         # what a group carries, by schedule position: item id, model index, image index
-        self._req = np.column_stack([np.asarray(schedule.item, np.int64), self.model_idx, self.image_idx])
-        self.worker_ids = np.asarray(worker_ids if worker_ids is not None else range(nw), np.int16)
-        names = tuple(worker_names) if worker_names is not None else tuple(h.name for h in handles)
-        self.ledger = Ledger(capacity=max(n, 1), models=schedule.models, workers=names)
-        self.states: dict[str, WorkerState] = {}
+        self._req = np.column_stack([tally.item, tally.model_idx, tally.image_idx])
         self._restarted = [False] * nw  # a worker lost since its last state: its counters start again
         self._life = [0] * nw  # how many times each worker was lost: a call knows which life it was sent to
         self.losses: dict[str, int] = {}
@@ -139,18 +87,14 @@ class Driver:
         self._stop = asyncio.Event()
         self._dispatch_done = asyncio.Event()
         self._all_done = asyncio.Event()
-        self._closed_loop = False
-        self._free_slots = 0
-        self._slot_ev = asyncio.Event()
+        self.pacer = Pacer(schedule, options.concurrency, options.duration_s, options.spin_s, clock, self._stop)
         self._alive_ev = asyncio.Event()
         self._parked: deque[int] = deque()  # images to retry while no worker is alive
         self._gone = 0
         self.error: str | None = None
-        self.error_samples: dict[str, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # calls in flight: future -> (worker, positions, its timeout timer, the worker's life it was sent to)
         self._calls: dict[asyncio.Future[Any], tuple[int, list[int], asyncio.TimerHandle | None, int]] = {}
-        self._results: list[tuple[int, list[int], np.ndarray, float]] = []  # answered, not yet in the ledger
         self._loop: asyncio.AbstractEventLoop | None = None
         self._folded = 0
         self._t0 = 0.0
@@ -160,7 +104,7 @@ class Driver:
     def stop(self) -> None:
         """Stop dispatching; what is in flight drains (bounded), the rest is cancelled and counted."""
         self._stop.set()
-        self._slot_ev.set()
+        self.pacer.wake()
         self._alive_ev.set()
 
     def _spawn(self, coro: object) -> asyncio.Task[None]:
@@ -174,10 +118,8 @@ class Driver:
         loop_t = self.clock()
         if self.start_at is not None and self.start_at > loop_t:
             await asyncio.sleep(self.start_at - loop_t)
-        self._t0 = self.clock()
-        if self.opt.concurrency is not None and self.schedule.send_at_s is None:
-            self._closed_loop = True
-            self._free_slots = self.opt.concurrency
+        self._t0 = self.tally.t0 = self.clock()
+        self.pacer.start(self._t0)
         folder = self._spawn(self._fold_loop())
         dispatcher = self._spawn(self._dispatch())
         stopped_early = False
@@ -193,9 +135,10 @@ class Driver:
             await asyncio.gather(folder, *list(self._tasks), return_exceptions=True)
         self._fold()
         not_sent = len(self.schedule) - self.n_sent
-        return DriverResult(self.opt.mode, self.ledger, self.n_sent, not_sent, self._t0, self.clock(),
-                            self.n_retries, self.n_cancelled, stopped_early, dict(self.states), dict(self.losses),
-                            error=self.error, error_samples=dict(self.error_samples))
+        t = self.tally
+        return DriverResult(self.opt.mode, t.ledger, self.n_sent, not_sent, self._t0, self.clock(),
+                            self.n_retries, self.n_cancelled, stopped_early, dict(t.states), dict(self.losses),
+                            error=self.error, error_samples=dict(t.error_samples))
 
     async def _drain(self) -> None:
         """Wait for every image sent; once stop() is called, only ``drain_timeout_s``, then cancel."""
@@ -231,39 +174,12 @@ class Driver:
     # --- dispatch -----------------------------------------------------------------------------------
 
     async def _dispatch(self) -> None:
-        sched = self.schedule
-        n = len(sched)
-        send_at = sched.send_at_s
-        deadline = self._t0 + self.opt.duration_s if self.opt.duration_s else None
-        if deadline is not None and sched.send_at_s is not None:
-            # open loop: the duration is the measured part, after the warm-up (as make_schedule cuts it)
-            counted = np.flatnonzero(sched.item >= sched.warmup)
-            if len(counted):
-                deadline += float(sched.send_at_s[counted[0]])
-        clock = self.clock
-        spin = self.opt.spin_s
-        for pos in range(n):
-            if self._stop.is_set():
-                break
-            if send_at is not None:
-                due = self._t0 + float(send_at[pos])
-                if due - clock() > spin:
-                    await _sleep_until(due - spin, clock, self._stop)
-                while clock() < due and not self._stop.is_set():
-                    await asyncio.sleep(0)  # the last stretch: asyncio's timers are too coarse
-                if self._stop.is_set():
-                    break
-                scheduled = due
-            else:
-                while self._free_slots <= 0 and not self._stop.is_set():
-                    self._slot_ev.clear()
-                    await self._slot_ev.wait()
-                if self._stop.is_set():
-                    break
-                self._free_slots -= 1
-                scheduled = clock()
-            if deadline is not None and scheduled >= deadline:
-                self.stop()
+        pacer = self.pacer
+        for pos in range(len(self.schedule)):
+            scheduled = await pacer.due(pos)
+            if scheduled is None:
+                if pacer.expired:
+                    self.stop()
                 break
             while self._n_down and not self.alive.any() and not self._stop.is_set():
                 self._alive_ev.clear()
@@ -373,79 +289,29 @@ class Driver:
             raise WorkerError(f"worker {self.handles[w].name} answered {len(rows)} results for {len(positions)} "
                               f"images")
         self.outstanding[w] -= len(positions)
-        self._keep_state(w, self.handles[w].name, result.state)
-        self._results.append((w, positions, rows, received))
+        self.tally.keep_state(self.handles[w].name, result.state, self._restarted[w])
+        self._restarted[w] = False
+        self.tally.answered(w, positions, rows, received)
         failed = int(np.count_nonzero(rows[:, 1])) if result.errors or len(rows) > 1 else int(rows[0, 1] != 0)
         for i, msg in result.errors.items():
-            self._sample_error(int(rows[i, 1]), msg)
+            self.tally.sample_error(int(rows[i, 1]), msg)
         self.n_failed += failed
         self.n_done += len(positions) - failed
-        self._release(len(positions))
-        if len(self._results) >= 1024:
-            self._flush_results()
-
-    def _flush_results(self) -> None:
-        """Append the answered calls' rows to the ledger, in one go."""
-        if not self._results:
-            return
-        done, self._results = self._results, []
-        counts = [len(p) for _, p, _, _ in done]
-        pos = np.fromiter((p for _, ps, _, _ in done for p in ps), np.int64, sum(counts))
-        rows = np.concatenate([r for _, _, r, _ in done]) if len(done) > 1 else done[0][2]
-        worker = np.repeat(self.worker_ids[[w for w, _, _, _ in done]], counts)
-        received = np.repeat(np.array([t for _, _, _, t in done]), counts)
-        self.ledger.add_many(
-            item=self.schedule.item[pos], model_idx=self.model_idx[pos], image_idx=self.image_idx[pos],
-            worker=worker, outcome=rows[:, 1].astype(np.int8), attempts=self.attempts[pos],
-            hit=rows[:, 2].astype(np.int8), scheduled_s=self.scheduled_s[pos] - self._t0,
-            sent_s=self.sent_s[pos] - self._t0, done_s=received - self._t0,
-            stages=rows[:, 3:3 + len(WORKER_STAGES)], answers=rows[:, 3 + len(WORKER_STAGES):])
+        self.pacer.release(len(positions))
 
     def _call_failed(self, w: int, positions: list[int], outcome: int, msg: str) -> None:
         """A call that failed as a whole (not a lost worker): its images fail as ``outcome``."""
         self.outstanding[w] -= len(positions)
         self._record_failed(positions, outcome, self.clock(), msg)
-        self._release(len(positions))
-
-    def _keep_state(self, w: int, name: str, state: WorkerState) -> None:
-        """Keep the newest counters of a worker.  Replies to calls in flight together may arrive in any
-        order; the counters only grow within a mode, so the one that has served most images is the newest
-        (after a restart the worker counts from zero again)."""
-        prev = self.states.get(name)
-        if prev is None or self._restarted[w] or _served(state) >= _served(prev):
-            self.states[name] = state
-            self._restarted[w] = False
-
-    def _release(self, n: int) -> None:
-        if self._closed_loop:
-            self._free_slots += n
-            self._slot_ev.set()
+        self.pacer.release(len(positions))
 
     def _check_all_done(self) -> None:
         if (self._dispatch_done.is_set() and self.n_done + self.n_failed >= self.n_sent and not any(self.pending)
                 and not self._parked):
             self._all_done.set()
 
-    def _sample_error(self, outcome: int, msg: str) -> None:
-        """Keep the first message of each failure kind (one line) for the results."""
-        lines = [line.strip() for line in str(msg).splitlines() if line.strip()]
-        if lines and 0 <= outcome < len(OUTCOMES):
-            self.error_samples.setdefault(OUTCOMES[outcome], lines[0][:300])
-
     def _record_failed(self, positions: list[int], outcome: int, now: float, msg: str = "") -> None:
-        pos = np.asarray(positions, np.int64)
-        n = len(pos)
-        if not n:
-            return
-        self._sample_error(outcome, msg)
-        self._flush_results()  # the ledger keeps rows in the order their outcome was known
-        self.ledger.add_many(
-            item=self.schedule.item[pos], model_idx=self.model_idx[pos], image_idx=self.image_idx[pos],
-            worker=self.worker_ids[np.maximum(self.worker_of[pos], 0)], outcome=np.full(n, outcome, np.int8),
-            attempts=self.attempts[pos], hit=np.full(n, -1, np.int8), scheduled_s=self.scheduled_s[pos] - self._t0,
-            sent_s=self.sent_s[pos] - self._t0, done_s=np.full(n, now - self._t0),
-            stages=np.full((n, len(WORKER_STAGES)), np.nan))
-        self.n_failed += n
+        self.n_failed += self.tally.failed(positions, outcome, now, msg)
         self._check_all_done()
 
     # --- faults -------------------------------------------------------------------------------------
@@ -468,7 +334,7 @@ class Driver:
         give_up = [p for p in positions if self.attempts[p] > self.opt.retries]
         if give_up:
             self._record_failed(give_up, WORKER_DIED, self.clock(), f"worker {name} died; retries ran out")
-            self._release(len(give_up))
+            self.pacer.release(len(give_up))
         # the worker's queued images go elsewhere too
         queued = list(self.pending[w])
         self.pending[w].clear()
@@ -493,7 +359,7 @@ class Driver:
         parked = list(self._parked)
         self._parked.clear()
         self._record_failed([p for p in parked if self.attempts[p] > 0], WORKER_DIED, self.clock())
-        self._release(len(parked))
+        self.pacer.release(len(parked))
 
     async def _recover(self, w: int) -> None:
         try:
@@ -521,18 +387,15 @@ class Driver:
             self._fold()
 
     def _fold(self) -> None:
-        self._flush_results()
+        self.tally.flush()
         if self.on_progress is None:
             return
-        new = self.ledger.slice(self._folded, len(self.ledger))
-        self._folded = len(self.ledger)
+        ledger = self.tally.ledger
+        new = ledger.slice(self._folded, len(ledger))
+        self._folded = len(ledger)
         self.on_progress(Progress(self.opt.mode, self.dispatched, self.n_sent, self.n_done, self.n_failed,
-                                  self.clock() - self._t0, new, self.outstanding.tolist(), dict(self.states),
+                                  self.clock() - self._t0, new, self.outstanding.tolist(), dict(self.tally.states),
                                   tuple(h.name for h in self.handles)))
-
-
-def _served(state: WorkerState) -> int:
-    return state.hits_total + state.misses_total
 
 
 async def _first(*aws: object) -> None:
@@ -543,18 +406,6 @@ async def _first(*aws: object) -> None:
     finally:
         for t in tasks:
             t.cancel()
-
-
-async def _sleep_until(t: float, clock: Callable[[], float], stop: asyncio.Event) -> None:
-    delay = t - clock()
-    if delay <= 0:
-        return
-    if stop.is_set():
-        return
-    try:
-        await asyncio.wait_for(stop.wait(), timeout=delay)
-    except asyncio.TimeoutError:
-        pass
 
 
 async def drive(schedule: Schedule, handles: Sequence[WorkerHandle], options: DriverOptions, *, balancer: str,

@@ -34,10 +34,12 @@ from urllib.parse import urlparse
 import httpx
 import numpy as np
 
+from cortexbench.driver_types import DriverResult
 from cortexbench.errors import ConfigError, WorkerError, WorkerLostError
 from cortexbench.http_client import HttpError, Pool, request_head
 from cortexbench.ledger import OUTCOMES
 from cortexbench.models.registry import REGISTRY, get_spec
+from cortexbench.process_shards import ProcessShards
 from cortexbench.protocol import (
     CHECKSUM,
     ERROR,
@@ -51,7 +53,7 @@ from cortexbench.protocol import (
     ResultGroup,
     WorkerState,
 )
-from cortexbench.target import HandleOptions, ShardJob, WorkerInfo
+from cortexbench.target import FoldFn, HandleOptions, ShardJob, WorkerInfo
 
 TIMEOUT = OUTCOMES.index("timeout")
 HEADER = "Inference-Header-Content-Length"
@@ -81,15 +83,20 @@ def check_target(url: str, protocol: str) -> Any:
     return u
 
 
-class HttpTarget:
-    """See the module docstring."""
+def _quiet(line: str) -> None:
+    """The default ``say``: nothing."""
 
-    shards_supported = False
+
+class HttpTarget:
+    """See the module docstring.  With ``--drivers N`` its shards are processes of this host
+    (``process_shards.py``): the target pickles (bodies and all) and each shard makes its own handles."""
+
+    shards_supported = True
 
     def __init__(self, url: str, models: Sequence[str], images: Sequence[str], *, protocol: str = "v2",
                  image_pool: int = 64, timeout_s: float = 30.0, input_name: str | None = None,
                  input_shape: Sequence[int] = (), client: str = "raw",
-                 say: Callable[[str], None] = lambda s: None) -> None:
+                 say: Callable[[str], None] = _quiet) -> None:
         u = check_target(url, protocol)
         if client not in ("raw", "httpx"):
             raise ConfigError(f"--http-client: '{client}' is not a client (valid: raw, httpx)")
@@ -107,6 +114,16 @@ class HttpTarget:
         self.bodies: dict[str, list[tuple[bytes, dict[str, str], int]]] = {}  # per model: body, headers, file
         self.heads: dict[str, list[bytes]] = {}  # per model, per body: the raw client's request head
         self.workers = (WorkerInfo("server", device=self.url, node=u.hostname, host=u.hostname),)
+        self._shards: ProcessShards | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a driver shard process needs: everything but the console and the running shards."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("say", "_shards")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.say = _quiet
+        self._shards = None
 
     # --- before the run ----------------------------------------------------------------------------
 
@@ -199,11 +216,23 @@ class HttpTarget:
     def handles(self, mode: str, options: HandleOptions, ids: Sequence[int] | None = None) -> list[HttpHandle]:
         return [HttpHandle(self, max(1, options.depth))]
 
-    async def run_shards(self, jobs: Sequence[ShardJob], fold: Any, stopping: Any) -> list[Any]:
-        raise NotImplementedError("the HTTP target runs one driver (shards_supported is False)")
+    async def run_shards(self, jobs: Sequence[ShardJob], fold: FoldFn,
+                         stopping: Callable[[], bool]) -> list[DriverResult]:
+        """One driver process per job (``process_shards.py``), each with its own connection pool."""
+        self._shards = ProcessShards(self, jobs, [w.name for w in self.workers])
+        try:
+            return await self._shards.run(fold, stopping)
+        finally:
+            self._shards = None
 
     def stop_shards(self) -> None:
-        pass
+        if self._shards is not None:
+            self._shards.stop()
+
+    def kill_shard(self, index: int) -> None:
+        """Kill one driver shard's process (fault tests)."""
+        if self._shards is not None:
+            self._shards.kill(index)
 
     def close(self) -> None:
         pass

@@ -122,7 +122,9 @@ def test_metrics_are_served_before_ray_models_and_images_are_prepared(monkeypatc
         raise ConfigError("stop here")
 
     monkeypatch.setattr(coordinator, "plan_stream", plan_stream)
-    monkeypatch.setattr(coordinator.cluster, "init_ray", lambda *a, **k: {"CPU": 2.0})
+    from cortexbench import cluster  # the coordinator imports it for a run on Ray workers only
+
+    monkeypatch.setattr(cluster, "init_ray", lambda *a, **k: {"CPU": 2.0})
     cfg = Config(result_dir=tmp_path, stream=StreamConfig(metrics_port=port, metrics_host="127.0.0.2"))
     with pytest.raises(ConfigError, match="stop here"):
         coordinator.run_stream(cfg, quiet=True)

@@ -5,20 +5,22 @@ time-outs counted, a server that dies mid-run with every image accounted for."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cortexbench import http_target
-from cortexbench.driver import DriverOptions, DriverResult, Progress, drive
+from cortexbench.driver import drive
+from cortexbench.driver_types import DriverOptions, DriverResult, Progress, merge_results
 from cortexbench.errors import ConfigError
 from cortexbench.http_target import HttpTarget
 from cortexbench.images.dataset import list_images, load_batch
 from cortexbench.models.registry import get_spec
 from cortexbench.schedule import make_schedule
 from cortexbench.stream import main
-from cortexbench.target import HandleOptions
+from cortexbench.target import HandleOptions, ShardJob
 from tests.v2_server import V2Server, reference_logits
 
 MODELS = ("mnist_cnn", "digits_cnn")
@@ -115,6 +117,14 @@ def test_the_command_line_streams_to_a_target_and_refuses_what_does_not_apply(im
         assert main(args) == 0
         out = capsys.readouterr().out
         assert "server" in out and "results:" in out
+        assert main([*args, "--drivers", "2", "--concurrency", "4"]) == 0
+        run_dir = Path(capsys.readouterr().out.split("results:", 1)[1].strip())
+        res = json.loads((run_dir / "results.json").read_text())
+        summary = res["modes"]["server"]["summary"]
+        assert res["run"]["drivers"] == 2 and res["complete"] is True
+        assert summary["images_sent"] == summary["ok"] == 60 and server.requests == 120
+        assert main([*args, "--drivers", "5", "--concurrency", "4"]) == 2
+        assert "--drivers 4 or fewer" in capsys.readouterr().err
         assert main([*args, "--mode", "cold"]) == 2
         assert "--mode does not apply with --target" in capsys.readouterr().err
         assert main([*args[:3], "mnist_cnn,resnet152", *args[4:]]) == 2  # the server has no resnet152
@@ -137,6 +147,81 @@ def test_a_served_model_cortexbench_does_not_know_runs_from_its_metadata_or_flag
         assert "lists no inputs" in err and "--input-shape" in err
         assert main([*args, "--input-shape", "1,28,28", "--input-name", "x"]) == 0
     assert server.requests == 40
+
+
+def _shard_jobs(target: HttpTarget, count: int, shards: int = 2, concurrency: int = 2) -> list[ShardJob]:
+    sched = make_schedule(count=count, models=target.models, n_images=len(target.images), seed=3)
+    opts = DriverOptions(mode="server", concurrency=concurrency, max_group=1, depth=concurrency, retries=1,
+                         fold_interval_s=0.05, drain_timeout_s=2.0)
+    return [ShardJob(sched.shard(i, shards), (0,), "", opts, HandleOptions("http", concurrency), "round-robin", i,
+                     None, 0.0) for i in range(shards)]
+
+
+def _run_shards(target: HttpTarget, jobs: list[ShardJob], fold=None, stopping=None) -> list[DriverResult]:
+    return asyncio.run(target.run_shards(jobs, fold or (lambda p, rows: None), stopping or (lambda: False)))
+
+
+def test_two_driver_processes_send_every_image_once_and_their_ledgers_add_up(images):
+    server = V2Server(MODELS)
+    folded: list[int] = []
+    with server.running():
+        target = HttpTarget(server.url, MODELS, images, image_pool=8)
+        target.start()
+        jobs = _shard_jobs(target, 300)
+        results = _run_shards(target, jobs, lambda p, rows: folded.extend(len(r) for r in rows))
+    merged = merge_results(results)
+    assert [r.sent for r in results] == [150, 150] and [r.not_sent for r in results] == [0, 0]
+    assert merged.sent == 300 == server.requests and merged.error is None
+    assert len(merged.ledger) == sum(len(r.ledger) for r in results) == sum(folded) == 300
+    for job, r in zip(jobs, results, strict=True):
+        r.ledger.check_complete(r.sent)
+        assert sorted(r.ledger.column("item").tolist()) == sorted(job.schedule.item.tolist())
+    merged.ledger.check_complete(merged.sent)
+    assert merged.ledger.outcome_counts()["ok"] == 300
+    c = merged.ledger.columns()
+    for m, file, top1 in zip(c["model_idx"], c["input_idx"], c["top1"], strict=True):
+        assert int(top1) == int(_expected(images, MODELS[m], int(file)).argmax())
+
+
+def test_a_driver_process_killed_mid_run_leaves_every_image_accounted_for(images):
+    server = V2Server(MODELS, service_s=0.003)
+    killed: list[int] = []
+    with server.running():
+        target = HttpTarget(server.url, MODELS, images, image_pool=4)
+        target.start()
+        jobs = _shard_jobs(target, 1200)
+
+        def kill_one(p: Progress, rows) -> None:
+            if not killed and p.done >= 20:
+                killed.append(p.done)
+                target.kill_shard(1)
+
+        results = _run_shards(target, jobs, kill_one)
+    assert killed and results[0].error is None and "died (exit code -9)" in (results[1].error or "")
+    for job, r in zip(jobs, results, strict=True):
+        assert r.sent + r.not_sent == len(job.schedule) == 600  # ok + failed + not sent = scheduled
+        r.ledger.check_complete(r.sent)
+    assert results[0].sent == 600 and results[0].ledger.outcome_counts()["ok"] == 600
+    assert results[1].not_sent > 0
+    merged = merge_results(results)
+    counts = merged.ledger.outcome_counts()
+    assert counts["ok"] + (len(merged.ledger) - counts["ok"]) + merged.not_sent == 1200
+    assert "shard 1: driver shard 1 died" in (merged.error or "")
+
+
+def test_stopping_driver_processes_drains_and_counts_the_rest_as_not_sent(images):
+    server = V2Server(MODELS, service_s=0.002)
+    seen: list[int] = []
+    with server.running():
+        target = HttpTarget(server.url, MODELS, images, image_pool=4)
+        target.start()
+        jobs = _shard_jobs(target, 4000)
+        results = _run_shards(target, jobs, lambda p, rows: seen.append(p.done), lambda: bool(seen))
+    for job, r in zip(jobs, results, strict=True):
+        assert r.error is None and r.stopped_early and r.not_sent > 0
+        assert r.sent + r.not_sent == len(job.schedule)
+        r.ledger.check_complete(r.sent)
+    assert sum(r.sent for r in results) == server.requests
 
 
 def test_bad_target_arguments_are_config_errors(images):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cortexbench import cluster
+from cortexbench import cluster, ray_handles
 from cortexbench.config import Config, StreamConfig
 from cortexbench.coordinator import StreamPlan, StreamRun, run_stream
 from cortexbench.driver import DriverOptions, DriverResult, Progress, drive
@@ -129,7 +129,7 @@ def test_lru_hit_ratio_equals_a_reference_replay(pool):
     assert st.hits_total == expected and st.misses_total == st.loads_total == len(sched) - expected
 
 
-@pytest.mark.parametrize("inline_wait_s", [cluster.INLINE_WAIT_S, 1e-6], ids=["inline", "handed-over"])
+@pytest.mark.parametrize("inline_wait_s", [ray_handles.INLINE_WAIT_S, 1e-6], ids=["inline", "handed-over"])
 def test_compiled_one_at_a_time_waits_inline_or_hands_over_to_the_pump(pool, inline_wait_s):
     """Concurrency 1 on the compiled path: a call waits on the event loop's thread, and one slower than
     the wait (every call, with a 1 us wait) is handed to the pump, which reads it again.  LRU hits still
@@ -337,7 +337,7 @@ def test_recovering_a_worker_that_is_dead_for_good_fails_at_once(ray_session):
         except ray.exceptions.ActorDiedError:
             break
         assert time.monotonic() < deadline, "the killed actor still answers"
-    handle = cluster.ActorHandle("gone", actor, "cached")
+    handle = ray_handles.ActorHandle("gone", actor, "cached")
 
     async def recover() -> None:
         await asyncio.wait_for(handle.recover(), timeout=5.0)
@@ -405,7 +405,7 @@ def test_a_worker_killed_mid_run_is_retried_around_and_comes_back(pool, dispatch
     assert res.worker_losses == {pool.names[0]: 1} and res.retries >= 1  # one death, counted once
     assert counts["ok"] == len(sched)  # two retries are plenty: the other worker takes them
     # Ray restarts it: the handle's recovery waits for that and sets the mode again
-    asyncio.run(cluster.ActorHandle(pool.names[0], pool.actors[0], "cached").recover())
+    asyncio.run(ray_handles.ActorHandle(pool.names[0], pool.actors[0], "cached").recover())
     new_pid = _pid(pool, 0)
     assert new_pid != old_pid and new_pid != os.getpid()
     res2 = _drive(pool, _schedule(40, NULL_ONLY), "cached")  # the restarted worker works again

@@ -113,7 +113,9 @@ class V2Server:
     @contextmanager
     def running(self) -> Iterator[V2Server]:
         """Serve on 127.0.0.1 on a free port until the block ends (``url`` is set meanwhile)."""
-        sock = socket.socket()
+        # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and without it
+        # Nagle holds each answer's body behind its headers for a delayed ACK (about 40 ms a request)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
         config = uvicorn.Config(self.app(), log_level="error", lifespan="off", access_log=False)

@@ -195,7 +195,8 @@ def warnings(results: Mapping[str, Any]) -> list[str]:
     out: list[str] = []
     modes = _modes(results)
     if not results.get("complete", True):
-        planned = list(((results.get("config") or {}).get("stream") or {}).get("modes") or [])
+        planned = list((results.get("run") or {}).get("passes")  # the passes run (an HTTP target's: server)
+                       or ((results.get("config") or {}).get("stream") or {}).get("modes") or [])
         missing = [m for m in planned if m not in modes]
         out.append("Partial run: it was interrupted or failed, so only what was measured before is here"
                    + (f"; modes not run: {', '.join(missing)}" if missing else "") + ".")
