@@ -326,6 +326,8 @@ def run_stream(cfg: Path, gpus: int, images: int, precision: str, extra: list[st
     res = json.loads((Path(run_dir) / "results.json").read_text())
     m = res["modes"]["cached"]
     s = m["summary"]
+    print(f"  -> {s['throughput_images_per_s']:.0f} img/s, p50 {s['latency'].get('p50_s', 0) * 1e3:.1f} ms, "
+          f"failed {s['failed']}", flush=True)
     return {"wall_s": wall, "img_per_s": s["throughput_images_per_s"], "p50_s": s["latency"].get("p50_s"),
             "p99_s": s["latency"].get("p99_s"), "failed": s["failed"],
             "stages": {st: v.get("mean_s") for st, v in (m.get("stages") or {}).items()}}
@@ -341,6 +343,8 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "cb-gpu")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "results")))
     ap.add_argument("--skip-stream", action="store_true")
+    ap.add_argument("--skip-layers", action="store_true", help="leave out cortexbench's layers without Ray")
+    ap.add_argument("--launched-streams", default="8,16", help="stream counts of the bare launched loop")
     ap.add_argument("--stream-variants", default="default",
                     help="comma list of end-to-end variants: default, lane-threads, lanes16, compiled, switch, jpeg, "
                          "jpeg-gpu")
@@ -367,7 +371,7 @@ def main() -> int:
     for k in (int(v) for v in args.streams.split(",")):
         bare[f"graphs, {k} streams"] = bare_graphs(models, specs, half, args.seconds, k)
         print(f"bare graphs {k} streams: {bare[f'graphs, {k} streams']:.0f} img/s", flush=True)
-    for k in (8, 16):
+    for k in (int(v) for v in args.launched_streams.split(",") if v):
         bare[f"graphs launched, {k} streams, 64 queued"] = bare_graphs_launched(models, specs, half, args.seconds, k)
         print(f"bare launched {k} streams: {bare[f'graphs launched, {k} streams, 64 queued']:.0f} img/s", flush=True)
     try:
@@ -380,10 +384,13 @@ def main() -> int:
     del models
     torch.cuda.empty_cache()
     out["bare"] = bare
-    layers = {"TorchModel.predict, 8 lanes": model_layer(specs, model_dir, half, args.seconds, 8)}
-    for launched in (True, False):
+    write_json(args.out / "gpu.json", out)  # what is measured so far survives a time-out
+    layers: dict[str, float] = {}
+    for launched in (() if args.skip_layers else (True, False)):
         layers[f"ModelWorker 8 lanes, 8 callers x groups of 8, {'launched' if launched else 'lane threads'}"] = \
             worker_layer(names, model_dir, images, args.precision, args.seconds, 8, 8, 8, launched)
+    if not args.skip_layers:
+        layers["TorchModel.predict, 8 lanes"] = model_layer(specs, model_dir, half, args.seconds, 8)
     out["layers"] = layers
     stream: dict[str, Any] = {}
     if not args.skip_stream:
@@ -398,6 +405,8 @@ def main() -> int:
         for v in args.stream_variants.split(","):
             extra, env = variants[v]
             stream[f"1 GPU, {v}"] = run_stream(cfg, 1, args.images, args.precision, extra, env)
+            out["stream"] = stream
+            write_json(args.out / "gpu.json", out)
         if n_gpus > 1:
             stream[f"{n_gpus} GPUs, default"] = run_stream(cfg, n_gpus, args.images * n_gpus, args.precision, [])
     out["stream"] = stream
