@@ -134,7 +134,7 @@ EXPECT = {
     "gpus": "--gpus 3",
     "corrupt-model": "digits_cnn",
     "fp16-on-cpu": "'precision' fp16 needs GPU workers",
-    "inputs": "'bmp'",
+    "inputs": "'stream.inputs' must be 'pool' or 'jpeg', not \"bmp\"",
     "decode-gpu-pool": "--decode gpu decodes JPEG inputs: add --inputs jpeg",
 }
 
