@@ -280,7 +280,10 @@ class HttpHandle:
         rows = group.rows.tolist()
         self.inflight += len(rows)
         try:
-            answers = await asyncio.gather(*[self._one(model, image) for _, model, image in rows])
+            if len(rows) == 1:  # the usual case (one image per call): no gather, no task per image
+                answers = [await self._one(rows[0][1], rows[0][2])]
+            else:
+                answers = await asyncio.gather(*[self._one(model, image) for _, model, image in rows])
         finally:
             self.inflight -= len(rows)
         out = np.full((len(rows), 3 + N_STAGES + 3), math.nan)
