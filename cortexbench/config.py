@@ -220,12 +220,32 @@ def _load(path: Path | str | None, overrides: Mapping[str, Any], has_gpu: bool |
         fb: dict[str, tuple[Any, str]] = {}
         _flatten(fallback, "", fb, "cpu_fallback", f"{file_path} (cpu_fallback)")
         flat.update(fb)
+    file_flat = dict(flat)
     for key, value in overrides.items():
         if value is not None:
             if key in ("img_dir", "result_dir", "model_dir") and isinstance(value, (str, Path)) and str(value):
                 value = str(Path(value).expanduser().absolute())  # a flag's path is relative to the cwd
             flat[key] = (value, "flag")
 
+    nested, sources = _nest(flat, file_path)
+    cfg = _build(Config, nested, "", base_dir)
+    cfg = dataclasses.replace(cfg, cpu_fallback=dict(fallback) if isinstance(fallback, dict) else {},
+                              sources=sources, path=file_path if file_path.exists() else None,
+                              builtin=builtin and file_path.exists())
+    _check_semantics(cfg)
+    shadowed = {k: file_flat[k] for k, v in overrides.items() if v is not None and k in file_flat}
+    if shadowed:
+        # the file's values that a flag overrides in this run are checked too, in the run's config: a wrong
+        # value must not wait, silently, for the next run without that flag
+        try:
+            _check_semantics(_build(Config, _nest({**flat, **shadowed}, file_path)[0], "", base_dir))
+        except ConfigError as e:
+            raise ConfigError(f"{file_path}: {e} (a flag overrides it in this run, but the file is wrong)") from None
+    return cfg
+
+
+def _nest(flat: Mapping[str, tuple[Any, str]], file_path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """Dotted keys to nested sections, and each key's origin; an unknown key names the nearest valid one."""
     nested: dict[str, Any] = {}
     sources: dict[str, str] = {}
     valid = [*keys_of(Config), "cpu_fallback"]
@@ -241,12 +261,7 @@ def _load(path: Path | str | None, overrides: Mapping[str, Any], has_gpu: bool |
             node = node.setdefault(p, {})
         node[parts[-1]] = value
         sources[key] = origin
-    cfg = _build(Config, nested, "", base_dir)
-    cfg = dataclasses.replace(cfg, cpu_fallback=dict(fallback) if isinstance(fallback, dict) else {},
-                              sources=sources, path=file_path if file_path.exists() else None,
-                              builtin=builtin and file_path.exists())
-    _check_semantics(cfg)
-    return cfg
+    return nested, sources
 
 
 def _flatten(obj: Mapping[str, Any], prefix: str, out: dict[str, tuple[Any, str]], origin: str, where: str) -> None:

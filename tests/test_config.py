@@ -71,3 +71,28 @@ def test_gpus_auto_is_accepted():
     cfg = load_config(None, {"gpu_num": "auto"}, has_gpu=True)
     assert cfg.gpu_num == "auto" and cfg.from_flag("gpu_num")
     assert load_config(None, {"gpu_num": "2"}, has_gpu=True).gpu_num == 2
+
+
+@pytest.mark.parametrize(("key", "file_value", "flag_value"), [
+    ("times", "many", 10),
+    ("stream.concurrency", -3, 8),
+    ("stream.inputs", "bmp", "jpeg"),
+])
+def test_a_wrong_file_value_is_refused_even_when_a_flag_overrides_it(tmp_path, key, file_value, flag_value):
+    section, _, name = key.rpartition(".")
+    body = {section: {name: file_value}} if section else {name: file_value}
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(body))
+    with pytest.raises(ConfigError, match=rf"^{cfg}: '{key}' .*a flag overrides it in this run, but the file is wrong"):
+        load_config(cfg, {key: flag_value})
+    body2 = {section: {name: flag_value}} if section else {name: flag_value}
+    cfg.write_text(json.dumps(body2))
+    assert load_config(cfg, {key: flag_value}) is not None  # a right value overridden is fine
+
+
+def test_the_file_check_keeps_the_flags_other_values(tmp_path):
+    """A server's own model names are fine with --target from a flag, though the file alone has none."""
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"models": ["my_served_model"], "times": 5}))
+    got = load_config(cfg, {"stream.target": "http://127.0.0.1:1", "times": 7})
+    assert got.times == 7 and got.models == ("my_served_model",)
