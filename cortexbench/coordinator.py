@@ -30,7 +30,14 @@ from cortexbench import machine
 from cortexbench.config import Config
 from cortexbench.driver import Driver, drive
 from cortexbench.driver_types import DriverOptions, DriverResult, merge_results
-from cortexbench.errors import ConfigError, DeviceError, Interrupted, ModelNotFoundError, WorkerError
+from cortexbench.errors import (
+    ConfigError,
+    DeviceError,
+    Interrupted,
+    ModelNotFoundError,
+    Terminated,
+    WorkerError,
+)
 from cortexbench.images.dataset import ensure_images
 from cortexbench.live import LiveView
 from cortexbench.metrics import MetricsServer, MetricsState
@@ -197,6 +204,7 @@ class StreamRun:
         self.live = live
         self.modes: dict[str, ModeRun] = {}
         self.interrupted = False
+        self.terminated = False  # the interruption was a SIGTERM
         self.error: str | None = None  # why the run could not go on (every worker gone), if so
         self._stop_current: Any = None
         self.setup_s: dict[str, list[dict[str, float]]] = {}
@@ -211,8 +219,9 @@ class StreamRun:
                              retries=st.retries, duration_s=st.duration_s, drain_timeout_s=st.drain_timeout_s,
                              call_timeout_s=CALL_TIMEOUT_S)
 
-    def interrupt(self) -> None:
+    def interrupt(self, terminated: bool = False) -> None:
         self.interrupted = True
+        self.terminated = self.terminated or terminated
         if self._stop_current is not None:
             self._stop_current()
 
@@ -220,6 +229,7 @@ class StreamRun:
         loop = asyncio.get_running_loop()
         try:
             loop.add_signal_handler(signal.SIGINT, self._on_sigint)
+            loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
         except (NotImplementedError, RuntimeError, ValueError):
             pass  # not the main thread (tests): interrupt() is called directly
         try:
@@ -228,15 +238,23 @@ class StreamRun:
                     break
                 await self.run_mode(mode)
         finally:
-            try:
-                loop.remove_signal_handler(signal.SIGINT)
-            except (NotImplementedError, RuntimeError, ValueError):
-                pass
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    loop.remove_signal_handler(sig)
+                except (NotImplementedError, RuntimeError, ValueError):
+                    pass
+            _set_sigterm(signal.SIG_IGN)  # the loop's removal left the default: writing the results is not killed
 
     def _on_sigint(self) -> None:
         print("\nstopping: draining in-flight images (Ctrl-C again to abort at once)", file=sys.stderr)
         asyncio.get_running_loop().remove_signal_handler(signal.SIGINT)
         self.interrupt()
+
+    def _on_sigterm(self) -> None:
+        print("\nstopping (SIGTERM): draining in-flight images", file=sys.stderr)
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: drain and write, then exit 143
+        self.interrupt(terminated=True)
 
     async def run_mode(self, mode: str) -> None:
         plan = self.plan
@@ -329,6 +347,9 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
     server: MetricsServer | None = None
     run_dir: Path | None = None
     host = socket.gethostname()
+    # SIGTERM (timeout, systemd, Kubernetes) is Ctrl-C's twin: while starting it stops the start cleanly;
+    # during the run the event loop's handler drains and writes partial results (StreamRun.run)
+    prev_sigterm = _set_sigterm(_raise_terminated)
     say = (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr))
     say(cfg.describe())
     try:
@@ -344,9 +365,11 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
         elif own_ray and not cfg.stream.address:
             plan = plan_stream(cfg, _local_resources(), quiet=quiet)
             resources = cluster.init_ray(None, os.cpu_count())
+            _set_sigterm(_raise_terminated)  # over the handler Ray's core installs (it dumps native stacks)
             _check_gpus(plan, resources)
         else:
             resources = cluster.init_ray(cfg.stream.address, None if cfg.stream.address else os.cpu_count())
+            _set_sigterm(_raise_terminated)
             plan = plan_stream(cfg, resources, quiet=quiet)
         run_dir = new_run_dir(cfg.result_dir, "stream")
         where = f"the server at {cfg.stream.target}" if http else \
@@ -397,6 +420,9 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
             raise WorkerError(f"{run.error}; partial results in {run_dir}")
         if run.interrupted:
             done = sum(m.result.sent for m in run.modes.values())
+            if run.terminated:
+                raise Terminated(f"terminated (SIGTERM): {done} images sent and accounted for; partial results in "
+                                 f"{run_dir}")
             raise Interrupted(f"interrupted: {done} images sent and accounted for; partial results in {run_dir}")
         return run_dir
     finally:
@@ -408,6 +434,20 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
             cluster.shutdown_ray()
         if run_dir is not None and not any(run_dir.iterdir()):
             run_dir.rmdir()  # a run that could not start leaves no empty folder behind
+        if prev_sigterm is not None:
+            _set_sigterm(prev_sigterm)
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated("terminated (SIGTERM) while starting; nothing was measured")
+
+
+def _set_sigterm(handler: Any) -> Any:
+    """Set SIGTERM's handler (the main thread only; elsewhere, as in tests, nothing); returns the old one."""
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
 
 
 def check_precision(cfg: Config, gpu: bool) -> None:

@@ -18,6 +18,7 @@ with the error's ``exit_code``.  Everything else raises and lets them travel.
     ├── WorkerError                              a worker failed in a way retries could not hide
     │   └── WorkerLostError                      a worker process died (its images are retried elsewhere)
     └── Interrupted                     exit 130 (Ctrl-C; partial results were written)
+        └── Terminated                  exit 143 (SIGTERM, as timeout, systemd and Kubernetes send it)
 """
 
 from __future__ import annotations
@@ -78,6 +79,12 @@ class Interrupted(CortexbenchError):
     """The user pressed Ctrl-C; what was measured so far has been written."""
 
     exit_code = 130
+
+
+class Terminated(Interrupted):
+    """SIGTERM: handled as Ctrl-C is (in-flight images drain, partial results are written)."""
+
+    exit_code = 143
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
