@@ -145,8 +145,11 @@ def serve(cfg: Config, *, token: str | None, quiet: bool = False) -> int:
         server.run(sockets=[sock])
         asyncio.run(gateway.close())
         lost = gateway.accepted - gateway.answered
+        ok = sum(n for (method, route, code), n in gateway.requests.requests.items()
+                 if method == "POST" and code == "200")
         print(f"serve: stopped{' on ' + stopped[0] if stopped else ''}: {gateway.accepted} requests accepted, "
-              f"{gateway.answered} answered, {lost} not answered", file=sys.stderr, flush=True)
+              f"{gateway.answered} answered, {lost} not answered; {ok} inferences answered 200",
+              file=sys.stderr, flush=True)
         return 0
     finally:
         sock.close()
