@@ -355,3 +355,11 @@ def test_requests_over_the_in_flight_bound_are_503_at_once():
 
         assert asyncio.run(main()) == [200, 200]
     assert gateway.inflight == 0
+
+
+def test_docs_config_lists_every_key():
+    from cortexbench.config import Config, keys_of
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    missing = [k for k in keys_of(Config) if f"| `{k}` |" not in text]
+    assert missing == []
