@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -189,8 +189,11 @@ def make_app(gateway: Gateway, *, token: str | None = None, max_body_bytes: int 
         return model, await read_body(request, max_body_bytes), arrived
 
     @app.post("/v2/models/{name}/infer", openapi_extra=_INFER_BODY,
-              responses={200: {"description": "the output tensor (JSON, or binary with "
-                                                 f"{HEADER})"}, **_ERRORS})
+              responses={200: {"description": f"the output tensor (JSON, or binary with {HEADER})",
+                               "content": {"application/json": {"schema": {"type": "object"}},
+                                           "application/octet-stream": {"schema": {"type": "string",
+                                                                                   "format": "binary"}}}},
+                         **_ERRORS})
     async def infer(name: str, request: Request) -> Response:
         if not gateway.admit():
             return error(503, f"busy: {gateway.max_inflight} requests in flight; retry later", retry)
@@ -217,7 +220,8 @@ def make_app(gateway: Gateway, *, token: str | None = None, max_body_bytes: int 
         return JSONResponse({"model_name": model.name, "worker": answer.worker,
                              "predictions": top_k(answer.output, 5)})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text", "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics() -> Response:
         data, content_type = exposition([*gateway.metrics.families(), *gateway.requests.families(gateway.metrics.host)])
         return Response(data, media_type=content_type)
