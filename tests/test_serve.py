@@ -235,7 +235,7 @@ def test_bad_input_is_answered_4xx_with_a_json_error(served, images, what, path,
 
 
 def test_a_body_over_the_limit_is_413_before_it_is_read_whole(served):
-    client, gateway = served
+    client, _ = served
     big = b"0" * ((1 << 20) + 1)
     r = client.post("/v2/models/digits_cnn/infer", content=big)
     assert r.status_code == 413 and "over the limit of 1048576 bytes" in r.json()["error"]
