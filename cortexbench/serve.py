@@ -97,8 +97,6 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(cfg: Config, *, token: str | None, quiet: bool = False) -> int:
     """Start the workers, serve until SIGTERM or Ctrl-C, stop them; returns the exit code (0)."""
-    import asyncio
-
     import uvicorn
 
     from cortexbench import cluster
@@ -142,8 +140,7 @@ def serve(cfg: Config, *, token: str | None, quiet: bool = False) -> int:
         say(f"serve: {where}, mode {sv.mode}, on http://{_url_host(host)}:{port} "
             f"({'token required on inference calls' if token else 'no token'}; "
             f"{'uvloop+httptools' if fast else 'asyncio+h11'})")
-        server.run(sockets=[sock])
-        asyncio.run(gateway.close())
+        server.run(sockets=[sock])  # its loop ends with any recovery still running
         lost = gateway.accepted - gateway.answered
         ok = sum(n for (method, route, code), n in gateway.requests.requests.items()
                  if method == "POST" and code == "200")

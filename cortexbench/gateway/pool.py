@@ -205,7 +205,3 @@ class Gateway:
 
     def live_workers(self) -> int:
         return sum(self.alive)
-
-    async def close(self) -> None:
-        for t in list(self._recovering.values()):
-            t.cancel()
