@@ -3,12 +3,13 @@ and p50/p99 as wrk sees them and as cortexbench's HTTP target sees them, and the
 concurrency 1 (the same null model through ``cortexbench.stream`` without the gateway) for the gateway's
 added latency.
 
-    python bench/http.py [--seconds 4] [--concurrency 1,8,32] [--images 2000]
+    python bench/gateway.py [--seconds 4] [--concurrency 1,8,32] [--images 2000]
 
 The gateway runs with one CPU worker (its Ray actor) on this machine, as ``serve --models null``; wrk
 (Debian's package, one thread) sends the exact binary v2 request cortexbench sends (the null model's
 3x224x224 FP32 input: 602 KB a request).  Target (issue #13): the gateway adds at most 1 ms p50 over the
-Ray path at concurrency 1.  Prints the table, writes http.json.
+Ray path at concurrency 1.  Prints the table, writes gateway.json.  (Not bench/http.py: run as a script, that name would hide the
+standard library's http package.)
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--images", type=int, default=2000)
-    ap.add_argument("--out", default="http.json")
+    ap.add_argument("--out", default="gateway.json")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed: apt-get install wrk")
