@@ -26,7 +26,7 @@ import ray.exceptions
 
 from cortexbench.driver import Driver, drive
 from cortexbench.driver_types import DriverResult, Progress
-from cortexbench.errors import CortexbenchError, WorkerError
+from cortexbench.errors import CortexbenchError, WorkerError, WorkerLostError
 from cortexbench.ledger import Ledger
 from cortexbench.protocol import WorkerState
 from cortexbench.target import FoldFn, HandleOptions, ShardJob, WorkerInfo
@@ -138,6 +138,10 @@ class WorkerActor:
         """One group (the compiled path: a compiled graph's execution thread calls this)."""
         return self.worker.run_bytes(data)
 
+    def infer_tensor(self, data: bytes) -> bytes:
+        """One input sent whole by the serving gateway (``ModelWorker.run_tensor``)."""
+        return self.worker.run_tensor(data)
+
     def state(self) -> WorkerState:
         return self.worker.state()
 
@@ -212,6 +216,22 @@ class RayTarget:
     def stop_shards(self) -> None:
         for shard in self._shards:
             shard_stop(shard)
+
+    async def infer_tensor(self, index: int, data: bytes, timeout_s: float) -> bytes:
+        """Run one input on worker ``index`` (the serving gateway): the answer's bytes; WorkerLostError when
+        the worker died or is restarting, WorkerError when it did not answer within ``timeout_s``."""
+        ref = ADAPTER.call(self.actors[index], "infer_tensor", data)
+        try:
+            return await asyncio.wait_for(wait_ref(ref), timeout_s)
+        except LOST as e:
+            raise WorkerLostError(f"worker {self.specs[index].name} is gone ({type(e).__name__})") from None
+        except asyncio.TimeoutError:
+            ray.cancel(ref)
+            raise WorkerError(f"worker {self.specs[index].name} did not answer within {timeout_s:g} s") from None
+
+    async def recover_worker(self, index: int, mode: str) -> None:
+        """Wait for Ray to restart worker ``index`` and set its mode again (``recover_actor``)."""
+        await recover_actor(self.actors[index], self.specs[index].name, mode)
 
     def kill(self, index: int) -> None:
         """Kill one worker's process (fault tests); Ray restarts it."""

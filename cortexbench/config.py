@@ -88,6 +88,22 @@ class StreamConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """``python -m cortexbench.serve``: the Ray workers behind an HTTP gateway (v2 protocol).  The workers
+    are planned as the stream's (``gpu_num``, ``stream.cpu_workers``, ``stream.lanes``, ...)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    mode: str = "cached"
+    balancer: BalancerName = "least-outstanding"
+    max_inflight: int = 256  # inference requests in the gateway at once; more are answered 503
+    max_body_bytes: int = 32 * 1024 * 1024  # a larger body is answered 413 before it is read whole
+    call_timeout_s: float = 60.0  # a worker that does not answer within this: 503
+    drain_timeout_s: float = 10.0  # on SIGTERM, how long in-flight requests may take to finish
+    retry_after_s: int = 1  # the Retry-After of a 503
+
+
+@dataclass(frozen=True)
 class ImagesConfig:
     """How many synthetic images to make when ``img_dir`` is missing."""
 
@@ -112,6 +128,7 @@ class Config:
     single: SingleConfig = field(default_factory=SingleConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     cpu_fallback: Mapping[str, Any] = field(default_factory=dict)
     # Not keys of the file: where each dotted key's value came from, and the file that was read.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
@@ -265,7 +282,7 @@ def _nest(flat: Mapping[str, tuple[Any, str]], file_path: Path) -> tuple[dict[st
 
 
 def _flatten(obj: Mapping[str, Any], prefix: str, out: dict[str, tuple[Any, str]], origin: str, where: str) -> None:
-    sections = {"single", "stream", "images"}
+    sections = {"single", "stream", "images", "serve"}
     for k, v in obj.items():
         if not isinstance(k, str):
             raise ConfigError(f"{where}: keys must be strings")
@@ -426,6 +443,16 @@ def _check_semantics(cfg: Config) -> None:
     if st.model_weights and any(w < 0 for w in st.model_weights):
         raise ConfigError("'stream.model_weights' must be 0 or more each")
     _positive(cfg.images.synth_count, "images.synth_count")
+    sv = cfg.serve
+    parse_mode(sv.mode, key="serve.mode")
+    if not 0 <= sv.port <= 65535:
+        raise ConfigError(f"'serve.port' must be a port number (0 to 65535; 0 = any free port), not {sv.port}")
+    for name in ("max_inflight", "max_body_bytes", "retry_after_s"):
+        _positive(getattr(sv, name), f"serve.{name}")
+    if sv.call_timeout_s <= 0:
+        raise ConfigError(f"'serve.call_timeout_s' must be more than 0 seconds, not {sv.call_timeout_s}")
+    if sv.drain_timeout_s < 0:
+        raise ConfigError(f"'serve.drain_timeout_s' must be 0 or more seconds, not {sv.drain_timeout_s}")
 
 
 def _positive(v: float, key: str) -> None:

@@ -14,7 +14,8 @@ with the error's ``exit_code``.  Everything else raises and lets them travel.
     │   ├── DatasetError                         empty img_dir, unreadable image set
     │   │   └── ImageDecodeError                 one image file that does not decode (counted mid-run)
     │   ├── DeviceError                          a device asked for that this machine does not have
-    │   └── BackendUnavailableError              a backend whose extra is not installed
+    │   ├── BackendUnavailableError              a backend whose extra is not installed
+    │   └── RequestError                         an HTTP request the gateway refuses (its status code)
     ├── WorkerError                              a worker failed in a way retries could not hide
     │   └── WorkerLostError                      a worker process died (its images are retried elsewhere)
     └── Interrupted                     exit 130 (Ctrl-C; partial results were written)
@@ -65,6 +66,15 @@ class DeviceError(UsageError):
 
 class BackendUnavailableError(UsageError):
     """A backend whose Python package is not installed."""
+
+
+class RequestError(UsageError):
+    """A request to the serving gateway that it refuses: ``status`` is the HTTP status code it answers
+    (400 malformed, 401 no or wrong token, 404 unknown model, 413 too large, 422 well-formed but wrong)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class WorkerError(CortexbenchError):

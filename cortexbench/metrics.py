@@ -509,3 +509,59 @@ class MetricsServer:
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
+
+
+# --- the serving gateway (``cortexbench.serve``): requests by route and status code ------------------
+
+GATEWAY_METRIC_NAMES: tuple[str, ...] = (
+    "cortexbench_http_requests_total", "cortexbench_http_request_seconds", "cortexbench_http_inflight",
+)
+
+
+@dataclass
+class RequestCounts:
+    """The gateway's HTTP requests: counts by (method, route template, status code), the time to answer by
+    route, and the inference requests in the gateway now.  Updated on the gateway's event loop only."""
+
+    requests: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    seconds: dict[str, BucketCounts] = field(default_factory=dict)
+    inflight: int = 0
+
+    def record(self, method: str, route: str, status: int, seconds: float) -> None:
+        k = (method, route, str(status))
+        self.requests[k] = self.requests.get(k, 0) + 1
+        h = self.seconds.get(route)
+        if h is None:
+            h = self.seconds[route] = BucketCounts()
+        h.observe(seconds)
+
+    def families(self, host: str) -> list[Metric]:
+        total = CounterMetricFamily("cortexbench_http_requests", "HTTP requests answered by the gateway, by "
+                                    "method, route and status code", labels=("method", "route", "code", "host"))
+        for k, n in sorted(self.requests.items()):
+            total.add_metric([*k, host], n)
+        hist = HistogramMetricFamily("cortexbench_http_request_seconds", "Time from a request's arrival at the "
+                                     "gateway to its answer, by route", labels=("route", "host"))
+        for route, h in sorted(self.seconds.items()):
+            hist.add_metric([route, host], list(zip(_LE, h.cumulative(), strict=True)), h.sum_s)
+        inflight = GaugeMetricFamily("cortexbench_http_inflight", "Inference requests in the gateway now",
+                                     labels=("host",))
+        inflight.add_metric([host], self.inflight)
+        return [total, hist, inflight]
+
+
+class _Families:
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families
+
+
+def exposition(families: list[Metric]) -> tuple[bytes, str]:
+    """``families`` in Prometheus's text format, and its content type (the gateway's ``/metrics``)."""
+    from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(families))  # type: ignore[arg-type]
+    return generate_latest(registry), CONTENT_TYPE_LATEST

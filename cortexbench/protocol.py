@@ -137,3 +137,40 @@ class WorkerHandle(Protocol):
 # A result row's columns after the item, until the image is run: failed, hit unknown, no stage times, no
 # input, no answer.
 BLANK_ROW = (ERROR, -1.0, *(float("nan"),) * N_STAGES, -1.0, -1.0, float("nan"))
+
+
+# --- one tensor for one model (the serving gateway, ``cortexbench.serve``) ---------------------------
+# The stream sends indices into the worker's own inputs; a gateway sends the input itself, decoded and
+# checked by the gateway.  A request: item id, model index, the number of axes, the shape, then the float32
+# data.  An answer: the length of a one-row ResultGroup wire form, that form (outcome, stages, answers,
+# the worker's counters), then the model's first output row as float32.
+
+TENSOR_HEAD = struct.Struct("=qqq")
+_LEN = struct.Struct("=I")
+
+
+def encode_tensor_request(item: int, model_idx: int, x: np.ndarray) -> bytes:
+    """The wire form of one input tensor ``x`` (any shape, batch axis included) for model ``model_idx``."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return TENSOR_HEAD.pack(item, model_idx, x.ndim) + struct.pack(f"={x.ndim}q", *x.shape) + x.tobytes()
+
+
+def decode_tensor_request(data: bytes) -> tuple[int, int, np.ndarray]:
+    """(item, model index, the input) of ``encode_tensor_request``'s bytes; the array is read-only."""
+    item, model_idx, ndim = TENSOR_HEAD.unpack_from(data)
+    shape = struct.unpack_from(f"={ndim}q", data, TENSOR_HEAD.size)
+    start = TENSOR_HEAD.size + 8 * ndim
+    return item, model_idx, np.frombuffer(data, np.float32, offset=start).reshape(shape)
+
+
+def encode_tensor_result(result: bytes, output: np.ndarray | None) -> bytes:
+    """A one-row ResultGroup's wire form and the model's output row (None when the image failed)."""
+    out = b"" if output is None else np.ascontiguousarray(output, dtype=np.float32).reshape(-1).tobytes()
+    return _LEN.pack(len(result)) + result + out
+
+
+def decode_tensor_result(data: bytes) -> tuple[ResultGroup, np.ndarray]:
+    """The ResultGroup (one row) and the output row (empty when the image failed)."""
+    (n,) = _LEN.unpack_from(data)
+    group = ResultGroup.from_bytes(data[_LEN.size:_LEN.size + n])
+    return group, np.frombuffer(data, np.float32, offset=_LEN.size + n)

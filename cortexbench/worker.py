@@ -61,6 +61,7 @@ from cortexbench.machine import device_memory_bytes, host_memory_bytes
 from cortexbench.models.backends.base import Backend, LoadOptions, LoadTimes, files_size
 from cortexbench.models.registry import ModelSpec, get_spec
 from cortexbench.protocol import (
+    BLANK_ROW,
     BUILD,
     CHECKSUM,
     COPY,
@@ -73,6 +74,7 @@ from cortexbench.protocol import (
     INPUT_IDX,
     MODEL_ERROR,
     OK,
+    ONE_ROW,
     QUEUE,
     READ,
     STAGE0,
@@ -81,6 +83,9 @@ from cortexbench.protocol import (
     RequestGroup,
     ResultGroup,
     WorkerState,
+    decode_tensor_request,
+    encode_result,
+    encode_tensor_result,
 )
 from cortexbench.residency import Mode, Residency, parse_mode
 from cortexbench.resident import ResidentModels
@@ -352,6 +357,56 @@ class ModelWorker:
         out[TOP1] = float(first.argmax())
         out[CHECKSUM] = float(first.sum(dtype=np.float64))
         return None
+
+    # --- one input sent whole (the serving gateway, cortexbench.serve) ------------------------------
+
+    def run_tensor(self, data: bytes) -> bytes:
+        """Run one input the gateway decoded and checked (``protocol.encode_tensor_request``): on a free lane,
+        through the residency policy as any image of the stream, with the same stage times; the answer
+        (``protocol.encode_tensor_result``) carries the model's output row.  Several threads may call this."""
+        arrived = self.clock()
+        item, model_idx, x = decode_tensor_request(data)
+        out = [float(item), *BLANK_ROW]
+        lane = self.lanes.lane()
+        try:
+            msg, y = self._run_tensor(model_idx, np.array(x), arrived, lane, out)
+        finally:
+            self.lanes.release(lane)
+        result = encode_result(1, ONE_ROW.pack(*out), {} if msg is None else {0: msg}, self._counters())
+        return encode_tensor_result(result, y)
+
+    def _run_tensor(self, model_idx: int, x: np.ndarray, arrived: float, lane: int,
+                    out: list[float]) -> tuple[str | None, np.ndarray | None]:
+        clock = self.clock
+        t0 = clock()
+        out[STAGE0 + QUEUE] = t0 - arrived
+        out[STAGE0 + INPUT] = out[STAGE0 + DECODE] = 0.0
+        try:
+            if not 0 <= model_idx < len(self.specs):
+                raise ModelNotFoundError(f"worker {self.spec.name} has no model #{model_idx}")
+            model, res, hit, t3, times = self.models.acquire(self.specs[model_idx], t0)
+            out[2] = hit
+            try:
+                y = model.predict(x, lane)
+                t4 = clock()
+            finally:
+                self.models.release(model, res)
+            t5 = clock()
+        except Exception as e:
+            return _failed(e, out), None
+        out[1] = OK
+        if times is None:
+            out[STAGE0 + WAIT] = t3 - t0
+            out[STAGE0 + READ] = out[STAGE0 + BUILD] = out[STAGE0 + COPY] = 0.0
+        else:
+            out[STAGE0 + READ], out[STAGE0 + BUILD], out[STAGE0 + COPY] = times.read_s, times.build_s, times.copy_s
+            out[STAGE0 + WAIT] = max(0.0, t3 - t0 - times.read_s - times.build_s - times.copy_s)
+        out[STAGE0 + INFER] = t4 - t3
+        out[STAGE0 + FREE] = t5 - t4
+        first = np.asarray(y[0], np.float32).reshape(-1)
+        out[TOP1] = float(first.argmax())
+        out[CHECKSUM] = float(first.sum(dtype=np.float64))
+        return None, first
 
     def state(self) -> WorkerState:
         return WorkerState(*self._counters())

@@ -27,3 +27,8 @@ def test_the_core_imports_no_ray_framework_or_web_server():
 
 def test_the_http_target_and_its_driver_shards_need_no_ray():
     assert _loaded_after(("http_target", "http_client", "process_shards", "coordinator")) == []
+
+
+def test_the_gateway_reaches_ray_only_through_cluster_and_fastapi_only_in_its_app():
+    assert _loaded_after(("gateway.v2", "gateway.pool", "serve")) == []
+    assert "ray" not in _loaded_after(("gateway.app",))

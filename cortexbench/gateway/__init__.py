@@ -1,0 +1,11 @@
+"""The serving gateway of ``python -m cortexbench.serve``: cortexbench's workers behind HTTP.
+
+- ``v2.py``: the Open Inference Protocol (v2) bodies: parse and check an inference request (JSON tensors
+  and the binary tensor extension), write the answer, model metadata; the top-k of ``/v1`` (plain numpy).
+- ``pool.py``: ``Gateway``: which worker runs a request (the stream's balancers), requests in flight and
+  the back-pressure bound, lost workers taken out and recovered, the per-image metrics; the workers are
+  reached through a ``TensorCaller`` (``RayCaller`` for the Ray target, ``LocalCaller`` in process).
+- ``app.py``: the FastAPI app: routes, the bearer token, the body size limit, errors as JSON, /metrics.
+
+Only ``app.py`` imports FastAPI; nothing here imports Ray (``cluster.RayTarget`` does the Ray calls).
+"""

@@ -1,0 +1,191 @@
+"""``python -m cortexbench.serve``: cortexbench's Ray workers behind an HTTP gateway (Open Inference Protocol v2).
+
+Starts the same workers as the stream (one per GPU with ``--gpus N``, else CPU workers), sets their
+residency mode (``--mode cached|swap|cold|lru:K``), and serves them with FastAPI under uvicorn (uvloop and
+httptools when installed) until SIGTERM or Ctrl-C.  The endpoints, the limits and the errors:
+``cortexbench.gateway.app`` and docs/http-api.md.
+
+Safe by default: it listens on 127.0.0.1; a ``--host`` that is not a loopback address needs a bearer token
+(``--token`` or ``CORTEXBENCH_TOKEN``) or ``--insecure``.  With a token, every inference call needs
+``Authorization: Bearer <token>``.  SIGTERM stops accepting, lets the requests in flight finish within
+``serve.drain_timeout_s``, and exits 0 with a last line counting the requests accepted and answered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import ipaddress
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from cortexbench import machine
+from cortexbench.cli import COMMON_KEYS, ArgumentParser, add_common_flags, flags_of, overrides_from, run_main
+from cortexbench.config import Config, load_config
+from cortexbench.errors import ConfigError, UsageError
+
+PROG = "python -m cortexbench.serve"
+TOKEN_ENV = "CORTEXBENCH_TOKEN"
+SERVE_KEYS = {
+    **COMMON_KEYS, "gpus": "gpu_num", "cpu_workers": "stream.cpu_workers", "lanes": "stream.lanes",
+    "image_pool": "stream.image_pool", "mode": "serve.mode", "host": "serve.host", "port": "serve.port",
+    "balancer": "serve.balancer", "max_inflight": "serve.max_inflight", "max_body_bytes": "serve.max_body_bytes",
+    "call_timeout": "serve.call_timeout_s", "drain_timeout": "serve.drain_timeout_s",
+}
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve cortexbench's workers (one per GPU, or CPU workers) over HTTP: the Open Inference "
+                    "Protocol (v2), /v1/models/NAME:predict for JPEG/PNG bodies, /metrics.",
+        epilog=f"examples:\n  {PROG} --gpus 8 --mode cached --port 8080\n  {PROG} --models null --port 0\n"
+               f"  CORTEXBENCH_TOKEN=secret {PROG} --host 0.0.0.0 --mode lru:2")
+    add_common_flags(p)
+    a = p.add_argument
+    a("--gpus", metavar="N", help="GPU workers, one per GPU; auto = every GPU; 0 = CPU workers [gpu_num]")
+    a("--cpu-workers", type=int, metavar="N", help="CPU workers when there is no GPU [stream.cpu_workers]")
+    a("--lanes", type=int, metavar="N", help="images in flight inside a worker; 0 = auto [stream.lanes]")
+    a("--image-pool", type=int, metavar="N", help="decoded warm-up inputs per worker [stream.image_pool]")
+    a("--mode", metavar="M", help="cached, swap, cold or lru:K [serve.mode]")
+    a("--host", metavar="ADDR", help="address to listen on (default 127.0.0.1) [serve.host]")
+    a("--port", type=int, metavar="PORT", help="port to listen on; 0 = any free port [serve.port]")
+    a("--balancer", metavar="B", help="round-robin, least-outstanding, p2c, affinity [serve.balancer]")
+    a("--max-inflight", type=int, metavar="N", help="inference requests at once; more get 503 [serve.max_inflight]")
+    a("--max-body-bytes", type=int, metavar="N", help="larger bodies get 413 [serve.max_body_bytes]")
+    a("--call-timeout", type=float, metavar="S", help="a worker call not answered by then: 503 [serve.call_timeout_s]")
+    a("--drain-timeout", type=float, metavar="S", help="on SIGTERM, time for in-flight requests [serve.drain_timeout_s]")
+    a("--token", metavar="T", help=f"bearer token required on inference calls (or ${TOKEN_ENV})")
+    a("--insecure", action="store_true", help="allow a non-loopback --host without a token")
+    return p
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, token: str | None, insecure: bool) -> None:
+    """A gateway reachable from other machines needs a token, unless ``--insecure`` says otherwise."""
+    if not is_loopback(host) and not token and not insecure:
+        raise UsageError(f"--host {host} opens the gateway to other machines: give --token T (or ${TOKEN_ENV}), "
+                         "or --insecure to serve without one")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything starts (a port in use fails in a second)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(f"--port {port}: the port is in use on {host}; pick another (0 = any free port)") from None
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(cfg: Config, *, token: str | None, quiet: bool = False) -> int:
+    """Start the workers, serve until SIGTERM or Ctrl-C, stop them; returns the exit code (0)."""
+    import uvicorn
+
+    from cortexbench import cluster
+    from cortexbench.coordinator import _check_gpus, _local_resources, plan_stream
+    from cortexbench.gateway.app import make_app
+    from cortexbench.gateway.pool import Gateway, RayCaller
+    from cortexbench.gateway.v2 import ModelInfo
+    from cortexbench.models.registry import get_spec
+
+    sv = cfg.serve
+    say = (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    sock = bind(sv.host, sv.port)
+    own_ray = not cluster.ray_running()
+    target: Any = None
+    try:
+        plan = plan_stream(cfg, _local_resources(), quiet=quiet)
+        _check_gpus(plan, cluster.init_ray(None, os.cpu_count()))
+        where = f"{len(plan.workers)} {'GPU' if plan.gpu else 'CPU'} worker(s)"
+        say(f"serve: starting {where}, backend {plan.backend}, models {', '.join(plan.models)} ...")
+        target = cluster.start_workers(plan.workers, gpu=plan.gpu, cpus_each=plan.cpus_each,
+                                       threads_each=plan.threads_each)
+        target.set_mode(sv.mode)
+        models = [ModelInfo(name, i, tuple(get_spec(name).input_shape), get_spec(name).num_classes)
+                  for i, name in enumerate(plan.models)]
+        gateway = Gateway(RayCaller(target, sv.mode), models, mode=sv.mode, balancer=sv.balancer,
+                          max_inflight=sv.max_inflight, call_timeout_s=sv.call_timeout_s, seed=cfg.seed,
+                          host=socket.gethostname())
+        gateway.ready = True
+        app = make_app(gateway, token=token, max_body_bytes=sv.max_body_bytes, retry_after_s=sv.retry_after_s,
+                       platform=f"cortexbench_{plan.backend}")
+        fast = _installed("uvloop") and _installed("httptools")
+        config = uvicorn.Config(app, loop="uvloop" if _installed("uvloop") else "asyncio",
+                                http="httptools" if _installed("httptools") else "h11", lifespan="off",
+                                log_level="warning", access_log=False, timeout_graceful_shutdown=sv.drain_timeout_s)
+        server = uvicorn.Server(config)
+        stopped: list[str] = []
+        # uvicorn re-raises the signal it shut down for once it is done, through the handler it found: this
+        # one, so that SIGTERM ends in a clean exit 0 (Ctrl-C keeps Python's KeyboardInterrupt: exit 130)
+        signal.signal(signal.SIGTERM, lambda sig, frame: stopped.append("SIGTERM"))
+        host, port = sock.getsockname()[:2]
+        say(f"serve: {where}, mode {sv.mode}, on http://{_url_host(host)}:{port} "
+            f"({'token required on inference calls' if token else 'no token'}; "
+            f"{'uvloop+httptools' if fast else 'asyncio+h11'})")
+        server.run(sockets=[sock])  # its loop ends with any recovery still running
+        lost = gateway.accepted - gateway.answered
+        ok = sum(n for (method, route, code), n in gateway.requests.requests.items()
+                 if method == "POST" and code == "200")
+        print(f"serve: stopped{' on ' + stopped[0] if stopped else ''}: {gateway.accepted} requests accepted, "
+              f"{gateway.answered} answered, {lost} not answered; {ok} inferences answered 200",
+              file=sys.stderr, flush=True)
+        return 0
+    finally:
+        sock.close()
+        if target is not None:
+            target.close()
+        if own_ray:
+            cluster.shutdown_ray()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def body() -> int:
+        overrides = overrides_from(args, SERVE_KEYS)
+        no_gpu = not machine.gpus() and not _positive_int(args.gpus)
+        cfg = load_config(args.config, overrides, has_gpu=not no_gpu, flags=flags_of(SERVE_KEYS))
+        token = args.token or os.environ.get(TOKEN_ENV) or None
+        check_exposure(cfg.serve.host, token, args.insecure)
+        return serve(cfg, token=token, quiet=args.quiet)
+
+    return run_main(body, PROG)
+
+
+def _positive_int(text: str | None) -> bool:
+    try:
+        return text is not None and int(text) > 0
+    except ValueError:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

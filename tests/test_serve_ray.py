@@ -1,0 +1,165 @@
+"""``python -m cortexbench.serve`` as a process with its Ray workers (CPU, mxnet, tiny models), driven by
+cortexbench's own HTTP target: the counts of a stream through the gateway add up and match the gateway's
+/metrics; SIGTERM during a stream loses no accepted request and exits 0; the command's refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cortexbench.serve import main as serve_main
+from cortexbench.stream import main as stream_main
+
+REPO = Path(__file__).resolve().parents[1]
+STOP_LINE = re.compile(r"serve: stopped on SIGTERM: (\d+) requests accepted, (\d+) answered, (\d+) not answered; "
+                       r"(\d+) inferences answered 200")
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen
+    url: str
+    lines: queue.Queue
+
+    def rest(self, timeout_s: float) -> list[str]:
+        """The lines it writes until it exits (within ``timeout_s``)."""
+        out = []
+        deadline = time.monotonic() + timeout_s
+        while True:
+            line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            if line is None:
+                return out
+            out.append(line)
+
+
+@pytest.fixture
+def served(model_dir: Path, image_dir: Path, tmp_path: Path) -> Iterator[Served]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cortexbench.serve", "--models", "null,mnist_cnn", "--backend", "mxnet",
+         "--model-dir", str(model_dir), "--img-dir", str(image_dir), "--cpu-workers", "1", "--port", "0"],
+        cwd=tmp_path, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    url = None
+    deadline = time.monotonic() + 180
+    seen = []
+    while url is None:
+        line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        assert line is not None, f"serve exited before listening: {seen}"
+        seen.append(line)
+        m = re.search(r" on (http://127\.0\.0\.1:\d+) ", line)
+        url = m.group(1) if m else None
+    try:
+        yield Served(proc, url, lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _results(result_dir: Path) -> dict:
+    (run,) = list(result_dir.iterdir())
+    return json.loads((run / "results.json").read_text())["modes"]["server"]["summary"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_stream_through_the_gateway_adds_up_and_matches_its_metrics(served, image_dir, tmp_path):
+    rc = stream_main(["--target", served.url, "--models", "null,mnist_cnn", "--images", "150", "--warmup", "10",
+                      "--concurrency", "4", "--img-dir", str(image_dir), "--result-dir", str(tmp_path / "res"),
+                      "--metrics-port", "0", "--quiet", "--records", "none"])
+    assert rc == 0
+    s = _results(tmp_path / "res")
+    assert s["images_sent"] == 160 and s["ok"] == 160 and s["failed"] == 0 and s["counted_ok"] == 150
+    text = httpx.get(served.url + "/metrics", timeout=10).text
+    assert _metric(text, "cortexbench_images_total", outcome="ok") == 160
+    assert _metric(text, "cortexbench_image_latency_seconds_count") == 160
+    assert _metric(text, "cortexbench_http_requests_total", route="/v2/models/{name}/infer", code="200") == 160
+    assert _metric(text, "cortexbench_images_total", model="mnist_cnn") + \
+        _metric(text, "cortexbench_images_total", model="null") == 160
+    served.proc.send_signal(signal.SIGTERM)
+    assert served.proc.wait(60) == 0
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_sigterm_during_a_stream_loses_no_accepted_request(served, image_dir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    stream = subprocess.Popen(
+        [sys.executable, "-m", "cortexbench.stream", "--target", served.url, "--models", "null,mnist_cnn",
+         "--images", "100000", "--warmup", "0", "--concurrency", "4", "--img-dir", str(image_dir),
+         "--result-dir", str(tmp_path / "res"), "--metrics-port", "0", "--quiet", "--records", "none"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        with httpx.Client(base_url=served.url, timeout=10) as client:
+            while _metric(client.get("/metrics").text, "cortexbench_http_requests_total", code="200",
+                          route="/v2/models/{name}/infer") < 50:
+                assert time.monotonic() < deadline and stream.poll() is None
+                time.sleep(0.05)  # polls the condition (the gateway's count) at a bounded pace
+        served.proc.send_signal(signal.SIGTERM)
+        assert served.proc.wait(60) == 0
+        last = [m for line in served.rest(10) if (m := STOP_LINE.search(line))]
+        assert last, "no stop line"
+        accepted, answered, lost, ok = (int(g) for g in last[0].groups())
+        assert accepted == answered and lost == 0 and ok >= 50
+        stream.communicate(timeout=120)  # the target waits for the gone server, then counts the rest
+    finally:
+        if stream.poll() is None:
+            stream.kill()
+            stream.wait(30)
+    s = _results(tmp_path / "res")
+    # every inference the gateway answered reached the stream as ok; the rest never got in
+    assert s["ok"] == ok
+    assert s["by_outcome"]["error"] == 0 and s["by_outcome"]["input_error"] == 0
+    assert sum(s["by_outcome"].values()) == s["images_sent"]
+
+
+def test_the_command_refuses_an_open_host_without_a_token_and_a_port_in_use(capsys, monkeypatch):
+    monkeypatch.delenv("CORTEXBENCH_TOKEN", raising=False)
+    assert serve_main(["--host", "0.0.0.0", "--models", "null"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--host 0.0.0.0 opens the gateway" in err[0] and "--insecure" in err[0]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert serve_main(["--port", str(port), "--models", "null"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--port {port}: the port is in use" in err[0]
+    assert serve_main(["--mode", "hot", "--models", "null"]) == 2
+    assert "unknown mode 'hot'" in capsys.readouterr().err
+    assert serve_main(["--max-inflight", "0", "--models", "null"]) == 2
+    assert "'serve.max_inflight' must be 1 or more" in capsys.readouterr().err
