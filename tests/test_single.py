@@ -272,3 +272,27 @@ def test_auto_devices_are_cpu_and_the_gpus_the_backend_sees():
     backend, devices, _ = single.resolve_devices(["auto"], "auto")
     assert devices[0] == "cpu"
     assert list(devices[1:]) == [d for d in get_backend(backend).devices() if d != "cpu"]
+
+
+@needs_mxnet
+@pytest.mark.parametrize(("devices", "says"), [
+    ("cpu", "No GPU ran in this sweep"),
+    ("gpu:0", "No CPU baseline was measured in this sweep (gpu:0 ran alone)"),
+])
+def test_the_speed_up_section_says_which_side_is_missing(basic_run, devices, says):
+    """A GPU-only sweep (faked here by relabelling the CPU sweep's points: no GPU on this machine) has no
+    CPU baseline; it must not claim that no GPU ran."""
+    import copy
+
+    from cortexbench.report.single_report import sections
+
+    body = copy.deepcopy(basic_run[3])
+    for p in body["points"]:
+        p["device"] = devices
+    for m in body["models"].values():
+        m["best_batch_size"] = {devices: next(iter(m["best_batch_size"].values()))}
+    body["speedups"] = []
+    got = sections(body, wide=False)
+    section = next((s for s in got if s.title.startswith("GPU speed-up over CPU")), None)
+    assert section is not None, [s.title for s in got]
+    assert says in section.text

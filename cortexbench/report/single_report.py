@@ -199,10 +199,17 @@ def sections(body: Mapping[str, Any], wide: bool) -> list[Section]:
     out = [points_section(body, wide), models_section(body)]
     speed = speedup_section(body, "speedups", "image_mean_s", "GPU speed-up over CPU (inference, per image)")
     if speed is None:
-        on_machine = body.get("gpus_on_machine") or []
-        why = (f"--devices left out {', '.join(on_machine)}, or the backend cannot use it" if on_machine
-               else "no GPU on this machine")
-        out.append(Section("GPU speed-up over CPU", (), [], "", f"No GPU ran in this sweep ({why})."))
+        ran = {p.get("device", "") for p in body.get("points", [])}
+        gpus_ran = sorted(d for d in ran if d.startswith("gpu"))
+        if gpus_ran and "cpu" not in ran:
+            text = (f"No CPU baseline was measured in this sweep ({', '.join(gpus_ran)} ran alone): add cpu to "
+                    "--devices for the speed-up.")
+        else:
+            on_machine = body.get("gpus_on_machine") or []
+            why = (f"--devices left out {', '.join(on_machine)}, or the backend cannot use it" if on_machine
+                   else "no GPU on this machine")
+            text = f"No GPU ran in this sweep ({why})."
+        out.append(Section("GPU speed-up over CPU", (), [], "", text))
     else:
         out.append(speed)
     for s in (op_section(body, wide), training_section(body),
