@@ -76,6 +76,10 @@ class RayAdapter:
     def call(self, actor: Any, method: str, *args: Any) -> Any:
         return getattr(actor, method).remote(*args)
 
+    def kill(self, actor: Any) -> None:
+        """End a worker's process; Ray restarts it (within its restarts)."""
+        ray.kill(actor, no_restart=False)
+
     def compile(self, actor: Any, method: str, max_inflight: int) -> Any:
         """A Ray Compiled Graph that runs ``actor.method(input)``, ``max_inflight`` executions at once."""
         from ray.dag import InputNode

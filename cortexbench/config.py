@@ -74,6 +74,7 @@ class StreamConfig:
     retries: int = 2
     image_pool: int = 256
     drain_timeout_s: float = 10.0
+    image_timeout_s: float = 600.0  # a worker call unanswered this long: the worker is hung and replaced
     cold_drop_cache: bool = False
     cold_rebuild: bool = False  # cold, swap: build each network's structure for every load (timed as 'build')
     on_demand_images: int = 0  # counted images in swap, cold and lru:K modes; 0 = 'times'
@@ -435,6 +436,8 @@ def _check_semantics(cfg: Config) -> None:
         if getattr(st, name) < 0:
             raise ConfigError(f"'stream.{name}' must be 0 or more, not {getattr(st, name)}")
     _positive(st.image_pool, "stream.image_pool")
+    if st.image_timeout_s <= 0:
+        raise ConfigError(f"'stream.image_timeout_s' must be more than 0 seconds, not {st.image_timeout_s}")
     if not 0 <= st.metrics_port <= 65535:
         raise ConfigError(f"'stream.metrics_port' must be a port number (0 to 65535; 0 turns metrics off), not {st.metrics_port}")
     for name in ("linger_s", "drain_timeout_s"):

@@ -54,10 +54,6 @@ from cortexbench.stats import HistogramSet
 from cortexbench.target import HandleOptions, ShardJob, Target, describe, worker_labels, worker_names
 from cortexbench.worker import WorkerSpec
 
-# A worker call not answered within this fails its images as 'timeout' (a hung worker cannot hang the run);
-# far above a group of cold loads of the largest models from a slow disk.
-CALL_TIMEOUT_S = 600.0
-
 
 @dataclass(frozen=True)
 class StreamPlan:
@@ -217,7 +213,7 @@ class StreamRun:
             max(1, st.concurrency // shards + (1 if index < st.concurrency % shards else 0))
         return DriverOptions(mode=mode, concurrency=conc, max_group=self.plan.max_group, depth=self.plan.depth,
                              retries=st.retries, duration_s=st.duration_s, drain_timeout_s=st.drain_timeout_s,
-                             call_timeout_s=CALL_TIMEOUT_S)
+                             call_timeout_s=st.image_timeout_s)
 
     def interrupt(self, terminated: bool = False) -> None:
         self.interrupted = True
@@ -285,6 +281,7 @@ class StreamRun:
                                  worker_states={k: vars(v) for k, v in result.states.items()})
         summary["setup_s"] = self.setup_s.get(mode)
         summary["worker_losses"] = result.worker_losses
+        summary["worker_hangs"] = result.worker_hangs
         summary["error"] = result.error
         summary["error_samples"] = result.error_samples
         result.ledger.check_complete(result.sent)

@@ -20,8 +20,10 @@ One image's life::
   reported, so an overloaded driver shows instead of flattering the result.
 - A worker that dies (``WorkerLostError``): its images are retried on live workers up to ``retries``
   times, then counted as failed (``worker_died``); the worker rejoins when its handle has recovered.
-- A call not answered within ``call_timeout_s``: its images fail as ``timeout`` and the run goes on (a
-  worker that hangs, or a transport that lost a reply, cannot hang the run).
+- A call not answered within ``call_timeout_s`` (``--image-timeout``): the worker is taken as hung; its
+  images are retried elsewhere like a dead worker's (those out of retries fail as ``timeout``) and the
+  handle replaces it (``WorkerHandle.replace``: ended, restarted, set up), so a worker that hangs, or a
+  transport that lost a reply, cannot hang the run.
 - ``stop()`` (Ctrl-C, or the duration is up): dispatching stops, in-flight calls get ``drain_timeout_s``,
   the rest are cancelled and counted as ``cancelled``.  Every image sent ends in the ledger as ok or failed.
 """
@@ -82,6 +84,7 @@ class Driver:
         self._restarted = [False] * nw  # a worker lost since its last state: its counters start again
         self._life = [0] * nw  # how many times each worker was lost: a call knows which life it was sent to
         self.losses: dict[str, int] = {}
+        self.hangs: dict[str, int] = {}
         self.n_sent = self.n_done = self.n_failed = self.n_retries = self.n_cancelled = 0
         self.dispatched = 0
         self._stop = asyncio.Event()
@@ -138,7 +141,7 @@ class Driver:
         t = self.tally
         return DriverResult(self.opt.mode, t.ledger, self.n_sent, not_sent, self._t0, self.clock(),
                             self.n_retries, self.n_cancelled, stopped_early, dict(t.states), dict(self.losses),
-                            error=self.error, error_samples=dict(t.error_samples))
+                            dict(self.hangs), error=self.error, error_samples=dict(t.error_samples))
 
     async def _drain(self) -> None:
         """Wait for every image sent; once stop() is called, only ``drain_timeout_s``, then cancel."""
@@ -273,15 +276,14 @@ class Driver:
             self._check_all_done()
 
     def _timed_out(self, fut: asyncio.Future[Any]) -> None:
+        """A call not answered in time: its worker is hung (see the module docstring)."""
         entry = self._calls.pop(fut, None)
         if entry is None:
             return
-        w, positions, _, _ = entry
+        w, positions, _, life = entry
         self.calls_inflight[w] -= 1
         fut.cancel()
-        self._call_failed(w, positions, TIMEOUT,
-                          f"worker {self.handles[w].name} did not answer within {self.opt.call_timeout_s:g} s")
-        self._flush(w)
+        self._worker_lost(w, positions, life, hung=True)
 
     def _completed(self, w: int, positions: list[int], result: ResultGroup, received: float) -> None:
         rows = result.rows
@@ -316,24 +318,30 @@ class Driver:
 
     # --- faults -------------------------------------------------------------------------------------
 
-    def _worker_lost(self, w: int, positions: list[int], life: int) -> None:
-        """A call failed because its worker died.  One death fails every call in flight on the worker; the
-        first failure of a life counts the loss and starts the recovery, the others only retry their
-        images (a call sent before the death fails as part of it, even if it is answered after the
-        worker is back)."""
+    def _worker_lost(self, w: int, positions: list[int], life: int, hung: bool = False) -> None:
+        """A call failed because its worker died, or (``hung``) timed out.  One death fails every call in
+        flight on the worker; the first failure of a life counts the loss and starts the recovery (a hung
+        worker is replaced), the others only retry their images (a call sent before the death fails as
+        part of it, even if it is answered after the worker is back)."""
         name = self.handles[w].name
-        if life == self._life[w] and self.alive[w]:  # the first failure of this life: the worker died
+        if life == self._life[w] and self.alive[w]:  # the first failure of this life: the worker is lost
             self._life[w] += 1
             self.losses[name] = self.losses.get(name, 0) + 1
+            if hung:
+                self.hangs[name] = self.hangs.get(name, 0) + 1
             self.alive[w] = False
             self._n_down += 1
             self._restarted[w] = True
-            self._spawn(self._recover(w))
+            self._spawn(self._recover(w, replace=hung))
         self.outstanding[w] -= len(positions)
         retry = [p for p in positions if self.attempts[p] <= self.opt.retries]
         give_up = [p for p in positions if self.attempts[p] > self.opt.retries]
         if give_up:
-            self._record_failed(give_up, WORKER_DIED, self.clock(), f"worker {name} died; retries ran out")
+            if hung:
+                why = f"worker {name} did not answer within {self.opt.call_timeout_s:g} s; retries ran out"
+            else:
+                why = f"worker {name} died; retries ran out"
+            self._record_failed(give_up, TIMEOUT if hung else WORKER_DIED, self.clock(), why)
             self.pacer.release(len(give_up))
         # the worker's queued images go elsewhere too
         queued = list(self.pending[w])
@@ -361,9 +369,9 @@ class Driver:
         self._record_failed([p for p in parked if self.attempts[p] > 0], WORKER_DIED, self.clock())
         self.pacer.release(len(parked))
 
-    async def _recover(self, w: int) -> None:
+    async def _recover(self, w: int, replace: bool = False) -> None:
         try:
-            await self.handles[w].recover()
+            await (self.handles[w].replace() if replace else self.handles[w].recover())
         except WorkerError as e:
             self._gone += 1  # stays dead; the others carry on
             if self._gone >= len(self.handles):

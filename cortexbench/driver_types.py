@@ -61,6 +61,7 @@ class DriverResult:
     stopped_early: bool
     states: dict[str, WorkerState] = field(default_factory=dict)
     worker_losses: dict[str, int] = field(default_factory=dict)
+    worker_hangs: dict[str, int] = field(default_factory=dict)  # of the losses: calls not answered in time
     error: str | None = None  # why the run could not go on (every worker gone), if so
     error_samples: dict[str, str] = field(default_factory=dict)  # outcome -> the first message of that kind
 
@@ -72,13 +73,16 @@ def merge_results(results: Sequence[DriverResult]) -> DriverResult:
     if not results:
         raise ValueError("merge_results needs at least one result")
     losses: dict[str, int] = {}
+    hangs: dict[str, int] = {}
     for r in results:
         for k, v in r.worker_losses.items():
             losses[k] = losses.get(k, 0) + v
+        for k, v in r.worker_hangs.items():
+            hangs[k] = hangs.get(k, 0) + v
     error = "; ".join(f"shard {i}: {r.error}" for i, r in enumerate(results) if r.error) or None
     return DriverResult(results[0].mode, Ledger.merge([r.ledger for r in results]), sum(r.sent for r in results),
                         sum(r.not_sent for r in results), min(r.started_s for r in results),
                         max(r.finished_s for r in results), sum(r.retries for r in results),
                         sum(r.cancelled for r in results), any(r.stopped_early for r in results),
-                        {k: v for r in results for k, v in r.states.items()}, losses, error=error,
+                        {k: v for r in results for k, v in r.states.items()}, losses, hangs, error=error,
                         error_samples={k: v for r in reversed(results) for k, v in r.error_samples.items()})

@@ -322,6 +322,10 @@ class HttpHandle:
             return ERROR, file, -1, math.nan, f"{name}: cannot read the answer: {e}"
         return OK, file, int(y.argmax()), float(y.sum(dtype=np.float64)), ""
 
+    async def replace(self) -> None:
+        """A server that stopped answering cannot be ended from here: wait until it is ready again."""
+        await self.recover()
+
     async def recover(self) -> None:
         """Wait until the server is ready again (``RECOVER_S`` at most)."""
         deadline = time.monotonic() + RECOVER_S

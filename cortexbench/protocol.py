@@ -125,6 +125,11 @@ class WorkerHandle(Protocol):
         """Wait until a lost worker is back and set up again; raise WorkerError if it cannot be."""
         ...
 
+    async def replace(self) -> None:
+        """A worker that stopped answering (a call timed out): end it and wait for a fresh one, set up
+        (where the target cannot end it, as a remote server, wait until it is ready again)."""
+        ...
+
     async def start(self) -> None:
         """Get ready to send (e.g. compile a graph); called once before the first ``submit``."""
         ...

@@ -72,6 +72,10 @@ class ActorHandle:
     async def recover(self) -> None:
         await recover_actor(self.actor, self.name, self.mode)
 
+    async def replace(self) -> None:
+        ADAPTER.kill(self.actor)
+        await self.recover()
+
     async def close(self) -> None:
         pass
 
@@ -232,6 +236,10 @@ class CompiledHandle:
         await asyncio.get_running_loop().run_in_executor(None, self._teardown)
         await recover_actor(self.actor, self.name, self.mode)
         await self.start()
+
+    async def replace(self) -> None:
+        ADAPTER.kill(self.actor)
+        await self.recover()
 
     def _teardown(self) -> None:
         if self._thread is not None and self._thread.is_alive():

@@ -23,6 +23,7 @@ STREAM_KEYS = {
     "warmup": "stream.warmup", "popularity": "stream.popularity", "dispatch": "stream.dispatch",
     "drivers": "stream.drivers", "max_group": "stream.max_group", "lanes": "stream.lanes",
     "retries": "stream.retries", "image_pool": "stream.image_pool", "drain_timeout": "stream.drain_timeout_s",
+    "image_timeout": "stream.image_timeout_s",
     "cold_drop_cache": "stream.cold_drop_cache", "records": "stream.records", "cold_rebuild": "stream.cold_rebuild",
     "on_demand_images": "stream.on_demand_images", "inputs": "stream.inputs", "decode": "stream.decode",
     "target": "stream.target", "protocol": "stream.protocol", "input_name": "stream.input_name",
@@ -64,6 +65,9 @@ def build_parser() -> ArgumentParser:
     a("--retries", type=int, metavar="N", help="retries of an image whose worker died [stream.retries]")
     a("--image-pool", type=int, metavar="N", help="decoded inputs held per worker (cached, lru) [stream.image_pool]")
     a("--drain-timeout", type=float, metavar="S", help="wait for in-flight images on stop [stream.drain_timeout_s]")
+    a("--image-timeout", type=float, metavar="S",
+      help="a worker call (a group of images) unanswered this long: the worker is taken as hung, replaced, "
+           "and its images retried elsewhere [stream.image_timeout_s]")
     a("--cold-drop-cache", action="store_const", const=True,
       help="cold mode: drop files from the page cache before reading them [stream.cold_drop_cache]")
     a("--cold-rebuild", action="store_const", const=True,

@@ -130,6 +130,7 @@ class FakeWorkerHandle:
         self._lane_free = [0.0] * lanes
         self.groups: list[int] = []
         self.started = self.closed = 0  # start() and close() calls
+        self.replaced = 0  # replace() calls (the driver took it as hung)
 
     def submit(self, group: RequestGroup) -> asyncio.Future[tuple[ResultGroup, float]]:
         return asyncio.ensure_future(self.call(group))
@@ -198,6 +199,15 @@ class FakeWorkerHandle:
         await asyncio.sleep(self.down_s)
         self.dead = False
         self._lane_free = [0.0] * self.lanes
+
+    async def replace(self) -> None:
+        """Ended and started afresh (as the Ray handle kills the actor and Ray restarts it)."""
+        self.replaced += 1
+        self.dead = True
+        for watch in self._deathwatch:  # whatever else it had in flight is lost with it
+            if not watch.done():
+                watch.set_result(None)
+        await self.recover()
 
     async def start(self) -> None:
         self.started += 1

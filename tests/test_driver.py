@@ -353,22 +353,32 @@ class _NeverAnswers(FakeWorkerHandle):
         return await super().call(group)
 
 
-def test_a_call_never_answered_times_out_and_the_run_goes_on():
+def test_a_call_never_answered_marks_its_worker_hung_replaces_it_and_retries_the_images():
     handles = [_NeverAnswers("w0"), FakeWorkerHandle("w1")]
     _, res, _ = _drive(handles, count=100, concurrency=4, call_timeout_s=5.0)
+    assert res.ledger.outcome_counts()["ok"] == 100 and res.retries == 1
+    assert res.worker_hangs == {"w0": 1} and res.worker_losses == {"w0": 1}
+    assert handles[0].replaced == 1 and handles[1].replaced == 0
+    res.ledger.check_complete(res.sent)
+
+
+def test_a_hung_call_whose_images_are_out_of_retries_fails_them_as_timeout():
+    handles = [_NeverAnswers("w0"), FakeWorkerHandle("w1")]
+    _, res, _ = _drive(handles, count=100, concurrency=4, call_timeout_s=5.0, retries=0)
     counts = res.ledger.outcome_counts()
     assert counts["timeout"] == 1 and counts["ok"] == 99
     res.ledger.check_complete(res.sent)
-    assert "did not answer within 5 s" in res.error_samples["timeout"]
+    assert "did not answer within 5 s; retries ran out" in res.error_samples["timeout"]
 
 
-def test_a_timed_out_call_frees_its_slot_for_the_queued_images():
-    # one worker, one call at a time: the images queued behind the hung call go out once it times out
+def test_the_only_worker_hung_is_replaced_and_takes_its_queued_images_once_back():
+    # one worker, one call at a time: the hung call's image and those queued behind it wait for the
+    # replacement (down 0.5 s), then run on it
     handles = [_NeverAnswers("w0")]
     _, res, _ = _drive(handles, count=4, concurrency=4, depth=1, call_timeout_s=5.0, stop_after=60.0)
     assert not res.stopped_early
-    assert res.ledger.outcome_counts()["timeout"] == 1 and res.ledger.outcome_counts()["ok"] == 3
-    assert res.sent == 4 and res.finished_s - res.started_s == pytest.approx(5.03)
+    assert res.ledger.outcome_counts()["ok"] == 4 and handles[0].replaced == 1
+    assert res.sent == 4 and res.finished_s - res.started_s == pytest.approx(5.0 + 0.5 + 0.04, abs=0.02)
 
 
 class _FailsLong(FakeWorkerHandle):

@@ -452,3 +452,40 @@ def test_the_same_stream_runs_against_the_fake_the_ray_and_the_http_targets(pool
         assert np.array_equal(cols[k]["item"], cols["fake"]["item"])
         assert np.array_equal(cols[k]["model_idx"], cols["fake"]["model_idx"])
     assert np.array_equal(cols["ray"]["input_idx"], cols["http"]["input_idx"])
+
+
+@pytest.mark.slow
+def test_a_hung_worker_is_timed_out_replaced_and_its_images_retried(ray_session, model_dir, images):
+    """Real workers; the model ``null:30`` holds a worker for 30 s, far past the 2 s call time-out: the
+    driver takes the worker as hung, Ray kills and restarts it, and the image is retried once, hangs a
+    worker again and then fails as timeout.  Every other image is answered; every image is accounted."""
+    models = ("null:0.002", "null:30")
+    specs = [WorkerSpec(name=f"hang{i}", device="cpu", backend="mxnet", model_dir=str(model_dir), models=models,
+                        images=images, lanes=1, image_pool=8) for i in range(2)]
+    target = cluster.start_workers(specs, gpu=False, cpus_each=0.5, threads_each=1)
+    try:
+        pids = {_pid(target, i) for i in range(2)}
+        target.set_mode("cached")
+        sched = make_schedule(count=60, models=models, n_images=8, weights=(0.97, 0.03), seed=3)
+        slow = int(np.count_nonzero(sched.model_idx == 1))
+        assert slow >= 1
+
+        async def main() -> DriverResult:
+            handles = target.handles("cached", HandleOptions("grouped", 2))
+            opts = DriverOptions(mode="cached", concurrency=2, max_group=1, depth=2, retries=1,
+                                 fold_interval_s=0.05, call_timeout_s=2.0)
+            return await drive(sched, handles, opts, balancer="least-outstanding", seed=0)
+
+        t0 = time.monotonic()
+        res = asyncio.run(main())
+        assert time.monotonic() - t0 < 240
+        counts = _accounted(res, 60)
+        assert counts["timeout"] == slow  # each hung twice (the first try and its one retry)
+        assert counts["ok"] + counts.get("worker_died", 0) == 60 - slow
+        assert sum(res.worker_hangs.values()) >= 2 * slow - 1
+        assert "did not answer within 2 s; retries ran out" in res.error_samples["timeout"]
+        for i in range(2):  # a replacement may still be starting when the run ends: wait for it
+            asyncio.run(ray_handles.ActorHandle(specs[i].name, target.actors[i], "cached").recover())
+        assert {_pid(target, i) for i in range(2)} & pids == set()  # both processes were replaced
+    finally:
+        target.close()

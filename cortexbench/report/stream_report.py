@@ -228,9 +228,14 @@ def warnings(results: Mapping[str, Any]) -> list[str]:
             if n > 0:
                 out.append(f"{name}: {int(n):,} image(s) {what}.")
         losses = mode.get("worker_losses") or {}
-        if losses:
+        hangs = mode.get("worker_hangs") or {}
+        died = {w: n - hangs.get(w, 0) for w, n in losses.items() if n - hangs.get(w, 0) > 0}
+        if died:
             out.append(f"{name}: worker(s) died and were replaced: "
-                       + ", ".join(f"{w} ×{n}" for w, n in losses.items()) + "; their images were retried.")
+                       + ", ".join(f"{w} ×{n}" for w, n in died.items()) + "; their images were retried.")
+        if hangs:
+            out.append(f"{name}: worker(s) stopped answering (a call past --image-timeout) and were replaced: "
+                       + ", ".join(f"{w} ×{n}" for w, n in hangs.items()) + "; their images were retried.")
     out += tiers.warnings(results)
     return out
 
