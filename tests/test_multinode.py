@@ -1,0 +1,70 @@
+"""A stream over a Ray cluster of two nodes on this machine (``ray.cluster_utils.Cluster``, each node one CPU
+so that each of the two workers lands on its own node), and the loss of a whole node mid-stream: the
+command joins the cluster with ``--address``, the driver retries the lost worker's images on the other
+node and every image is accounted for."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+PROGRESS = re.compile(r"^stream cached \[.*img/s")
+
+
+@pytest.fixture
+def two_nodes() -> Iterator[tuple[Any, Any]]:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    second = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        yield cluster, second
+    finally:
+        cluster.shutdown()
+
+
+def test_a_node_lost_mid_stream_has_its_images_retried_on_the_other_and_all_accounted(two_nodes, model_dir: Path,
+                                                                                       image_dir: Path, tmp_path: Path):
+    cluster, second = two_nodes
+    cmd = [sys.executable, "-m", "cortexbench.stream", "--address", cluster.address, "--cpu-workers", "2",
+           "--models", "null:0.005", "--images", "2000", "--warmup", "20", "--mode", "cached", "--concurrency", "4",
+           "--metrics-port", "0", "--records", "none", "--result-dir", str(tmp_path / "results"),
+           "--model-dir", str(model_dir), "--img-dir", str(image_dir)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: list[str] = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # blocks until the stream is under way
+            seen.append(line)
+            if PROGRESS.match(line):
+                break
+        else:
+            pytest.fail("no progress line: " + "".join(seen)[-2000:])
+        cluster.remove_node(second)  # the whole node: its raylet and the worker on it
+        _, rest = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = "".join(seen) + rest
+    assert proc.returncode == 0, stderr[-3000:]
+    run_dir = next((tmp_path / "results").glob("*-stream*"))
+    results = json.loads((run_dir / "results.json").read_text())
+    mode = results["modes"]["cached"]
+    s = mode["summary"]
+    assert s["images_sent"] == 2020 and s["not_sent"] == 0
+    assert s["images_sent"] == s["ok"] + s["failed"] == s["rows"]
+    assert sum(mode["worker_losses"].values()) >= 1 and s["retries"] >= 1  # the node's worker was lost
+    assert s["ok"] == 2020  # two retries are plenty: the other node's worker takes them
+    assert "died and were replaced" in (run_dir / "report.md").read_text()
