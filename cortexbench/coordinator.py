@@ -282,6 +282,7 @@ class StreamRun:
         summary["setup_s"] = self.setup_s.get(mode)
         summary["worker_losses"] = result.worker_losses
         summary["worker_hangs"] = result.worker_hangs
+        summary["worker_outages"] = [{"worker": n, "lost_at_s": t, "back_after_s": b} for n, t, b in result.outages]
         summary["error"] = result.error
         summary["error_samples"] = result.error_samples
         result.ledger.check_complete(result.sent)

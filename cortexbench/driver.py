@@ -85,6 +85,8 @@ class Driver:
         self._life = [0] * nw  # how many times each worker was lost: a call knows which life it was sent to
         self.losses: dict[str, int] = {}
         self.hangs: dict[str, int] = {}
+        self._outages: list[list[Any]] = []  # [worker, lost at (run seconds), back after (seconds) or None]
+        self._down_since: dict[int, list[Any]] = {}
         self.n_sent = self.n_done = self.n_failed = self.n_retries = self.n_cancelled = 0
         self.dispatched = 0
         self._stop = asyncio.Event()
@@ -141,7 +143,8 @@ class Driver:
         t = self.tally
         return DriverResult(self.opt.mode, t.ledger, self.n_sent, not_sent, self._t0, self.clock(),
                             self.n_retries, self.n_cancelled, stopped_early, dict(t.states), dict(self.losses),
-                            dict(self.hangs), error=self.error, error_samples=dict(t.error_samples))
+                            dict(self.hangs), tuple((n, t_lost, back) for n, t_lost, back in self._outages),
+                            error=self.error, error_samples=dict(t.error_samples))
 
     async def _drain(self) -> None:
         """Wait for every image sent; once stop() is called, only ``drain_timeout_s``, then cancel."""
@@ -329,6 +332,8 @@ class Driver:
             self.losses[name] = self.losses.get(name, 0) + 1
             if hung:
                 self.hangs[name] = self.hangs.get(name, 0) + 1
+            self._down_since[w] = outage = [name, self.clock() - self._t0, None]
+            self._outages.append(outage)
             self.alive[w] = False
             self._n_down += 1
             self._restarted[w] = True
@@ -381,6 +386,9 @@ class Driver:
             return
         self.alive[w] = True
         self._n_down -= 1
+        outage = self._down_since.pop(w, None)
+        if outage is not None:
+            outage[2] = self.clock() - self._t0 - outage[1]
         self._alive_ev.set()
         self._flush(w)
         parked = list(self._parked)

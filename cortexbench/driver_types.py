@@ -62,6 +62,8 @@ class DriverResult:
     states: dict[str, WorkerState] = field(default_factory=dict)
     worker_losses: dict[str, int] = field(default_factory=dict)
     worker_hangs: dict[str, int] = field(default_factory=dict)  # of the losses: calls not answered in time
+    # each loss: (worker, seconds into the run it was lost, seconds it took to come back or None)
+    outages: tuple[tuple[str, float, float | None], ...] = ()
     error: str | None = None  # why the run could not go on (every worker gone), if so
     error_samples: dict[str, str] = field(default_factory=dict)  # outcome -> the first message of that kind
 
@@ -84,5 +86,6 @@ def merge_results(results: Sequence[DriverResult]) -> DriverResult:
                         sum(r.not_sent for r in results), min(r.started_s for r in results),
                         max(r.finished_s for r in results), sum(r.retries for r in results),
                         sum(r.cancelled for r in results), any(r.stopped_early for r in results),
-                        {k: v for r in results for k, v in r.states.items()}, losses, hangs, error=error,
+                        {k: v for r in results for k, v in r.states.items()}, losses, hangs,
+                        tuple(sorted((o for r in results for o in r.outages), key=lambda o: o[1])), error=error,
                         error_samples={k: v for r in reversed(results) for k, v in r.error_samples.items()})

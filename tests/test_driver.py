@@ -199,6 +199,8 @@ def test_one_death_fails_every_call_in_flight_and_counts_once():
     assert handles[0].deaths == 1 and handles[0].lost_images == 4
     assert res.worker_losses == {"w0": 1}  # one death, however many calls it took with it
     assert res.retries == 4
+    (name, lost_at, back_after), = res.outages  # when it was lost, and how long it took to come back
+    assert name == "w0" and 0 < lost_at < res.finished_s - res.started_s and back_after == pytest.approx(0.2, abs=0.01)
     assert np.bincount(res.ledger.column("attempts"), minlength=3).tolist() == [0, 296, 4]
     assert handles[0].images > 0  # it came back after recovering
 

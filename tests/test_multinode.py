@@ -1,7 +1,8 @@
 """A stream over a Ray cluster of two nodes on this machine (``ray.cluster_utils.Cluster``, each node one CPU
 so that each of the two workers lands on its own node), and the loss of a whole node mid-stream: the
 command joins the cluster with ``--address``, the driver retries the lost worker's images on the other
-node and every image is accounted for."""
+node, every image is accounted for, and when a new node joins, Ray restarts the worker there and it comes
+back (the report says after how long)."""
 
 from __future__ import annotations
 
@@ -34,11 +35,11 @@ def two_nodes() -> Iterator[tuple[Any, Any]]:
         cluster.shutdown()
 
 
-def test_a_node_lost_mid_stream_has_its_images_retried_on_the_other_and_all_accounted(two_nodes, model_dir: Path,
-                                                                                       image_dir: Path, tmp_path: Path):
+def test_a_node_lost_mid_stream_has_its_images_retried_and_its_worker_comes_back_on_a_new_node(
+        two_nodes, model_dir: Path, image_dir: Path, tmp_path: Path):
     cluster, second = two_nodes
     cmd = [sys.executable, "-m", "cortexbench.stream", "--address", cluster.address, "--cpu-workers", "2",
-           "--models", "null:0.005", "--images", "2000", "--warmup", "20", "--mode", "cached", "--concurrency", "4",
+           "--models", "null:0.005", "--images", "5000", "--warmup", "20", "--mode", "cached", "--concurrency", "4",
            "--metrics-port", "0", "--records", "none", "--result-dir", str(tmp_path / "results"),
            "--model-dir", str(model_dir), "--img-dir", str(image_dir)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"},
@@ -53,6 +54,7 @@ def test_a_node_lost_mid_stream_has_its_images_retried_on_the_other_and_all_acco
         else:
             pytest.fail("no progress line: " + "".join(seen)[-2000:])
         cluster.remove_node(second)  # the whole node: its raylet and the worker on it
+        cluster.add_node(num_cpus=1)  # a new one: Ray restarts the lost worker there, and it rejoins
         _, rest = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
@@ -63,8 +65,11 @@ def test_a_node_lost_mid_stream_has_its_images_retried_on_the_other_and_all_acco
     results = json.loads((run_dir / "results.json").read_text())
     mode = results["modes"]["cached"]
     s = mode["summary"]
-    assert s["images_sent"] == 2020 and s["not_sent"] == 0
+    assert s["images_sent"] == 5020 and s["not_sent"] == 0
     assert s["images_sent"] == s["ok"] + s["failed"] == s["rows"]
     assert sum(mode["worker_losses"].values()) >= 1 and s["retries"] >= 1  # the node's worker was lost
-    assert s["ok"] == 2020  # two retries are plenty: the other node's worker takes them
-    assert "died and were replaced" in (run_dir / "report.md").read_text()
+    assert s["ok"] == 5020  # two retries are plenty: the other node's worker takes them
+    outages = mode["worker_outages"]
+    assert outages and all(o["back_after_s"] is not None and o["back_after_s"] > 0 for o in outages), outages
+    report = (run_dir / "report.md").read_text()
+    assert "died and were replaced" in report and "s later" in report

@@ -236,6 +236,12 @@ def warnings(results: Mapping[str, Any]) -> list[str]:
         if hangs:
             out.append(f"{name}: worker(s) stopped answering (a call past --image-timeout) and were replaced: "
                        + ", ".join(f"{w} ×{n}" for w, n in hangs.items()) + "; their images were retried.")
+        outages = mode.get("worker_outages") or []
+        if outages:
+            out.append(f"{name}: outages: " + "; ".join(
+                f"{o['worker']} lost {o['lost_at_s']:.1f} s into the run, "
+                + (f"back {o['back_after_s']:.1f} s later" if o.get("back_after_s") is not None else "not back by the end")
+                for o in outages) + " (the throughput timeline shows the dip).")
     out += tiers.warnings(results)
     return out
 
