@@ -25,6 +25,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+TOKEN_ENV = "CORTEXBENCH_TOKEN"  # the bearer token: what `serve` checks, what the HTTP target sends
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that exits 2 with one line (no usage dump) on a bad flag."""
 

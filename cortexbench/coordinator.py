@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from cortexbench import machine
+from cortexbench import cli, machine
 from cortexbench.config import Config
 from cortexbench.driver import Driver, drive
 from cortexbench.driver_types import DriverOptions, DriverResult, merge_results
@@ -384,7 +384,7 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
             st = cfg.stream
             target = HttpTarget(st.target or "", plan.models, plan.images, protocol=st.protocol,
                                 image_pool=st.image_pool, input_name=st.input_name, input_shape=st.input_shape,
-                                client=st.http_client, say=say)
+                                client=st.http_client, token=os.environ.get(cli.TOKEN_ENV) or None, say=say)
             say(f"waiting for {where} to be ready, reading its models' metadata ...")
             target.start()
         else:

@@ -95,8 +95,9 @@ class HttpTarget:
 
     def __init__(self, url: str, models: Sequence[str], images: Sequence[str], *, protocol: str = "v2",
                  image_pool: int = 64, timeout_s: float = 30.0, input_name: str | None = None,
-                 input_shape: Sequence[int] = (), client: str = "raw",
+                 input_shape: Sequence[int] = (), client: str = "raw", token: str | None = None,
                  say: Callable[[str], None] = _quiet) -> None:
+        """``token``: a bearer token sent with every request (``CORTEXBENCH_TOKEN``, as ``serve`` reads it)."""
         u = check_target(url, protocol)
         if client not in ("raw", "httpx"):
             raise ConfigError(f"--http-client: '{client}' is not a client (valid: raw, httpx)")
@@ -110,6 +111,7 @@ class HttpTarget:
         self.timeout_s = timeout_s
         self.input_name, self.input_shape = input_name, tuple(input_shape)
         self.say = say
+        self.auth = {"authorization": f"Bearer {token}"} if token else {}
         self.inputs: dict[str, InputInfo] = {}
         self.bodies: dict[str, list[tuple[bytes, dict[str, str], int]]] = {}  # per model: body, headers, file
         self.heads: dict[str, list[bytes]] = {}  # per model, per body: the raw client's request head
@@ -129,7 +131,7 @@ class HttpTarget:
 
     def start(self) -> None:
         """Wait until the server is ready, learn each model's input, build every request body."""
-        with httpx.Client(timeout=self.timeout_s) as client:
+        with httpx.Client(timeout=self.timeout_s, headers=self.auth) as client:
             self._wait_ready(client, READY_S)
             for name in self.models:
                 self.inputs[name] = self._discover(client, name)
@@ -201,12 +203,12 @@ class HttpTarget:
         tensor: dict[str, Any] = {"name": info.name, "shape": list(x.shape), "datatype": info.datatype}
         if self.protocol == "v2-json":
             tensor["data"] = x.reshape(-1).tolist()
-            return json.dumps({"inputs": [tensor]}).encode(), {"content-type": "application/json"}
+            return json.dumps({"inputs": [tensor]}).encode(), {"content-type": "application/json", **self.auth}
         raw = np.ascontiguousarray(x).astype(x.dtype.newbyteorder("<"), copy=False).tobytes()
         tensor["parameters"] = {"binary_data_size": len(raw)}
         head = json.dumps({"inputs": [tensor], "parameters": {"binary_data_output": True}})
         head_b = head.encode()
-        return head_b + raw, {"content-type": "application/octet-stream", HEADER: str(len(head_b))}
+        return head_b + raw, {"content-type": "application/octet-stream", HEADER: str(len(head_b)), **self.auth}
 
     # --- the Target protocol ------------------------------------------------------------------------
 
@@ -315,7 +317,9 @@ class HttpHandle:
             raise WorkerLostError(f"{t.url}: {type(e).__name__}") from None
         if status != 200:
             kind = MODEL_ERROR if status == 404 else INPUT_ERROR if status < 500 else ERROR
-            return kind, file, -1, math.nan, f"HTTP {status} from {name}: {content[:200].decode('utf-8', 'replace')}"
+            hint = " (the server wants a token: set CORTEXBENCH_TOKEN)" if status in (401, 403) else ""
+            return kind, file, -1, math.nan, \
+                f"HTTP {status} from {name}{hint}: {content[:200].decode('utf-8', 'replace')}"
         try:
             y = _logits(r_headers, content)
         except (ValueError, KeyError, TypeError, IndexError) as e:

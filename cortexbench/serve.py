@@ -24,14 +24,21 @@ from collections.abc import Sequence
 from typing import Any
 
 from cortexbench import machine
-from cortexbench.cli import COMMON_KEYS, ArgumentParser, add_common_flags, flags_of, overrides_from, run_main
+from cortexbench.cli import (
+    COMMON_KEYS,
+    TOKEN_ENV,
+    ArgumentParser,
+    add_common_flags,
+    flags_of,
+    overrides_from,
+    run_main,
+)
 from cortexbench.config import Config, load_config
 from cortexbench.errors import ConfigError, UsageError
 
 INLINE_BYTES = 4 << 20  # Ray's inline argument limit for the workers this command starts (default 100 KB)
 
 PROG = "python -m cortexbench.serve"
-TOKEN_ENV = "CORTEXBENCH_TOKEN"
 SERVE_KEYS = {
     **COMMON_KEYS, "gpus": "gpu_num", "cpu_workers": "stream.cpu_workers", "lanes": "stream.lanes",
     "image_pool": "stream.image_pool", "mode": "serve.mode", "host": "serve.host", "port": "serve.port",

@@ -274,6 +274,33 @@ def test_the_token_is_needed_on_inference_calls_only(workers):
     caller.close()
 
 
+@pytest.mark.parametrize("token", ["s3cret", None])
+def test_the_http_target_sends_the_token_so_a_guarded_gateway_can_be_load_tested(workers, images, token):
+    """``stream --target`` against ``serve --token``: with CORTEXBENCH_TOKEN every image is answered;
+    without it every image fails as input_error with a message that says what to set."""
+    import asyncio
+
+    from cortexbench.driver import DriverOptions, drive
+    from cortexbench.http_target import HttpTarget
+    from cortexbench.schedule import make_schedule
+    from cortexbench.target import HandleOptions
+
+    caller = LocalCaller(workers[:1], threads=2)
+    with serving(make_app(_gateway(caller), token="s3cret")) as url:
+        target = HttpTarget(url, ("digits_cnn",), [str(p) for p in images], image_pool=4, token=token)
+        target.start()
+        sched = make_schedule(count=20, models=target.models, n_images=len(target.images), seed=1)
+        opts = DriverOptions(mode="server", concurrency=2, max_group=1, depth=2, retries=0, fold_interval_s=0.02)
+        res = asyncio.run(drive(sched, target.handles("server", HandleOptions("http", 2)), opts,
+                                balancer="round-robin", seed=0))
+    caller.close()
+    counts = res.ledger.outcome_counts()
+    if token:
+        assert counts["ok"] == 20
+    else:
+        assert counts["input_error"] == 20 and "set CORTEXBENCH_TOKEN" in res.error_samples["input_error"]
+
+
 # --- workers that fail, and back-pressure ---------------------------------------------------------
 
 
