@@ -147,6 +147,27 @@ def test_v1_predict_takes_a_jpeg_or_png_and_answers_the_top5(served, images):
     assert len(null) == 1  # the null model has one class
 
 
+def _declaring(data: bytes, width: int, height: int) -> bytes:
+    """A real JPEG or PNG whose header claims another size (a decompression bomb is just that)."""
+    out = bytearray(data)
+    if data.startswith(b"\x89PNG"):
+        out[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+        return bytes(out)
+    sof = data.index(b"\xff\xc0")
+    out[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(out)
+
+
+@pytest.mark.parametrize("fmt", [".jpg", ".png"])
+def test_an_image_declaring_too_many_pixels_is_413_before_it_is_decoded(served, fmt):
+    client, _ = served
+    small = cv2.imencode(fmt, np.zeros((20, 30, 3), np.uint8))[1].tobytes()
+    bomb = _declaring(small, 60_000, 60_000)  # 3.6 G pixels: 10.8 GB once decoded
+    r = client.post("/v1/models/mnist_cnn:predict", content=bomb)
+    assert r.status_code == 413 and "60000 x 60000 pixels, over the limit" in r.json()["error"]
+    assert client.post("/v1/models/mnist_cnn:predict", content=small).status_code == 200
+
+
 def test_metrics_count_requests_by_route_and_code_and_images(served):
     client, _ = served
     client.get("/v2/models/nope")

@@ -229,14 +229,21 @@ def make_app(gateway: Gateway, *, token: str | None = None, max_body_bytes: int 
     return CountRequests(app, gateway)
 
 
+MAX_IMAGE_PIXELS = 64_000_000  # a larger picture is refused before it is decoded (a decompression bomb)
+
+
 def decode_image(data: bytes, model: ModelInfo) -> np.ndarray:
     """A JPEG or PNG body as the model's input (the stream's preprocessing): float32 (1, *input_shape);
-    RequestError 422 when it does not decode."""
-    from cortexbench.images.dataset import decode, preprocess
+    RequestError 422 when it does not decode, 413 when its header declares more than ``MAX_IMAGE_PIXELS``."""
+    from cortexbench.images.dataset import decode, image_size, preprocess
     from cortexbench.models.registry import get_spec
 
     if not data:
         raise RequestError(400, "the body is empty: send the JPEG or PNG file's bytes")
+    size = image_size(data)
+    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise RequestError(413, f"the image is {size[0]} x {size[1]} pixels, over the limit of "
+                                f"{MAX_IMAGE_PIXELS:,} pixels")
     try:
         return preprocess(decode(data, "<body>"), get_spec(model.name))[None]
     except ImageDecodeError as e:

@@ -108,6 +108,31 @@ def check_encoded(data: bytes, path: Path | str = "") -> bool:
     return False
 
 
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header or a PNG's IHDR, read without decoding anything (to refuse
+    a decompression bomb before it is decoded); None when the header is not found."""
+    if data.startswith(_PNG_SIG) and len(data) >= 24 and data[12:16] == b"IHDR":
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if not data.startswith(_JPEG_SOI):
+        return None
+    i = 2
+    while i + 9 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if 0xD0 <= marker <= 0xD9 or marker == 0x01:  # markers without a length
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start of frame
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+        i += 2 + length
+    return None
+
+
 def decode(data: bytes, path: Path | str = "") -> np.ndarray:
     """Decode JPEG/PNG bytes to a BGR uint8 H x W x 3 array; ImageDecodeError naming ``path`` on failure
     (``check_encoded`` first)."""

@@ -228,3 +228,16 @@ def test_scan_counts_good_and_bad(image_set, corrupt, tmp_path):
     assert s.mean_width == pytest.approx(sum(widths) / 3)
     assert s.size_bytes == sum(p.stat().st_size for p in d.iterdir())
     assert any(line.startswith("decode bad") and line.endswith("1") for line in s.lines())
+
+
+def test_image_size_reads_the_header_as_the_decoder_sees_the_picture(tmp_path):
+    from cortexbench.images.dataset import image_size
+
+    synthesize(tmp_path / "s", 6, seed=1, progress=False)
+    for path in sorted((tmp_path / "s").rglob("*.jpg")):
+        data = path.read_bytes()
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        assert image_size(data) == (img.shape[1], img.shape[0])
+        png = cv2.imencode(".png", img)[1].tobytes()
+        assert image_size(png) == (img.shape[1], img.shape[0])
+    assert image_size(b"not an image") is None and image_size(b"\xff\xd8\xff") is None
