@@ -284,19 +284,7 @@ class ModelWorker:
                 t4 = clock()
             finally:
                 self.models.release(model, res)
-            t5 = clock()
-            out[1] = OK
-            if times is None:  # ready: when the model was; the image may have been ready later (t3)
-                out[STAGE0 + WAIT] = ready - start
-                out[STAGE0 + READ] = out[STAGE0 + BUILD] = out[STAGE0 + COPY] = 0.0
-            else:  # the stages add up to the time the model took to be ready
-                out[STAGE0 + READ], out[STAGE0 + BUILD], out[STAGE0 + COPY] = times.read_s, times.build_s, times.copy_s
-                out[STAGE0 + WAIT] = max(0.0, ready - start - times.read_s - times.build_s - times.copy_s)
-            out[STAGE0 + INFER] = t4 - t3
-            out[STAGE0 + FREE] = t5 - t4
-            first = y[0]
-            out[TOP1] = float(first.argmax())
-            out[CHECKSUM] = float(first.sum(dtype=np.float64))
+            _answered(out, y[0], times, start, ready, t3, t4, clock())
             return None
         except Exception as e:
             return _failed(e, out)
@@ -344,18 +332,7 @@ class ModelWorker:
         finally:
             self.models.release(model, res)
         t4 = self.clock()
-        out[1] = OK
-        if times is None:
-            out[STAGE0 + WAIT] = t3 - start
-            out[STAGE0 + READ] = out[STAGE0 + BUILD] = out[STAGE0 + COPY] = 0.0
-        else:
-            out[STAGE0 + READ], out[STAGE0 + BUILD], out[STAGE0 + COPY] = times.read_s, times.build_s, times.copy_s
-            out[STAGE0 + WAIT] = max(0.0, t3 - start - times.read_s - times.build_s - times.copy_s)
-        out[STAGE0 + INFER] = t4 - t3
-        out[STAGE0 + FREE] = 0.0
-        first = y[0]
-        out[TOP1] = float(first.argmax())
-        out[CHECKSUM] = float(first.sum(dtype=np.float64))
+        _answered(out, y[0], times, start, t3, t3, t4, t4)
         return None
 
     # --- one input sent whole (the serving gateway, cortexbench.serve) ------------------------------
@@ -394,18 +371,8 @@ class ModelWorker:
             t5 = clock()
         except Exception as e:
             return _failed(e, out), None
-        out[1] = OK
-        if times is None:
-            out[STAGE0 + WAIT] = t3 - t0
-            out[STAGE0 + READ] = out[STAGE0 + BUILD] = out[STAGE0 + COPY] = 0.0
-        else:
-            out[STAGE0 + READ], out[STAGE0 + BUILD], out[STAGE0 + COPY] = times.read_s, times.build_s, times.copy_s
-            out[STAGE0 + WAIT] = max(0.0, t3 - t0 - times.read_s - times.build_s - times.copy_s)
-        out[STAGE0 + INFER] = t4 - t3
-        out[STAGE0 + FREE] = t5 - t4
         first = np.asarray(y[0], np.float32).reshape(-1)
-        out[TOP1] = float(first.argmax())
-        out[CHECKSUM] = float(first.sum(dtype=np.float64))
+        _answered(out, first, times, t0, t3, t3, t4, t5)
         return None, first
 
     def state(self) -> WorkerState:
@@ -436,3 +403,21 @@ def _failed(e: Exception, out: list[float]) -> str:
         return str(e)
     out[1] = ERROR  # a framework error: counted, the worker keeps going
     return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+
+
+def _answered(out: list[float], y0: np.ndarray, times: LoadTimes | None, start: float, ready: float,
+              infer_from: float, infer_to: float, freed: float) -> None:
+    """An answered image's row: ok, where the time to its model went (``start``: when the model was asked
+    for; ``ready``: when it was there; a load's stages add up to that wait), ``infer`` and ``free``, and the
+    answer (top-1, logit sum)."""
+    out[1] = OK
+    if times is None:
+        out[STAGE0 + WAIT] = ready - start
+        out[STAGE0 + READ] = out[STAGE0 + BUILD] = out[STAGE0 + COPY] = 0.0
+    else:
+        out[STAGE0 + READ], out[STAGE0 + BUILD], out[STAGE0 + COPY] = times.read_s, times.build_s, times.copy_s
+        out[STAGE0 + WAIT] = max(0.0, ready - start - times.read_s - times.build_s - times.copy_s)
+    out[STAGE0 + INFER] = infer_to - infer_from
+    out[STAGE0 + FREE] = freed - infer_to
+    out[TOP1] = float(y0.argmax())
+    out[CHECKSUM] = float(y0.sum(dtype=np.float64))
