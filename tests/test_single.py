@@ -97,7 +97,9 @@ def test_results_json_has_one_point_per_model_batch_and_device(basic_run):
         assert p["throughput_images_per_s"] == pytest.approx(n / p["batch_latency_s"]["mean"], rel=1e-12)
         assert p["runs"] >= 5  # the default single.min_runs
         assert p["stable"] == (p["rel_spread"] < 0.02)
-        assert p["elapsed_s"] < 0.5 + 1.0  # stopped by the time bound at the latest
+        # stopped by the time bound (0.5 s): past it only by the call that crossed it, or to reach min_runs;
+        # not a wall-clock guess (a loaded machine makes single calls slow, not the bound wrong)
+        assert p["elapsed_s"] - p["batch_latency_s"]["max"] < 0.5 + 0.05 or p["runs"] == 5
 
 
 @needs_mxnet
