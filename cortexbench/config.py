@@ -61,6 +61,7 @@ class StreamConfig:
     duration_s: float | None = None
     warmup: int = 200
     popularity: str = "uniform"
+    arrivals: str = "poisson"  # open loop: poisson, gamma:CV or trace:FILE (schedule.parse_arrivals)
     model_weights: tuple[float, ...] = ()
     cpu_workers: int = 0
     address: str | None = None
@@ -387,13 +388,17 @@ def _check_semantics(cfg: Config) -> None:
             raise ConfigError(f"'single.devices': '{d}' is not a device{did_you_mean(d, ['auto', 'cpu', 'gpu:0'])}")
     st = cfg.stream
     from cortexbench.residency import parse_mode
-    from cortexbench.schedule import parse_popularity
+    from cortexbench.schedule import parse_arrivals, parse_popularity
 
     if not st.modes:
         raise ConfigError("'stream.modes' must name at least one mode (cached, swap, cold, lru:K)")
     for m in st.modes:
         parse_mode(m, key="stream.modes")
     parse_popularity(st.popularity, key="stream.popularity")
+    arrivals = parse_arrivals(st.arrivals, key="stream.arrivals")
+    if arrivals.kind != "poisson" and st.rate is None:
+        raise ConfigError(f"'stream.arrivals' {arrivals} is an open loop: give its mean rate with 'stream.rate' "
+                          "(--rate) too")
     _positive(st.concurrency, "stream.concurrency")
     if st.rate is not None and st.rate <= 0:
         raise ConfigError(f"'stream.rate' must be more than 0 images/s, not {st.rate}")

@@ -105,7 +105,7 @@ def plan_http(cfg: Config, *, quiet: bool = False) -> StreamPlan:
                            create=not cfg.from_flag("img_dir"), progress=not quiet)
     schedule = make_schedule(count=cfg.times, models=models, n_images=len(images), popularity=st.popularity,
                              weights=st.model_weights, rate=st.rate, duration_s=st.duration_s,
-                             warmup=st.warmup, seed=cfg.seed)
+                             warmup=st.warmup, seed=cfg.seed, arrivals=st.arrivals)
     depth = st.concurrency if st.rate is None else max(st.concurrency, 1024)
     return StreamPlan(cfg, "http", models, tuple(str(p) for p in images), (), False, 0.0, 1, "http", drivers, 1,
                       depth, schedule, modes=(SERVER_PASS,))
@@ -176,7 +176,7 @@ def plan_stream(cfg: Config, resources: dict[str, float], *, quiet: bool = False
     depth = 4 if dispatch == "compiled" else calls
     schedule = make_schedule(count=cfg.times, models=models, n_images=len(images), popularity=st.popularity,
                              weights=st.model_weights, rate=st.rate, duration_s=st.duration_s,
-                             warmup=st.warmup, seed=cfg.seed)
+                             warmup=st.warmup, seed=cfg.seed, arrivals=st.arrivals)
     return StreamPlan(cfg, backend, models, tuple(str(p) for p in images), workers, gpu, cpus_each,
                       threads_each, dispatch, drivers, max_group, depth, schedule)
 
@@ -452,7 +452,8 @@ def _results(plan: StreamPlan, target: Target, run: StreamRun, port: int | None,
         "run": {"passes": list(plan.run_modes), "dispatch": plan.dispatch, "drivers": plan.drivers, "balancer": cfg.stream.balancer,
                 "loop": "open" if cfg.stream.rate is not None else "closed",
                 "concurrency": cfg.stream.concurrency, "rate": cfg.stream.rate, "images": cfg.times,
-                "warmup": cfg.stream.warmup, "popularity": cfg.stream.popularity, "metrics_port": port,
+                "warmup": cfg.stream.warmup, "popularity": cfg.stream.popularity,
+                "arrivals": cfg.stream.arrivals, "metrics_port": port,
                 "backend": plan.backend, "lanes": plan.workers[0].lanes if plan.workers else None,
                 "max_group": plan.max_group, "inputs": cfg.stream.inputs, "decode": cfg.stream.decode,
                 "depth": plan.depth, "image_files": len(plan.images), "models": list(plan.models),

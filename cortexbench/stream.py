@@ -20,7 +20,7 @@ STREAM_KEYS = {
     "mode": "stream.modes", "weights": "stream.model_weights", "balancer": "stream.balancer",
     "concurrency": "stream.concurrency", "rate": "stream.rate", "address": "stream.address",
     "metrics_port": "stream.metrics_port", "metrics_host": "stream.metrics_host", "duration": "stream.duration_s", "linger": "stream.linger_s",
-    "warmup": "stream.warmup", "popularity": "stream.popularity", "dispatch": "stream.dispatch",
+    "warmup": "stream.warmup", "popularity": "stream.popularity", "arrivals": "stream.arrivals", "dispatch": "stream.dispatch",
     "drivers": "stream.drivers", "max_group": "stream.max_group", "lanes": "stream.lanes",
     "retries": "stream.retries", "image_pool": "stream.image_pool", "drain_timeout": "stream.drain_timeout_s",
     "cold_drop_cache": "stream.cold_drop_cache", "records": "stream.records", "cold_rebuild": "stream.cold_rebuild",
@@ -49,7 +49,9 @@ def build_parser() -> ArgumentParser:
     a("--popularity", metavar="P", help="uniform or zipf:S [stream.popularity]")
     a("--balancer", metavar="B", help="round-robin, least-outstanding, p2c, affinity [stream.balancer]")
     a("--concurrency", type=int, metavar="C", help="closed loop: images in flight [stream.concurrency]")
-    a("--rate", type=float, metavar="R", help="open loop: Poisson arrivals, images/s [stream.rate]")
+    a("--rate", type=float, metavar="R", help="open loop: arrivals at R images/s [stream.rate]")
+    a("--arrivals", metavar="A", help="open loop: poisson, gamma:CV (bursty gaps of coefficient of variation CV) "
+                                      "or trace:FILE (time_s,model rows, scaled to --rate) [stream.arrivals]")
     a("--duration", type=float, metavar="S", help="stop after S seconds [stream.duration_s]")
     a("--warmup", type=int, metavar="N", help="images sent first and not counted [stream.warmup]")
     a("--address", metavar="ADDR", help="join this Ray cluster ('auto' for the local one) [stream.address]")

@@ -71,3 +71,15 @@ def test_gpus_auto_is_accepted():
     cfg = load_config(None, {"gpu_num": "auto"}, has_gpu=True)
     assert cfg.gpu_num == "auto" and cfg.from_flag("gpu_num")
     assert load_config(None, {"gpu_num": "2"}, has_gpu=True).gpu_num == 2
+
+
+def test_every_key_is_documented_in_config_md_and_every_stream_flag_in_usage_md():
+    from cortexbench.config import Config, keys_of
+
+    config_md = (ROOT / "docs" / "config.md").read_text()
+    assert [k for k in keys_of(Config) if f"`{k}`" not in config_md] == []
+    usage_md = (ROOT / "docs" / "usage.md").read_text()
+    flags = sorted(set(flags_of(stream.STREAM_KEYS).values()) - {"--models", "--backend", "--precision",
+                                                                 "--result-dir", "--model-dir", "--img-dir",
+                                                                 "--seed"})
+    assert [f for f in flags if f"`{f}" not in usage_md] == []

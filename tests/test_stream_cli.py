@@ -125,6 +125,8 @@ BAD = {
     "fp16-on-cpu": ("--precision", "fp16"),
     "inputs": ("--inputs", "bmp"),
     "decode-gpu-pool": ("--decode", "gpu"),
+    "arrivals": ("--arrivals", "weibull:2"),
+    "arrivals-gamma-0": ("--arrivals", "gamma:0"),
 }
 EXPECT = {
     "unknown-model": "resnet9000",
@@ -136,6 +138,9 @@ EXPECT = {
     "fp16-on-cpu": "'precision' fp16 needs GPU workers",
     "inputs": "'stream.inputs' must be 'pool' or 'jpeg', not \"bmp\"",
     "decode-gpu-pool": "--decode gpu decodes JPEG inputs: add --inputs jpeg",
+    "arrivals": "--arrivals: 'stream.arrivals': unknown arrivals 'weibull:2': use 'poisson', 'gamma:CV' "
+                "(CV > 0, as in 'gamma:2') or 'trace:FILE'",
+    "arrivals-gamma-0": "'stream.arrivals': 'gamma:0' needs a coefficient of variation above 0, as in 'gamma:2'",
 }
 
 
