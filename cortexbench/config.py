@@ -86,6 +86,10 @@ class StreamConfig:
     input_shape: tuple[int, ...] = ()
     http_client: Literal["raw", "httpx"] = "raw"  # the HTTP target's client (bench/http_driver.py compares them)
     records: RecordsFormat = "csv.gz"
+    find_peak: bool = False  # search the highest open-loop rate that meets every SLO (peak.py)
+    slo: tuple[str, ...] = ()  # latency objectives of the search: 'p99=20ms', 'mean=8ms'
+    peak_precision: float = 0.05  # the search stops when the bracket [met, missed] is this narrow (relative)
+    peak_tolerance: float = 0.2  # a step's windows agree when each is within this of their median
 
 
 @dataclass(frozen=True)
@@ -413,6 +417,9 @@ def _check_semantics(cfg: Config) -> None:
     for name in ("linger_s", "drain_timeout_s"):
         if getattr(st, name) < 0:
             raise ConfigError(f"'stream.{name}' must be 0 or more seconds, not {getattr(st, name)}")
+    from cortexbench.peak_search import check_peak_config
+
+    check_peak_config(st)
     if st.model_weights and any(w < 0 for w in st.model_weights):
         raise ConfigError("'stream.model_weights' must be 0 or more each")
     _positive(cfg.images.synth_count, "images.synth_count")

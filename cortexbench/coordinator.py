@@ -172,7 +172,9 @@ def plan_stream(cfg: Config, resources: dict[str, float], *, quiet: bool = False
     # runs at once.  A compiled graph keeps a buffer per execution in flight, so it keeps a few.
     from cortexbench.cluster import CALLS_PER_WORKER
 
-    calls = min(CALLS_PER_WORKER, max(4, math.ceil(st.concurrency / max_group)))
+    # The open loop has no concurrency to size by: an image held back in the driver would count as sent late
+    # (a queue in the wrong place), so as many calls as the actor runs may be in flight.
+    calls = CALLS_PER_WORKER if st.rate is not None else min(CALLS_PER_WORKER, max(4, math.ceil(st.concurrency / max_group)))
     depth = 4 if dispatch == "compiled" else calls
     schedule = make_schedule(count=cfg.times, models=models, n_images=len(images), popularity=st.popularity,
                              weights=st.model_weights, rate=st.rate, duration_s=st.duration_s,
@@ -223,15 +225,19 @@ class StreamRun:
         except (NotImplementedError, RuntimeError, ValueError):
             pass  # not the main thread (tests): interrupt() is called directly
         try:
-            for mode in self.plan.run_modes:
-                if self.interrupted or self.error:
-                    break
-                await self.run_mode(mode)
+            await self.run_passes()
         finally:
             try:
                 loop.remove_signal_handler(signal.SIGINT)
             except (NotImplementedError, RuntimeError, ValueError):
                 pass
+
+    async def run_passes(self) -> None:
+        """Every pass of the plan, one after another (``peak.PeakRun`` searches a rate for each instead)."""
+        for mode in self.plan.run_modes:
+            if self.interrupted or self.error:
+                break
+            await self.run_mode(mode)
 
     def _on_sigint(self) -> None:
         print("\nstopping: draining in-flight images (Ctrl-C again to abort at once)", file=sys.stderr)
@@ -373,17 +379,26 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
         live = LiveView(plan.models, worker_names(target), server=server, run_id=run_dir.name, backend=plan.backend,
                         quiet=quiet, host=host, worker_labels=worker_labels(target.workers, host),
                         modes=len(plan.run_modes))
-        run = StreamRun(plan, target, live)
+        if cfg.stream.find_peak:
+            from cortexbench.peak import PeakRun
+
+            run: StreamRun = PeakRun(plan, target, live, say=say)
+        else:
+            run = StreamRun(plan, target, live)
         try:
             asyncio.run(run.run())
         except KeyboardInterrupt:
             run.interrupted = True
         finally:
             live.finish()
-        results = _results(plan, target, run, port, started, argv)
+        results = _results(run.plan, target, run, port, started, argv)
         _write(run_dir, results, run)
         # --quiet drops the progress only: the summary and where the results went are always printed.
         print(stream_report.console_summary(results))
+        if "peak" in results:
+            from cortexbench.report import peak_report
+
+            print(peak_report.console(results["peak"]))
         print(f"results: {run_dir}")
         if not quiet and not http and not plan.gpu and cfg.from_flag("models") is False \
                 and cfg.source("times") != "flag":
@@ -459,6 +474,9 @@ def _results(plan: StreamPlan, target: Target, run: StreamRun, port: int | None,
                 "depth": plan.depth, "image_files": len(plan.images), "models": list(plan.models),
                 "interrupted": run.interrupted, "error": run.error},
     }
+    peaks = getattr(run, "peaks", None)
+    if peaks is not None:  # --find-peak: the search per mode (the modes' figures are the peak's steps)
+        body["peak"] = {m: p.to_dict() for m, p in peaks.items()}
     return envelope("stream", replace(cfg).to_dict(), machine.machine_info(), body,
                     complete=not run.interrupted and not run.error and len(run.modes) == len(plan.run_modes),
                     started_at=started, finished_at=time.time(), argv=argv)
@@ -470,7 +488,13 @@ def _write(run_dir: Path, results: dict[str, Any], run: StreamRun) -> None:
         for mode, ledger in ledgers.items():
             ledger.save_csv_gz(run_dir / f"records-{mode.replace(':', '')}.csv.gz")
     write_json(run_dir / "results.json", results)
-    write_text(run_dir / "report.md", stream_report.render_markdown(results))
+    report = stream_report.render_markdown(results)
+    if results.get("peak"):
+        from cortexbench.report import peak_report
+
+        report = report.rstrip("\n") + "\n\n" + peak_report.render_markdown(results["peak"])
+        peak_report.plot_rate_latency(results["peak"], run_dir / "rate_latency.png")
+    write_text(run_dir / "report.md", report)
     if ledgers:
         stream_plots.plot_all(results, ledgers, run_dir, run.plan.schedule.warmup)
 

@@ -26,7 +26,8 @@ STREAM_KEYS = {
     "cold_drop_cache": "stream.cold_drop_cache", "records": "stream.records", "cold_rebuild": "stream.cold_rebuild",
     "on_demand_images": "stream.on_demand_images", "inputs": "stream.inputs", "decode": "stream.decode",
     "target": "stream.target", "protocol": "stream.protocol", "input_name": "stream.input_name",
-    "input_shape": "stream.input_shape", "http_client": "stream.http_client",
+    "input_shape": "stream.input_shape", "http_client": "stream.http_client", "find_peak": "stream.find_peak",
+    "slo": "stream.slo", "peak_precision": "stream.peak_precision", "peak_tolerance": "stream.peak_tolerance",
 }
 
 
@@ -90,6 +91,16 @@ def build_parser() -> ArgumentParser:
     a("--input-shape", metavar="D,D", help="with --target: that input's shape without the batch axis, as in "
                                            "3,224,224 [stream.input_shape]")
     a("--records", metavar="F", help="per-image records: csv.gz or none [stream.records]")
+    a("--find-peak", action="store_const", const=True,
+      help="search the highest open-loop rate that meets every --slo, per mode; --rate is the first rate tried "
+           "[stream.find_peak]")
+    a("--slo", action="append", metavar="STAT=LIMIT",
+      help="a latency objective of --find-peak: mean or pQ, in us, ms or s, as in p99=20ms; repeat for "
+           "several [stream.slo]")
+    a("--peak-precision", type=float, metavar="F",
+      help="stop when the bracket [met, missed] is within this fraction (default 0.05) [stream.peak_precision]")
+    a("--peak-tolerance", type=float, metavar="F",
+      help="a step's measurement windows must agree within this fraction (default 0.2) [stream.peak_tolerance]")
     return p
 
 
