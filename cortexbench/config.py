@@ -90,6 +90,7 @@ class StreamConfig:
     slo: tuple[str, ...] = ()  # latency objectives of the search: 'p99=20ms', 'mean=8ms'
     peak_precision: float = 0.05  # the search stops when the bracket [met, missed] is this narrow (relative)
     peak_tolerance: float = 0.2  # a step's windows agree when each is within this of their median
+    sweep: str = ""  # 'lru:1,2,4,8': the same stream at each LRU capacity (sweep.py); '' = no sweep
 
 
 @dataclass(frozen=True)
@@ -420,6 +421,12 @@ def _check_semantics(cfg: Config) -> None:
     from cortexbench.peak_search import check_peak_config
 
     check_peak_config(st)
+    if st.sweep:
+        from cortexbench.sweep import parse_sweep
+
+        parse_sweep(st.sweep)
+        if st.find_peak:
+            raise ConfigError("'stream.sweep' and 'stream.find_peak' both set: run one of them at a time")
     if st.model_weights and any(w < 0 for w in st.model_weights):
         raise ConfigError("'stream.model_weights' must be 0 or more each")
     _positive(cfg.images.synth_count, "images.synth_count")

@@ -91,8 +91,8 @@ def plan_http(cfg: Config, *, quiet: bool = False) -> StreamPlan:
 
     st = cfg.stream
     check_target(st.target or "", st.protocol)
-    if cfg.from_flag("stream.modes"):
-        raise ConfigError("--mode does not apply with --target: what stays loaded is the server's business")
+    if cfg.from_flag("stream.modes") or st.sweep:
+        raise ConfigError("--mode and --sweep do not apply with --target: what stays loaded is the server's business")
     if st.inputs != "pool" or st.decode != "cpu":
         raise ConfigError("--inputs/--decode apply to cortexbench's own workers; an HTTP target gets decoded "
                           "tensors (leave them out with --target)")
@@ -179,8 +179,13 @@ def plan_stream(cfg: Config, resources: dict[str, float], *, quiet: bool = False
     schedule = make_schedule(count=cfg.times, models=models, n_images=len(images), popularity=st.popularity,
                              weights=st.model_weights, rate=st.rate, duration_s=st.duration_s,
                              warmup=st.warmup, seed=cfg.seed, arrivals=st.arrivals)
+    modes: tuple[str, ...] = ()
+    if st.sweep:  # the same stream at each capacity, its ends (cold, swap, cached) as --mode lists them
+        from cortexbench.sweep import sweep_modes
+
+        modes = sweep_modes(st.sweep, st.modes)
     return StreamPlan(cfg, backend, models, tuple(str(p) for p in images), workers, gpu, cpus_each,
-                      threads_each, dispatch, drivers, max_group, depth, schedule)
+                      threads_each, dispatch, drivers, max_group, depth, schedule, modes=modes)
 
 
 @dataclass
@@ -399,6 +404,10 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
             from cortexbench.report import peak_report
 
             print(peak_report.console(results["peak"]))
+        if "sweep" in results:
+            from cortexbench import sweep
+
+            print(sweep.console(results["sweep"]["rows"]))
         print(f"results: {run_dir}")
         if not quiet and not http and not plan.gpu and cfg.from_flag("models") is False \
                 and cfg.source("times") != "flag":
@@ -474,6 +483,10 @@ def _results(plan: StreamPlan, target: Target, run: StreamRun, port: int | None,
                 "depth": plan.depth, "image_files": len(plan.images), "models": list(plan.models),
                 "interrupted": run.interrupted, "error": run.error},
     }
+    if cfg.stream.sweep:
+        from cortexbench.sweep import sweep_table
+
+        body["sweep"] = {"sweep": cfg.stream.sweep, "rows": sweep_table(modes, len(plan.models))}
     peaks = getattr(run, "peaks", None)
     if peaks is not None:  # --find-peak: the search per mode (the modes' figures are the peak's steps)
         body["peak"] = {m: p.to_dict() for m, p in peaks.items()}
@@ -494,6 +507,12 @@ def _write(run_dir: Path, results: dict[str, Any], run: StreamRun) -> None:
 
         report = report.rstrip("\n") + "\n\n" + peak_report.render_markdown(results["peak"])
         peak_report.plot_rate_latency(results["peak"], run_dir / "rate_latency.png")
+    if results.get("sweep") and results["sweep"]["rows"]:
+        from cortexbench import sweep
+
+        report = report.rstrip("\n") + "\n\n" + sweep.render_markdown(results["sweep"]["rows"],
+                                                                        results["sweep"]["sweep"])
+        sweep.plot_cache_sweep(results["sweep"]["rows"], run_dir / "cache_sweep.png")
     write_text(run_dir / "report.md", report)
     if ledgers:
         stream_plots.plot_all(results, ledgers, run_dir, run.plan.schedule.warmup)

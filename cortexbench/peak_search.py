@@ -12,11 +12,12 @@ A **step** (``measure_step``) runs ``windows`` x N counted images (warm-up first
 at the rate: N is what the strictest SLO needs per window (``samples_needed``: 5 / (1 - q) for the q-th
 percentile, so 500 for p99; ``MEAN_SAMPLES`` for the mean; ``MIN_WINDOW`` at least).  Its counted
 latencies, in scheduled order, are cut into ``windows`` windows of equal count; the step is **stable** when
-each window's mean latency and throughput lie within ``stream.peak_tolerance`` of the windows' median
-(perf_analyzer's rule, on what it checks by default: consecutive windows agree; a queue that does not settle
-drifts in its mean).  The SLO statistics are judged over the whole step, on all its samples (a window's
-p99 of a queue at high load varies too much from window to window to agree within a tolerance that the mean
-meets).  A step with too few samples in a window, or
+each window's median latency and throughput lie within ``stream.peak_tolerance`` of the windows' median
+(perf_analyzer's rule: consecutive windows agree, on latency and throughput; a queue that does not settle
+drifts in its median too).  The median, not the mean or a tail percentile, because it is the statistic that
+is steady when the system is: a window's p99 of a queue at high load, or its mean on a shared machine whose
+other work stalls a few images for 100 ms, varies from window to window even when nothing drifts.  The SLO
+statistics themselves are judged over the whole step, on all its samples.  A step with too few samples in a window, or
 unstable, is run again with twice the images (``MAX_ATTEMPTS`` runs at most); still unstable, it counts as
 missed (the latency drifts: the queue does not settle).  A step whose every window already misses an SLO
 by more than the tolerance is missed at once (running it longer cannot help).  A stable step **meets** the
@@ -152,10 +153,10 @@ def judge(m: Measured, slos: Sequence[Slo], windows: int, need: int, tolerance: 
     lat = m.latency_s
     stats_names = list(dict.fromkeys(["mean", "p50", "p90", "p99", *(s.stat for s in slos)]))
     whole = {k: _stat(lat, k) for k in stats_names}
-    per_window = list(dict.fromkeys(["mean", *(s.stat for s in slos)]))
+    per_window = list(dict.fromkeys(["p50", "mean", *(s.stat for s in slos)]))
     parts = np.array_split(lat, windows) if len(lat) else [lat] * windows
     wins = [{k: _stat(p, k) for k in per_window} | {"samples": float(len(p))} for p in parts]
-    checked = ["mean"]  # the windows must agree on the mean latency and the throughput (perf_analyzer's default)
+    checked = ["p50"]  # the windows must agree on the median latency and the throughput (see the docstring)
     if m.done_s is not None and len(m.done_s) == len(lat) and len(lat):
         for w, d in zip(wins, np.array_split(m.done_s, windows), strict=True):
             w["throughput"] = _throughput(d)

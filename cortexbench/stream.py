@@ -28,6 +28,7 @@ STREAM_KEYS = {
     "target": "stream.target", "protocol": "stream.protocol", "input_name": "stream.input_name",
     "input_shape": "stream.input_shape", "http_client": "stream.http_client", "find_peak": "stream.find_peak",
     "slo": "stream.slo", "peak_precision": "stream.peak_precision", "peak_tolerance": "stream.peak_tolerance",
+    "sweep": "stream.sweep",
 }
 
 
@@ -99,6 +100,9 @@ def build_parser() -> ArgumentParser:
            "several [stream.slo]")
     a("--peak-precision", type=float, metavar="F",
       help="stop when the bracket [met, missed] is within this fraction (default 0.05) [stream.peak_precision]")
+    a("--sweep", metavar="lru:K,K",
+      help="the same stream at each LRU capacity, with cold, swap and cached from --mode as its ends; a table "
+           "and cache_sweep.png [stream.sweep]")
     a("--peak-tolerance", type=float, metavar="F",
       help="a step's measurement windows must agree within this fraction (default 0.2) [stream.peak_tolerance]")
     return p
