@@ -90,6 +90,7 @@ class StreamConfig:
     slo: tuple[str, ...] = ()  # latency objectives of the search: 'p99=20ms', 'mean=8ms'
     peak_precision: float = 0.05  # the search stops when the bracket [met, missed] is this narrow (relative)
     peak_tolerance: float = 0.2  # a step's windows agree when each is within this of their median
+    peak_late_ms: float = 1.0  # a step's image is late when sent more than this after its time; 1% may be
     sweep: str = ""  # 'lru:1,2,4,8': the same stream at each LRU capacity (sweep.py); '' = no sweep
 
 

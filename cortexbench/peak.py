@@ -36,13 +36,14 @@ class PeakResult:
     probe: float | None
     precision: float
     tolerance: float
+    late_ms: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         lo, hi = self.bracket
         return {"mode": self.mode, "slo": [str(s) for s in self.slos], "peak_rate": self.peak,
                 "bracket": [lo, hi], "uncertainty": None if lo is None or hi is None else hi / lo - 1,
                 "converged": self.converged, "probe_throughput": self.probe, "precision": self.precision,
-                "tolerance": self.tolerance, "late_limit": LATE_LIMIT, "windows": WINDOWS,
+                "tolerance": self.tolerance, "late_limit": LATE_LIMIT, "late_ms": self.late_ms, "windows": WINDOWS,
                 "samples_per_window": samples_needed(self.slos),
                 "steps": [s.to_dict() for s in sorted(self.steps, key=lambda s: s.rate)]}
 
@@ -81,7 +82,7 @@ class PeakRun(StreamRun):
                                           stop=lambda: self.interrupted or self.error is not None, say=self.say)
         converged = lo is not None and hi is not None and hi / lo <= 1 + st.peak_precision
         self.peaks[mode] = PeakResult(mode, self.slos, lo, (lo, hi), converged, steps, probe, st.peak_precision,
-                                      st.peak_tolerance)
+                                      st.peak_tolerance, st.peak_late_ms)
         keep = [s for s in steps if s.met and s.rate == lo] or sorted(steps, key=lambda s: s.rate)[:1]
         if keep and keep[0].run is not None:
             self.modes[mode] = keep[0].run
@@ -122,8 +123,11 @@ class PeakRun(StreamRun):
         ok = counted & (led.column("outcome") == 0) & np.isfinite(led.column("latency_s"))
         order = np.argsort(led.column("scheduled_s")[ok], kind="stable")
         s = mr.summary["summary"]
-        late = s["late_share"] if s["late_share"] == s["late_share"] else 0.0
-        return Measured(led.column("latency_s")[ok][order].astype(np.float64), float(late),
+        sent = counted & np.isfinite(led.column("sent_s"))
+        delay = led.column("sent_s")[sent] - led.column("scheduled_s")[sent]
+        late = float(np.count_nonzero(delay > self.base.cfg.stream.peak_late_ms / 1e3) / delay.size) if delay.size \
+            else 0.0
+        return Measured(led.column("latency_s")[ok][order].astype(np.float64), late,
                         int(s["counted_failed"]) + int(s["not_sent"]), rate or 0.0,
                         float(s["throughput_images_per_s"] or 0.0),
                         done_s=led.column("done_s")[ok][order].astype(np.float64), run=mr)

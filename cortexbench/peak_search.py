@@ -22,7 +22,8 @@ unstable, is run again with twice the images (``MAX_ATTEMPTS`` runs at most); st
 missed (the latency drifts: the queue does not settle).  A step whose every window already misses an SLO
 by more than the tolerance is missed at once (running it longer cannot help).  A stable step **meets** the
 SLOs when each SLO statistic over the whole step is at or below its limit, no counted image failed or went
-unsent, and at most ``LATE_LIMIT`` of its images were sent more than 1 ms late.
+unsent, and at most ``LATE_LIMIT`` of its images were sent late: more than ``stream.peak_late_ms`` (1 ms,
+as the report counts them) after their scheduled time.
 
 Plain Python and numpy (``config`` checks the keys with ``check_peak_config``).
 """
@@ -38,7 +39,7 @@ import numpy as np
 
 from cortexbench.errors import ConfigError
 
-LATE_LIMIT = 0.01  # at most this share of a step's images sent more than 1 ms late
+LATE_LIMIT = 0.01  # at most this share of a step's images sent late (stream.peak_late_ms)
 MEAN_SAMPLES = 200  # per window, for an SLO on the mean
 MIN_WINDOW = 100  # per window, whatever the SLO
 WINDOWS = 3
@@ -250,5 +251,7 @@ def check_peak_config(st: Any) -> None:
         raise ConfigError("'stream.find_peak' sizes each step by its samples: leave out --duration")
     if not 0 < st.peak_precision < 1:
         raise ConfigError(f"'stream.peak_precision' must be between 0 and 1, not {st.peak_precision}")
+    if not st.peak_late_ms > 0:
+        raise ConfigError(f"'stream.peak_late_ms' must be more than 0, not {st.peak_late_ms}")
     if not 0 < st.peak_tolerance < 1:
         raise ConfigError(f"'stream.peak_tolerance' must be between 0 and 1, not {st.peak_tolerance}")

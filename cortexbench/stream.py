@@ -28,7 +28,7 @@ STREAM_KEYS = {
     "target": "stream.target", "protocol": "stream.protocol", "input_name": "stream.input_name",
     "input_shape": "stream.input_shape", "http_client": "stream.http_client", "find_peak": "stream.find_peak",
     "slo": "stream.slo", "peak_precision": "stream.peak_precision", "peak_tolerance": "stream.peak_tolerance",
-    "sweep": "stream.sweep",
+    "sweep": "stream.sweep", "peak_late_ms": "stream.peak_late_ms",
 }
 
 
@@ -100,6 +100,9 @@ def build_parser() -> ArgumentParser:
            "several [stream.slo]")
     a("--peak-precision", type=float, metavar="F",
       help="stop when the bracket [met, missed] is within this fraction (default 0.05) [stream.peak_precision]")
+    a("--peak-late-ms", type=float, metavar="MS",
+      help="find-peak: an image sent more than MS after its scheduled time is late; a step may have 1%% late "
+           "(default 1) [stream.peak_late_ms]")
     a("--sweep", metavar="lru:K,K",
       help="the same stream at each LRU capacity, with cold, swap and cached from --mode as its ends; a table "
            "and cache_sweep.png [stream.sweep]")

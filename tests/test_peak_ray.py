@@ -72,15 +72,19 @@ def test_the_mean_latency_of_one_lane_agrees_with_md1(ray_session, model_dir, im
     assert abs(at_worker / want - 1) < MD1_TOLERANCE, (at_worker, want)
 
 
+@pytest.mark.timeout(480)
 def test_find_peak_with_a_mean_slo_lands_near_the_md1_rate(ray_session, model_dir, image_dir, tmp_path):
     """SLO mean <= 3 S: the formula's rate is 0.8 / S (80/s).  The measured peak lies within -35% / +10% of it:
     the harness's own milliseconds (transport, send delay) come on top of the queue, so the peak is lower,
-    never much higher."""
+    never much higher.  Late means more than 50 ms here: on the shared 2-core machine this was written on, the
+    driver sends 5-8% of images 1-3 ms late at any rate (5/s as at 40/s), and other work on it stalls the
+    driver for tens of ms now and then, which the 1 ms default would count against every step; the send delay
+    is part of each image's latency, so the SLO on the mean still sees it."""
     slo_s = 3 * S
     x = 2 * (slo_s - S) / S
     want = x / (1 + x) / S
     cfg = _cfg(model_dir, image_dir, tmp_path, rate=0.5 * want, find_peak=True, slo=(f"mean={slo_s * 1e3:g}ms",),
-               peak_precision=0.1)
+               peak_precision=0.1, peak_late_ms=50.0)
     run_dir = run_stream(cfg, quiet=True)
     results = json.loads((run_dir / "results.json").read_text())
     peak = results["peak"]["cached"]

@@ -82,7 +82,8 @@ def render_markdown(peaks: Mapping[str, Mapping[str, Any]]) -> str:
         parts += ["", f"Each step: {any_peak['windows']} windows of at least {any_peak['samples_per_window']} "
                       f"counted images; accepted when every window's statistics lie within "
                       f"{any_peak['tolerance']:.0%} of their median and at most {any_peak['late_limit']:.0%} "
-                      "of the images were sent late; bisection on a log scale until the bracket is within "
+                      f"of the images were sent more than {any_peak.get('late_ms', 1.0):g} ms late; bisection on "
+                      "a log scale until the bracket is within "
                       f"{any_peak['precision']:.0%}."]
     for mode, p in peaks.items():
         parts += ["", f"### Latency against offered rate: {mode}", "", curve_table(p)]
