@@ -92,6 +92,7 @@ class StreamConfig:
     peak_tolerance: float = 0.2  # a step's windows agree when each is within this of their median
     peak_late_ms: float = 1.0  # a step's image is late when sent more than this after its time; 1% may be
     sweep: str = ""  # 'lru:1,2,4,8': the same stream at each LRU capacity (sweep.py); '' = no sweep
+    gpu_hour_cost: float | None = None  # price of a worker (GPU) hour: cost per million images per mode
 
 
 @dataclass(frozen=True)
@@ -422,6 +423,8 @@ def _check_semantics(cfg: Config) -> None:
     from cortexbench.peak_search import check_peak_config
 
     check_peak_config(st)
+    if st.gpu_hour_cost is not None and not st.gpu_hour_cost > 0:
+        raise ConfigError(f"'stream.gpu_hour_cost' must be more than 0, not {st.gpu_hour_cost}")
     if st.sweep:
         from cortexbench.sweep import parse_sweep
 

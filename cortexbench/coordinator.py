@@ -404,6 +404,10 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
             from cortexbench.report import peak_report
 
             print(peak_report.console(results["peak"]))
+        if "cost" in results:
+            from cortexbench.report.peak_report import cost_lines
+
+            print("\n".join(cost_lines(results["cost"])))
         if "sweep" in results:
             from cortexbench import sweep
 
@@ -490,6 +494,10 @@ def _results(plan: StreamPlan, target: Target, run: StreamRun, port: int | None,
     peaks = getattr(run, "peaks", None)
     if peaks is not None:  # --find-peak: the search per mode (the modes' figures are the peak's steps)
         body["peak"] = {m: p.to_dict() for m, p in peaks.items()}
+    if cfg.stream.gpu_hour_cost is not None:
+        from cortexbench.report.peak_report import costs
+
+        body["cost"] = costs(body.get("peak"), modes, cfg.stream.gpu_hour_cost, max(1, len(plan.workers)))
     return envelope("stream", replace(cfg).to_dict(), machine.machine_info(), body,
                     complete=not run.interrupted and not run.error and len(run.modes) == len(plan.run_modes),
                     started_at=started, finished_at=time.time(), argv=argv)
@@ -507,6 +515,10 @@ def _write(run_dir: Path, results: dict[str, Any], run: StreamRun) -> None:
 
         report = report.rstrip("\n") + "\n\n" + peak_report.render_markdown(results["peak"])
         peak_report.plot_rate_latency(results["peak"], run_dir / "rate_latency.png")
+    if results.get("cost"):
+        from cortexbench.report.peak_report import cost_lines
+
+        report = report.rstrip("\n") + "\n\n## Cost\n\n" + "\n".join(f"- {x}" for x in cost_lines(results["cost"])) + "\n"
     if results.get("sweep") and results["sweep"]["rows"]:
         from cortexbench import sweep
 

@@ -28,7 +28,7 @@ STREAM_KEYS = {
     "target": "stream.target", "protocol": "stream.protocol", "input_name": "stream.input_name",
     "input_shape": "stream.input_shape", "http_client": "stream.http_client", "find_peak": "stream.find_peak",
     "slo": "stream.slo", "peak_precision": "stream.peak_precision", "peak_tolerance": "stream.peak_tolerance",
-    "sweep": "stream.sweep", "peak_late_ms": "stream.peak_late_ms",
+    "sweep": "stream.sweep", "peak_late_ms": "stream.peak_late_ms", "gpu_hour_cost": "stream.gpu_hour_cost",
 }
 
 
@@ -103,6 +103,9 @@ def build_parser() -> ArgumentParser:
     a("--peak-late-ms", type=float, metavar="MS",
       help="find-peak: an image sent more than MS after its scheduled time is late; a step may have 1%% late "
            "(default 1) [stream.peak_late_ms]")
+    a("--gpu-hour-cost", type=float, metavar="PRICE",
+      help="price of one worker (GPU) hour: prints the cost per million images per mode, at the peak with "
+           "--find-peak, else at the measured throughput [stream.gpu_hour_cost]")
     a("--sweep", metavar="lru:K,K",
       help="the same stream at each LRU capacity, with cold, swap and cached from --mode as its ends; a table "
            "and cache_sweep.png [stream.sweep]")

@@ -84,7 +84,7 @@ def test_find_peak_with_a_mean_slo_lands_near_the_md1_rate(ray_session, model_di
     x = 2 * (slo_s - S) / S
     want = x / (1 + x) / S
     cfg = _cfg(model_dir, image_dir, tmp_path, rate=0.5 * want, find_peak=True, slo=(f"mean={slo_s * 1e3:g}ms",),
-               peak_precision=0.1, peak_late_ms=50.0)
+               peak_precision=0.1, peak_late_ms=50.0, gpu_hour_cost=2.0)
     run_dir = run_stream(cfg, quiet=True)
     results = json.loads((run_dir / "results.json").read_text())
     peak = results["peak"]["cached"]
@@ -99,3 +99,6 @@ def test_find_peak_with_a_mean_slo_lands_near_the_md1_rate(ray_session, model_di
     assert "## Peak rate under the SLOs" in report and "| offered |" in report
     assert results["modes"]["cached"]["summary"]["counted_ok"] >= 600  # the figures of the step at the peak
     assert results["run"]["rate"] == lo
+    cost = results["cost"]["modes"]["cached"]  # 2.0 per worker-hour, one worker, at the peak
+    assert cost["basis"] == "peak" and cost["cost_per_million"] == pytest.approx(2.0 / (lo * 3600) * 1e6)
+    assert "## Cost" in report

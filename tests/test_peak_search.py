@@ -168,3 +168,18 @@ def test_the_report_tables_and_plot_of_a_search(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     none = {**res, "peak_rate": None, "bracket": [None, 5.0]}
     assert peak_report.peak_lines({"cold": none})[0].startswith("cold: no rate met mean=30ms, p99=80ms")
+
+
+def test_cost_per_million_images_at_the_peak_or_the_measured_throughput():
+    modes = {"cached": {"summary": {"throughput_images_per_s": 500.0}},
+             "cold": {"summary": {"throughput_images_per_s": 100.0}},
+             "swap": {"summary": {"throughput_images_per_s": None}}}
+    peaks = {"cached": {"peak_rate": 250.0}, "cold": {"peak_rate": None}}
+    c = peak_report.costs(peaks, modes, 3.6, 8)
+    # 3.6 per worker-hour x 8 workers = 28.8 per hour; 250 img/s = 900,000 img/hour -> 32 per million
+    assert c["modes"]["cached"] == {"basis": "peak", "images_per_s": 250.0, "cost_per_million": pytest.approx(32.0)}
+    assert c["modes"]["cold"]["basis"] == "throughput" and c["modes"]["cold"]["cost_per_million"] == pytest.approx(80.0)
+    assert c["modes"]["swap"]["cost_per_million"] is None
+    lines = peak_report.cost_lines(c)
+    assert lines[0] == "cached: 32 per million images at the peak (250 img/s on 8 worker(s) at 3.6 per worker-hour)"
+    assert lines[2] == "swap: no cost (no rate measured)"

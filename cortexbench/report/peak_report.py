@@ -154,3 +154,32 @@ def plot_rate_latency(peaks: Mapping[str, Mapping[str, Any]], path: Path) -> Pat
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=DPI)
     return path
+
+
+def costs(peaks: Mapping[str, Mapping[str, Any]] | None, modes: Mapping[str, Mapping[str, Any]], price: float,
+          workers: int) -> dict[str, Any]:
+    """``--gpu-hour-cost``: per mode, the cost of a million images at the peak rate (``--find-peak``), else at
+    the measured throughput: price x workers / (rate x 3600) x 10^6 (a worker is a GPU, or a CPU worker)."""
+    out: dict[str, Any] = {"price_per_worker_hour": price, "workers": workers, "modes": {}}
+    for mode, m in modes.items():
+        peak = (peaks or {}).get(mode, {}).get("peak_rate")
+        rate = peak if peak else m["summary"].get("throughput_images_per_s")
+        basis = "peak" if peak else "throughput"
+        ok = isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0
+        out["modes"][mode] = {"basis": basis, "images_per_s": rate if ok else None,
+                              "cost_per_million": price * workers / (rate * 3600) * 1e6 if ok else None}
+    return out
+
+
+def cost_lines(cost: Mapping[str, Any]) -> list[str]:
+    """'cached: 1.23 per million images at the peak (152 img/s on 8 workers at 2.5 per worker-hour)'."""
+    out = []
+    for mode, c in cost["modes"].items():
+        if c["cost_per_million"] is None:
+            out.append(f"{mode}: no cost (no rate measured)")
+            continue
+        at = "the peak" if c["basis"] == "peak" else "the measured throughput"
+        out.append(f"{mode}: {c['cost_per_million']:.4g} per million images at {at} "
+                   f"({format_rate(c['images_per_s'])} on {cost['workers']} worker(s) at "
+                   f"{cost['price_per_worker_hour']:g} per worker-hour)")
+    return out
