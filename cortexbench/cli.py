@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "single": ("cortexbench.single", "the single-device sweep: models x batch sizes x devices x backend"),
     "models": ("cortexbench.models.__main__", "list models; export them with random weights to model_dir"),
     "images": ("cortexbench.images.__main__", "make a synthetic ImageNet-like set, or fetch one from a URL list"),
+    "traces": ("cortexbench.traces", "write a test request trace (time_s,model rows) whose model popularity shifts"),
 }
 
 

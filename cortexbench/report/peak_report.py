@@ -6,8 +6,8 @@ can be rebuilt from the file alone:
 - ``peak_lines``: one line per mode (the console and report.md): the peak with its bracket, or why none;
 - ``curve_table``: each step of the search in rate order (offered rate, throughput, mean, p50, p90, p99,
   share sent late, windows' spread, verdict), as markdown or console text;
-- ``plot_rate_latency``: p50, p90 and p99 against the offered rate (log-log), one panel per mode; the SLO
-  limits as horizontal lines, the peak and the knee as vertical ones.  The **knee** is the lowest measured
+- ``plot_rate_latency``: p50, p90, p99 (and the mean, dotted) against the offered rate (log-log), one panel
+  per mode; the SLO limits as horizontal lines, the peak and the knee as vertical ones.  The **knee** is the lowest measured
   rate whose p99 is more than twice the p99 at the lowest rate measured (where queueing takes over).
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator
 
 from cortexbench.report.tables import (
     console_table,
@@ -31,7 +31,7 @@ from cortexbench.report.tables import (
 )
 
 DPI = 110
-LINES = (("p50", "#4C72B0", "-"), ("p90", "#55A868", "--"), ("p99", "#C44E52", "-"))
+LINES = (("p50", "#4C72B0", "-"), ("p90", "#55A868", "--"), ("p99", "#C44E52", "-"), ("mean", "#8172B3", ":"))
 
 
 def peak_lines(peaks: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -80,7 +80,7 @@ def render_markdown(peaks: Mapping[str, Mapping[str, Any]]) -> str:
     any_peak = next(iter(peaks.values()), None)
     if any_peak is not None:
         parts += ["", f"Each step: {any_peak['windows']} windows of at least {any_peak['samples_per_window']} "
-                      f"counted images; accepted when every window's statistics lie within "
+                      f"counted images; accepted when each window's median latency and throughput lie within "
                       f"{any_peak['tolerance']:.0%} of their median and at most {any_peak['late_limit']:.0%} "
                       f"of the images were sent more than {any_peak.get('late_ms', 1.0):g} ms late; bisection on "
                       "a log scale until the bracket is within "
@@ -141,8 +141,10 @@ def plot_rate_latency(peaks: Mapping[str, Mapping[str, Any]], path: Path) -> Pat
         if rates:
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.xaxis.set_major_locator(FixedLocator(rates))  # the rates measured
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
             for axis in (ax.xaxis, ax.yaxis):
-                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
                 axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
         ax.set_xlabel("offered rate (images/s)")
         ax.set_ylabel("latency (ms)")
