@@ -92,7 +92,8 @@ def plan_http(cfg: Config, *, quiet: bool = False) -> StreamPlan:
     st = cfg.stream
     check_target(st.target or "", st.protocol)
     if cfg.from_flag("stream.modes") or st.sweep:
-        raise ConfigError("--mode and --sweep do not apply with --target: what stays loaded is the server's business")
+        flag = "--mode" if cfg.from_flag("stream.modes") else "--sweep"
+        raise ConfigError(f"{flag} does not apply with --target: what stays loaded is the server's business")
     if st.inputs != "pool" or st.decode != "cpu":
         raise ConfigError("--inputs/--decode apply to cortexbench's own workers; an HTTP target gets decoded "
                           "tensors (leave them out with --target)")
