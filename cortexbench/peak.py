@@ -115,6 +115,9 @@ class PeakRun(StreamRun):
     async def measure(self, mode: str, rate: float | None, count: int) -> Measured:
         self.plan = self._plan_at(rate, count)
         await self.run_mode(mode)
+        if mode not in self.modes:  # stopped while the workers were set up: nothing was measured
+            empty = np.zeros(0)
+            return Measured(empty, 0.0, 0, rate or 0.0, 0.0, done_s=empty)
         mr: ModeRun = self.modes.pop(mode)
         led = mr.result.ledger
         warmup = self.plan.schedule.warmup

@@ -192,7 +192,8 @@ Measure = Callable[[float, int], Awaitable[Measured]]
 
 
 async def measure_step(measure: Measure, rate: float, slos: Sequence[Slo], *, tolerance: float,
-                       windows: int = WINDOWS, say: Callable[[str], None] = lambda s: None) -> Step:
+                       windows: int = WINDOWS, say: Callable[[str], None] = lambda s: None,
+                       stop: Callable[[], bool] = lambda: False) -> Step:
     """Run one rate until its windows agree (twice the images each time, ``MAX_ATTEMPTS`` runs at most)."""
     need = samples_needed(slos)
     count = windows * need
@@ -202,7 +203,7 @@ async def measure_step(measure: Measure, rate: float, slos: Sequence[Slo], *, to
         step.attempts = attempt
         say(f"find-peak: {rate:.4g}/s, {count} images: {step.verdict} ({step.why}); "
             + ", ".join(f"{k} {v * 1e3:.3g} ms" for k, v in step.stats.items()))
-        if step.verdict not in ("few", "unstable"):
+        if step.verdict not in ("few", "unstable") or stop():
             return step
         count *= 2
     assert step is not None
@@ -220,7 +221,9 @@ async def search(measure: Measure, slos: Sequence[Slo], *, start: float, precisi
     steps: list[Step] = []
     rate = start
     while len(steps) < max_steps and not stop():
-        step = await measure_step(measure, rate, slos, tolerance=tolerance, windows=windows, say=say)
+        step = await measure_step(measure, rate, slos, tolerance=tolerance, windows=windows, say=say, stop=stop)
+        if stop():  # stopped (Ctrl-C, every worker gone) during the step: it is not a verdict
+            break
         steps.append(step)
         if step.met:
             lo = rate if lo is None else max(lo, rate)

@@ -149,6 +149,15 @@ def test_the_search_halves_down_and_gives_up_at_the_floor():
     stopped = asyncio.run(search(SimulatedMD1(), [parse_slo("mean=1s")], start=10.0, precision=0.05,
                                  tolerance=0.25, stop=lambda: True))
     assert stopped == (None, None, [])
+    flag: list[bool] = []
+
+    async def stopped_during(rate: float, count: int) -> Measured:  # Ctrl-C while the first step runs
+        flag.append(True)
+        return Measured(np.zeros(0), 0.0, 0, rate, 0.0)
+
+    assert asyncio.run(search(stopped_during, [parse_slo("mean=1s")], start=10.0, precision=0.05, tolerance=0.25,
+                              stop=lambda: bool(flag))) == (None, None, [])
+    assert flag == [True]  # not run again longer: a stopped step is no verdict
 
 
 def test_the_report_tables_and_plot_of_a_search(tmp_path):
