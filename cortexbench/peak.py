@@ -73,6 +73,8 @@ class PeakRun(StreamRun):
         if start is None:
             m = await self.measure(mode, None, PROBE_IMAGES)
             probe = m.throughput
+            if self.interrupted or self.error:
+                return
             if not probe > 0:
                 raise WorkerError(f"find-peak {mode}: the closed-loop probe measured no throughput")
             start = probe / 2
