@@ -27,7 +27,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 S = 0.010
 COUNT, WARMUP = 1000, 50
-MD1_TOLERANCE = 0.25  # the measured mean at the worker against the formula
+# The measured mean at the worker against the formula: at load 0.8 the queue multiplies what the sleep's
+# jitter and the transport's (which make the service and the arrivals less regular than M/D/1's) add, by
+# 1 / (1 - rho), so its tolerance is wider.  Measured on the shared 2-core machine: +4% and +22%.
+MD1_TOLERANCE = {0.5: 0.15, 0.8: 0.30}
 PATH_TOLERANCE = 0.05  # the seeded arrivals' own M/D/1 mean against the formula
 
 
@@ -69,7 +72,7 @@ def test_the_mean_latency_of_one_lane_agrees_with_md1(ray_session, model_dir, im
           f"(send delay {stages['send_delay'] * 1e3:.2f}, transport {stages['transport'] * 1e3:.2f})")
     assert abs(path / want - 1) < PATH_TOLERANCE
     assert S <= s_eff < 1.5 * S  # the sleep, and what a busy machine adds to it
-    assert abs(at_worker / want - 1) < MD1_TOLERANCE, (at_worker, want)
+    assert abs(at_worker / want - 1) < MD1_TOLERANCE[rho], (at_worker, want)
 
 
 @pytest.mark.timeout(480)
