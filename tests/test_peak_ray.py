@@ -55,12 +55,37 @@ def _cfg(model_dir: Path, image_dir: Path, result_dir: Path, **stream: object) -
                                       records="none", **stream))  # type: ignore[arg-type]
 
 
+STALL_SEND_P99_S = 0.010  # a run whose p99 send delay is above this was stalled by other work on the machine
+STALL_INFER_P99 = 2.0  # ... or whose p99 service time is above this many S
+
+
+def _stalls(mode: dict) -> str | None:
+    """Why a run cannot be judged against M/D/1 (the machine stalled the driver or the worker), or None."""
+    st = mode["stages"]
+    if st["send_delay"]["p99_s"] > STALL_SEND_P99_S:
+        return f"p99 send delay {st['send_delay']['p99_s'] * 1e3:.1f} ms"
+    if st["infer"]["p99_s"] > STALL_INFER_P99 * S:
+        return f"p99 service time {st['infer']['p99_s'] * 1e3:.1f} ms"
+    return None
+
+
 @pytest.mark.parametrize("rho", [0.5, 0.8])
 def test_the_mean_latency_of_one_lane_agrees_with_md1(ray_session, model_dir, image_dir, tmp_path, rho):
+    """A stall of the machine (other work holding the cores for 100 ms) is not M/D/1: at load 0.8 one doubles
+    the mean.  A run the harness's own figures show stalled is run once more, and when that one stalls too
+    the test is skipped with the stall named, not judged."""
     rate = rho / S
-    run_dir = run_stream(_cfg(model_dir, image_dir, tmp_path, rate=rate), quiet=True)
-    results = json.loads((run_dir / "results.json").read_text())
-    mode = results["modes"]["cached"]
+    stalled = []
+    for attempt in range(2):
+        run_dir = run_stream(_cfg(model_dir, image_dir, tmp_path / str(attempt), rate=rate), quiet=True)
+        results = json.loads((run_dir / "results.json").read_text())
+        mode = results["modes"]["cached"]
+        why = _stalls(mode)
+        if why is None:
+            break
+        stalled.append(why)
+    else:
+        pytest.skip(f"the machine stalled both runs ({'; '.join(stalled)}): M/D/1 cannot be judged")
     assert mode["summary"]["counted_ok"] == COUNT
     stages = {k: v["mean_s"] for k, v in mode["stages"].items()}
     s_eff = stages["infer"]
