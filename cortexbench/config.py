@@ -61,6 +61,7 @@ class StreamConfig:
     duration_s: float | None = None
     warmup: int = 200
     popularity: str = "uniform"
+    arrivals: str = "poisson"  # open loop: poisson, gamma:CV or trace:FILE (schedule.parse_arrivals)
     model_weights: tuple[float, ...] = ()
     cpu_workers: int = 0
     address: str | None = None
@@ -86,6 +87,13 @@ class StreamConfig:
     input_shape: tuple[int, ...] = ()
     http_client: Literal["raw", "httpx"] = "raw"  # the HTTP target's client (bench/http_driver.py compares them)
     records: RecordsFormat = "csv.gz"
+    find_peak: bool = False  # search the highest open-loop rate that meets every SLO (peak.py)
+    slo: tuple[str, ...] = ()  # latency objectives of the search: 'p99=20ms', 'mean=8ms'
+    peak_precision: float = 0.05  # the search stops when the bracket [met, missed] is this narrow (relative)
+    peak_tolerance: float = 0.2  # a step's windows agree when each is within this of their median
+    peak_late_ms: float = 1.0  # a step's image is late when sent more than this after its time; 1% may be
+    sweep: str = ""  # 'lru:1,2,4,8': the same stream at each LRU capacity (sweep.py); '' = no sweep
+    gpu_hour_cost: float | None = None  # price of a worker (GPU) hour: cost per million images per mode
 
 
 @dataclass(frozen=True)
@@ -420,13 +428,17 @@ def _check_semantics(cfg: Config) -> None:
             raise ConfigError(f"'single.devices': '{d}' is not a device{did_you_mean(d, ['auto', 'cpu', 'gpu:0'])}")
     st = cfg.stream
     from cortexbench.residency import parse_mode
-    from cortexbench.schedule import parse_popularity
+    from cortexbench.schedule import parse_arrivals, parse_popularity
 
     if not st.modes:
         raise ConfigError("'stream.modes' must name at least one mode (cached, swap, cold, lru:K)")
     for m in st.modes:
         parse_mode(m, key="stream.modes")
     parse_popularity(st.popularity, key="stream.popularity")
+    arrivals = parse_arrivals(st.arrivals, key="stream.arrivals")
+    if arrivals.kind != "poisson" and st.rate is None:
+        raise ConfigError(f"'stream.arrivals' {arrivals} is an open loop: give its mean rate with 'stream.rate' "
+                          "(--rate) too")
     _positive(st.concurrency, "stream.concurrency")
     if st.rate is not None and st.rate <= 0:
         raise ConfigError(f"'stream.rate' must be more than 0 images/s, not {st.rate}")
@@ -443,6 +455,17 @@ def _check_semantics(cfg: Config) -> None:
     for name in ("linger_s", "drain_timeout_s"):
         if getattr(st, name) < 0:
             raise ConfigError(f"'stream.{name}' must be 0 or more seconds, not {getattr(st, name)}")
+    from cortexbench.peak_search import check_peak_config
+
+    check_peak_config(st)
+    if st.gpu_hour_cost is not None and not st.gpu_hour_cost > 0:
+        raise ConfigError(f"'stream.gpu_hour_cost' must be more than 0, not {st.gpu_hour_cost}")
+    if st.sweep:
+        from cortexbench.sweep import parse_sweep
+
+        parse_sweep(st.sweep)
+        if st.find_peak:
+            raise ConfigError("'stream.sweep' and 'stream.find_peak' both set: run one of them at a time")
     if st.model_weights and any(w < 0 for w in st.model_weights):
         raise ConfigError("'stream.model_weights' must be 0 or more each")
     _positive(cfg.images.synth_count, "images.synth_count")

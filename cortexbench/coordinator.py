@@ -94,8 +94,9 @@ def plan_http(cfg: Config, *, quiet: bool = False) -> StreamPlan:
 
     st = cfg.stream
     check_target(st.target or "", st.protocol)
-    if cfg.from_flag("stream.modes"):
-        raise ConfigError("--mode does not apply with --target: what stays loaded is the server's business")
+    if cfg.from_flag("stream.modes") or st.sweep:
+        flag = "--mode" if cfg.from_flag("stream.modes") else "--sweep"
+        raise ConfigError(f"{flag} does not apply with --target: what stays loaded is the server's business")
     if st.inputs != "pool" or st.decode != "cpu":
         raise ConfigError("--inputs/--decode apply to cortexbench's own workers; an HTTP target gets decoded "
                           "tensors (leave them out with --target)")
@@ -108,7 +109,7 @@ def plan_http(cfg: Config, *, quiet: bool = False) -> StreamPlan:
                            create=not cfg.from_flag("img_dir"), progress=not quiet)
     schedule = make_schedule(count=cfg.times, models=models, n_images=len(images), popularity=st.popularity,
                              weights=st.model_weights, rate=st.rate, duration_s=st.duration_s,
-                             warmup=st.warmup, seed=cfg.seed)
+                             warmup=st.warmup, seed=cfg.seed, arrivals=st.arrivals)
     depth = st.concurrency if st.rate is None else max(st.concurrency, 1024)
     return StreamPlan(cfg, "http", models, tuple(str(p) for p in images), (), False, 0.0, 1, "http", drivers, 1,
                       depth, schedule, modes=(SERVER_PASS,))
@@ -175,13 +176,20 @@ def plan_stream(cfg: Config, resources: dict[str, float], *, quiet: bool = False
     # runs at once.  A compiled graph keeps a buffer per execution in flight, so it keeps a few.
     from cortexbench.cluster import CALLS_PER_WORKER
 
-    calls = min(CALLS_PER_WORKER, max(4, math.ceil(st.concurrency / max_group)))
+    # The open loop has no concurrency to size by: an image held back in the driver would count as sent late
+    # (a queue in the wrong place), so as many calls as the actor runs may be in flight.
+    calls = CALLS_PER_WORKER if st.rate is not None else min(CALLS_PER_WORKER, max(4, math.ceil(st.concurrency / max_group)))
     depth = 4 if dispatch == "compiled" else calls
     schedule = make_schedule(count=cfg.times, models=models, n_images=len(images), popularity=st.popularity,
                              weights=st.model_weights, rate=st.rate, duration_s=st.duration_s,
-                             warmup=st.warmup, seed=cfg.seed)
+                             warmup=st.warmup, seed=cfg.seed, arrivals=st.arrivals)
+    modes: tuple[str, ...] = ()
+    if st.sweep:  # the same stream at each capacity, its ends (cold, swap, cached) as --mode lists them
+        from cortexbench.sweep import sweep_modes
+
+        modes = sweep_modes(st.sweep, st.modes)
     return StreamPlan(cfg, backend, models, tuple(str(p) for p in images), workers, gpu, cpus_each,
-                      threads_each, dispatch, drivers, max_group, depth, schedule)
+                      threads_each, dispatch, drivers, max_group, depth, schedule, modes=modes)
 
 
 @dataclass
@@ -229,10 +237,7 @@ class StreamRun:
         except (NotImplementedError, RuntimeError, ValueError):
             pass  # not the main thread (tests): interrupt() is called directly
         try:
-            for mode in self.plan.run_modes:
-                if self.interrupted or self.error:
-                    break
-                await self.run_mode(mode)
+            await self.run_passes()
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 try:
@@ -240,6 +245,13 @@ class StreamRun:
                 except (NotImplementedError, RuntimeError, ValueError):
                     pass
             _set_sigterm(signal.SIG_IGN)  # the loop's removal left the default: writing the results is not killed
+
+    async def run_passes(self) -> None:
+        """Every pass of the plan, one after another (``peak.PeakRun`` searches a rate for each instead)."""
+        for mode in self.plan.run_modes:
+            if self.interrupted or self.error:
+                break
+            await self.run_mode(mode)
 
     def _on_sigint(self) -> None:
         print("\nstopping: draining in-flight images (Ctrl-C again to abort at once)", file=sys.stderr)
@@ -394,17 +406,34 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
         live = LiveView(plan.models, worker_names(target), server=server, run_id=run_dir.name, backend=plan.backend,
                         quiet=quiet, host=host, worker_labels=worker_labels(target.workers, host),
                         modes=len(plan.run_modes))
-        run = StreamRun(plan, target, live)
+        if cfg.stream.find_peak:
+            from cortexbench.peak import PeakRun
+
+            run: StreamRun = PeakRun(plan, target, live, say=say)
+        else:
+            run = StreamRun(plan, target, live)
         try:
             asyncio.run(run.run())
         except KeyboardInterrupt:
             run.interrupted = True
         finally:
             live.finish()
-        results = _results(plan, target, run, port, started, argv)
+        results = _results(run.plan, target, run, port, started, argv)
         _write(run_dir, results, run)
         # --quiet drops the progress only: the summary and where the results went are always printed.
         print(stream_report.console_summary(results))
+        if "peak" in results:
+            from cortexbench.report import peak_report
+
+            print(peak_report.console(results["peak"]))
+        if "cost" in results:
+            from cortexbench.report.peak_report import cost_lines
+
+            print("\n".join(cost_lines(results["cost"])))
+        if "sweep" in results:
+            from cortexbench import sweep
+
+            print(sweep.console(results["sweep"]["rows"]))
         print(f"results: {run_dir}")
         if not quiet and not http and not plan.gpu and cfg.from_flag("models") is False \
                 and cfg.source("times") != "flag":
@@ -490,12 +519,24 @@ def _results(plan: StreamPlan, target: Target, run: StreamRun, port: int | None,
         "run": {"passes": list(plan.run_modes), "dispatch": plan.dispatch, "drivers": plan.drivers, "balancer": cfg.stream.balancer,
                 "loop": "open" if cfg.stream.rate is not None else "closed",
                 "concurrency": cfg.stream.concurrency, "rate": cfg.stream.rate, "images": cfg.times,
-                "warmup": cfg.stream.warmup, "popularity": cfg.stream.popularity, "metrics_port": port,
+                "warmup": cfg.stream.warmup, "popularity": cfg.stream.popularity,
+                "arrivals": cfg.stream.arrivals, "metrics_port": port,
                 "backend": plan.backend, "lanes": plan.workers[0].lanes if plan.workers else None,
                 "max_group": plan.max_group, "inputs": cfg.stream.inputs, "decode": cfg.stream.decode,
                 "depth": plan.depth, "image_files": len(plan.images), "models": list(plan.models),
                 "interrupted": run.interrupted, "error": run.error},
     }
+    if cfg.stream.sweep:
+        from cortexbench.sweep import sweep_table
+
+        body["sweep"] = {"sweep": cfg.stream.sweep, "rows": sweep_table(modes, len(plan.models))}
+    peaks = getattr(run, "peaks", None)
+    if peaks is not None:  # --find-peak: the search per mode (the modes' figures are the peak's steps)
+        body["peak"] = {m: p.to_dict() for m, p in peaks.items()}
+    if cfg.stream.gpu_hour_cost is not None:
+        from cortexbench.report.peak_report import costs
+
+        body["cost"] = costs(body.get("peak"), modes, cfg.stream.gpu_hour_cost, max(1, len(plan.workers)))
     return envelope("stream", replace(cfg).to_dict(), machine.machine_info(), body,
                     complete=not run.interrupted and not run.error and len(run.modes) == len(plan.run_modes),
                     started_at=started, finished_at=time.time(), argv=argv)
@@ -507,7 +548,23 @@ def _write(run_dir: Path, results: dict[str, Any], run: StreamRun) -> None:
         for mode, ledger in ledgers.items():
             ledger.save_csv_gz(run_dir / f"records-{mode.replace(':', '')}.csv.gz")
     write_json(run_dir / "results.json", results)
-    write_text(run_dir / "report.md", stream_report.render_markdown(results))
+    report = stream_report.render_markdown(results)
+    if results.get("peak"):
+        from cortexbench.report import peak_report
+
+        report = report.rstrip("\n") + "\n\n" + peak_report.render_markdown(results["peak"])
+        peak_report.plot_rate_latency(results["peak"], run_dir / "rate_latency.png")
+    if results.get("cost"):
+        from cortexbench.report.peak_report import cost_lines
+
+        report = report.rstrip("\n") + "\n\n## Cost\n\n" + "\n".join(f"- {x}" for x in cost_lines(results["cost"])) + "\n"
+    if results.get("sweep") and results["sweep"]["rows"]:
+        from cortexbench import sweep
+
+        report = report.rstrip("\n") + "\n\n" + sweep.render_markdown(results["sweep"]["rows"],
+                                                                        results["sweep"]["sweep"])
+        sweep.plot_cache_sweep(results["sweep"]["rows"], run_dir / "cache_sweep.png")
+    write_text(run_dir / "report.md", report)
     if ledgers:
         stream_plots.plot_all(results, ledgers, run_dir, run.plan.schedule.warmup)
 

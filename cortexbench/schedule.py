@@ -9,6 +9,11 @@ Randomness: one ``PCG64(seed)`` bit generator, split into three independent stre
 model choices, image ids, and arrival gaps.  Each stream is read in item order, so a shorter schedule is a
 prefix of a longer one with the same seed, and the model sequence does not depend on the rate.
 
+Arrivals (open loop): ``poisson`` (exponential gaps at ``rate``), ``gamma:CV`` (gamma gaps of mean
+``1/rate`` and coefficient of variation CV: above 1 bursty, below 1 smoother; ``gamma:1`` is Poisson in
+law), or ``trace:FILE`` (a request trace, ``traces.read_trace``, replayed with its times scaled so that its
+mean rate is ``rate``, or as recorded without a rate; its models pick each image's model, in trace order).
+
 Warm-up items come first (global items ``0 .. warmup-1``) and are extra: ``len(schedule) == warmup +
 counted``.  In the open loop they sit at the start of the timeline; ``duration_s`` bounds the counted
 part, which starts at the last warm-up arrival (0 without warm-up).
@@ -21,7 +26,7 @@ shares the workers out by node, so that a shard can run on the node of its worke
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -56,6 +61,43 @@ def parse_popularity(text: str, key: str = "popularity") -> Popularity:
     raise ConfigError(f"'{key}': unknown popularity '{text}'{did_you_mean(t, ['uniform', 'zipf:1.1'])}")
 
 
+@dataclass(frozen=True)
+class Arrivals:
+    """How the open loop's images arrive: see the module docstring."""
+
+    kind: Literal["poisson", "gamma", "trace"]
+    cv: float = 1.0  # gamma only
+    path: str = ""  # trace only
+
+    def __str__(self) -> str:
+        if self.kind == "gamma":
+            return f"gamma:{self.cv:g}"
+        return f"trace:{self.path}" if self.kind == "trace" else "poisson"
+
+
+ARRIVALS_CHOICES = "'poisson', 'gamma:CV' (CV > 0, as in 'gamma:2') or 'trace:FILE'"
+
+
+def parse_arrivals(text: str, key: str = "stream.arrivals") -> Arrivals:
+    """'poisson', 'gamma:CV' with CV > 0, or 'trace:FILE' (the file is read by make_schedule)."""
+    t = text.strip()
+    kind, sep, arg = t.partition(":")
+    kind = kind.lower()
+    if kind == "poisson" and not sep:
+        return Arrivals("poisson")
+    if kind == "gamma" and sep:
+        try:
+            cv = float(arg)
+        except ValueError:
+            cv = -1.0
+        if cv > 0 and math.isfinite(cv):
+            return Arrivals("gamma", cv=cv)
+        raise ConfigError(f"'{key}': '{text}' needs a coefficient of variation above 0, as in 'gamma:2'")
+    if kind == "trace" and sep and arg.strip():
+        return Arrivals("trace", path=arg.strip())
+    raise ConfigError(f"'{key}': unknown arrivals '{text}': use {ARRIVALS_CHOICES}")
+
+
 @dataclass(frozen=True, eq=False)
 class Schedule:
     """The stream as columns of equal length n (read-only numpy arrays); see the module docstring."""
@@ -68,7 +110,8 @@ class Schedule:
     warmup: int  # global items 0..warmup-1 are warm-up, not counted
     rate: float | None  # images/s of the open loop; None in the closed loop
     seed: int
-    popularity: str  # 'uniform', 'zipf:S' or 'weights'
+    popularity: str  # 'uniform', 'zipf:S', 'weights' or 'trace'
+    arrivals: str = "poisson"  # 'poisson', 'gamma:CV' or 'trace:FILE' (open loop)
 
     def __post_init__(self) -> None:
         n = len(self.item)
@@ -89,6 +132,7 @@ class Schedule:
             and np.array_equal(self.send_at_s, other.send_at_s))
         return (self.models == other.models and self.warmup == other.warmup and self.rate == other.rate
                 and self.seed == other.seed and self.popularity == other.popularity and same_times
+                and self.arrivals == other.arrivals
                 and np.array_equal(self.item, other.item) and np.array_equal(self.model_idx, other.model_idx)
                 and np.array_equal(self.image_idx, other.image_idx))
 
@@ -96,6 +140,8 @@ class Schedule:
 
     def __repr__(self) -> str:
         loop = f"open loop at {self.rate:g}/s" if self.rate is not None else "closed loop"
+        if self.rate is not None and self.arrivals != "poisson":
+            loop += f" ({self.arrivals})"
         return (f"Schedule({len(self)} items, warmup={self.warmup}, {len(self.models)} models, {loop}, "
                 f"popularity={self.popularity}, seed={self.seed})")
 
@@ -126,7 +172,7 @@ class Schedule:
         return Schedule(
             models=self.models, item=self.item[:n], model_idx=self.model_idx[:n], image_idx=self.image_idx[:n],
             send_at_s=None if self.send_at_s is None else self.send_at_s[:n], warmup=self.warmup,
-            rate=self.rate, seed=self.seed, popularity=self.popularity)
+            rate=self.rate, seed=self.seed, popularity=self.popularity, arrivals=self.arrivals)
 
     def shard(self, i: int, n_shards: int) -> Schedule:
         """Items i, i+n_shards, ...: one of ``n_shards`` interleaved parts with global ids and times kept."""
@@ -136,7 +182,7 @@ class Schedule:
         return Schedule(
             models=self.models, item=self.item[sl], model_idx=self.model_idx[sl], image_idx=self.image_idx[sl],
             send_at_s=None if self.send_at_s is None else self.send_at_s[sl], warmup=self.warmup,
-            rate=self.rate, seed=self.seed, popularity=self.popularity)
+            rate=self.rate, seed=self.seed, popularity=self.popularity, arrivals=self.arrivals)
 
 
 def shard_workers(nodes: Sequence[str], n_shards: int) -> list[tuple[tuple[int, ...], str]]:
@@ -190,10 +236,22 @@ def _choose(rng: np.random.Generator, p: np.ndarray, n: int) -> np.ndarray:
     return np.minimum(idx, len(p) - 1).astype(dtype)
 
 
-def _arrivals(rng: np.random.Generator, rate: float, n_max: int, warmup: int, duration_s: float | None) -> np.ndarray:
-    """Poisson arrival times from 0: up to n_max, cut ``duration_s`` after the last warm-up arrival."""
+Gaps = Callable[[np.random.Generator, int], np.ndarray]
+
+
+def gamma_gaps(rate: float, cv: float) -> Gaps:
+    """Gamma inter-arrival gaps of mean 1/rate and coefficient of variation cv (shape 1/cv^2)."""
+    k = 1.0 / (cv * cv)
+    return lambda rng, n: rng.standard_gamma(k, n) / (k * rate)
+
+
+def _arrivals(rng: np.random.Generator, rate: float, n_max: int, warmup: int, duration_s: float | None,
+              gaps_of: Gaps | None = None) -> np.ndarray:
+    """Arrival times from 0 (Poisson, or the gaps ``gaps_of`` draws): up to n_max, cut ``duration_s`` after
+    the last warm-up arrival."""
+    draw: Gaps = gaps_of or (lambda g, n: g.standard_exponential(n) / rate)
     if duration_s is None:
-        gaps = rng.standard_exponential(n_max) / rate
+        gaps = draw(rng, n_max)
         return np.concatenate(([0.0], np.cumsum(gaps[:-1]))) if n_max else np.zeros(0)
     # Draw in chunks (the stream is read in order and every gap is used, so chunking does not change the
     # values: the times are those of the uncut stream above).
@@ -203,7 +261,7 @@ def _arrivals(rng: np.random.Generator, rate: float, n_max: int, warmup: int, du
     last = 0.0
     while len(times) < n_max:
         k = min(chunk, n_max - len(times))
-        gaps = rng.standard_exponential(k) / rate
+        gaps = draw(rng, k)
         times = np.concatenate((times, last + np.cumsum(gaps)))
         last = float(times[-1])
         if len(times) > warmup:
@@ -216,7 +274,7 @@ def _arrivals(rng: np.random.Generator, rate: float, n_max: int, warmup: int, du
 
 def make_schedule(*, count: int, models: Sequence[str], n_images: int, popularity: Popularity | str = "uniform",
                   weights: Sequence[float] = (), rate: float | None = None, duration_s: float | None = None,
-                  warmup: int = 0, seed: int = 0) -> Schedule:
+                  warmup: int = 0, seed: int = 0, arrivals: Arrivals | str = "poisson") -> Schedule:
     """The seeded stream of ``warmup + count`` items (fewer in the open loop when ``duration_s`` ends it).
 
     ``popularity`` is 'uniform' or 'zipf:S' (P(rank k) proportional to 1/k^S, ranks in the order ``models``
@@ -237,6 +295,12 @@ def make_schedule(*, count: int, models: Sequence[str], n_images: int, popularit
         raise ConfigError(f"'stream.rate' must be more than 0 images/s, not {rate}")
     if duration_s is not None and not duration_s > 0:
         raise ConfigError(f"'stream.duration_s' must be more than 0 seconds, not {duration_s}")
+    arr = parse_arrivals(arrivals) if isinstance(arrivals, str) else arrivals
+    if arr.kind == "trace":
+        return _replay(arr, models=models, count=count, n_images=n_images, popularity=popularity, weights=weights,
+                       rate=rate, duration_s=duration_s, warmup=warmup, seed=seed)
+    if arr.kind == "gamma" and rate is None:
+        raise ConfigError(f"'stream.arrivals' {arr} shapes the open loop: give 'stream.rate' (--rate) too")
     p, pop_name = _weights(len(models), popularity, weights)
 
     bits = np.random.PCG64(seed)
@@ -246,13 +310,53 @@ def make_schedule(*, count: int, models: Sequence[str], n_images: int, popularit
     n = warmup + count
     send_at = None
     if rate is not None:
-        send_at = _arrivals(rng_time, float(rate), n, warmup, duration_s)
+        gaps = gamma_gaps(float(rate), arr.cv) if arr.kind == "gamma" else None
+        send_at = _arrivals(rng_time, float(rate), n, warmup, duration_s, gaps)
         n = len(send_at)
     model_idx = _choose(rng_model, p, n)
     image_idx = rng_image.integers(0, n_images, n, dtype=np.int64).astype(np.int32)
     return Schedule(models=models, item=np.arange(n, dtype=np.int64), model_idx=model_idx, image_idx=image_idx,
                     send_at_s=send_at, warmup=warmup, rate=None if rate is None else float(rate),
-                    seed=seed, popularity=pop_name)
+                    seed=seed, popularity=pop_name, arrivals=str(arr))
+
+
+def _replay(arr: Arrivals, *, models: tuple[str, ...], count: int, n_images: int, popularity: Popularity | str,
+            weights: Sequence[float], rate: float | None, duration_s: float | None, warmup: int,
+            seed: int) -> Schedule:
+    """The schedule of a trace: its first ``warmup + count`` requests (fewer when the trace or the duration
+    ends first), times scaled by (trace rate / ``rate``), each request's model from the trace; the image ids
+    are seeded as in every schedule."""
+    from cortexbench.traces import read_trace
+
+    if len(weights) or (parse_popularity(popularity) if isinstance(popularity, str) else popularity).kind != "uniform":
+        raise ConfigError(f"'stream.arrivals' {arr}: the trace picks each image's model; leave out "
+                          "'stream.popularity' and 'stream.model_weights'")
+    trace = read_trace(arr.path)
+    index = {m: i for i, m in enumerate(models)}
+    unknown = sorted(set(trace.model) - set(index))
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise ConfigError(f"'stream.arrivals' {arr}: the trace names models not in 'models': {shown}")
+    times = trace.time_s
+    own = trace.rate
+    if rate is not None and own is not None:
+        times = times * (own / rate)
+    n = min(len(trace), warmup + count)
+    if n <= warmup:
+        raise ConfigError(f"'stream.arrivals' {arr}: the trace has {len(trace)} requests, none left to count after "
+                          f"the {warmup} warm-up images ('stream.warmup')")
+    times = times[:n]
+    if duration_s is not None and n > warmup:
+        end = (times[warmup - 1] if warmup else 0.0) + duration_s
+        n = max(warmup, int(np.searchsorted(times, end, side="left")))
+        times = times[:n]
+    dtype = np.int16 if len(models) <= np.iinfo(np.int16).max else np.int32
+    model_idx = np.fromiter((index[m] for m in trace.model[:n]), dtype=dtype, count=n)
+    rng_image = np.random.Generator(np.random.PCG64(seed).jumped(1))
+    image_idx = rng_image.integers(0, n_images, n, dtype=np.int64).astype(np.int32)
+    return Schedule(models=models, item=np.arange(n, dtype=np.int64), model_idx=model_idx, image_idx=image_idx,
+                    send_at_s=np.ascontiguousarray(times, dtype=np.float64), warmup=warmup,
+                    rate=float(rate) if rate is not None else own, seed=seed, popularity="trace", arrivals=str(arr))
 
 
 def model_shares(schedule: Schedule) -> dict[str, float]:

@@ -20,14 +20,16 @@ STREAM_KEYS = {
     "mode": "stream.modes", "weights": "stream.model_weights", "balancer": "stream.balancer",
     "concurrency": "stream.concurrency", "rate": "stream.rate", "address": "stream.address",
     "metrics_port": "stream.metrics_port", "metrics_host": "stream.metrics_host", "duration": "stream.duration_s", "linger": "stream.linger_s",
-    "warmup": "stream.warmup", "popularity": "stream.popularity", "dispatch": "stream.dispatch",
+    "warmup": "stream.warmup", "popularity": "stream.popularity", "arrivals": "stream.arrivals", "dispatch": "stream.dispatch",
     "drivers": "stream.drivers", "max_group": "stream.max_group", "lanes": "stream.lanes",
     "retries": "stream.retries", "image_pool": "stream.image_pool", "drain_timeout": "stream.drain_timeout_s",
     "image_timeout": "stream.image_timeout_s",
     "cold_drop_cache": "stream.cold_drop_cache", "records": "stream.records", "cold_rebuild": "stream.cold_rebuild",
     "on_demand_images": "stream.on_demand_images", "inputs": "stream.inputs", "decode": "stream.decode",
     "target": "stream.target", "protocol": "stream.protocol", "input_name": "stream.input_name",
-    "input_shape": "stream.input_shape", "http_client": "stream.http_client",
+    "input_shape": "stream.input_shape", "http_client": "stream.http_client", "find_peak": "stream.find_peak",
+    "slo": "stream.slo", "peak_precision": "stream.peak_precision", "peak_tolerance": "stream.peak_tolerance",
+    "sweep": "stream.sweep", "peak_late_ms": "stream.peak_late_ms", "gpu_hour_cost": "stream.gpu_hour_cost",
 }
 
 
@@ -50,7 +52,9 @@ def build_parser() -> ArgumentParser:
     a("--popularity", metavar="P", help="uniform or zipf:S [stream.popularity]")
     a("--balancer", metavar="B", help="round-robin, least-outstanding, p2c, affinity [stream.balancer]")
     a("--concurrency", type=int, metavar="C", help="closed loop: images in flight [stream.concurrency]")
-    a("--rate", type=float, metavar="R", help="open loop: Poisson arrivals, images/s [stream.rate]")
+    a("--rate", type=float, metavar="R", help="open loop: arrivals at R images/s [stream.rate]")
+    a("--arrivals", metavar="A", help="open loop: poisson, gamma:CV (bursty gaps of coefficient of variation CV) "
+                                      "or trace:FILE (time_s,model rows, scaled to --rate) [stream.arrivals]")
     a("--duration", type=float, metavar="S", help="stop after S seconds [stream.duration_s]")
     a("--warmup", type=int, metavar="N", help="images sent first and not counted [stream.warmup]")
     a("--address", metavar="ADDR", help="join this Ray cluster ('auto' for the local one) [stream.address]")
@@ -92,6 +96,25 @@ def build_parser() -> ArgumentParser:
     a("--input-shape", metavar="D,D", help="with --target: that input's shape without the batch axis, as in "
                                            "3,224,224 [stream.input_shape]")
     a("--records", metavar="F", help="per-image records: csv.gz or none [stream.records]")
+    a("--find-peak", action="store_const", const=True,
+      help="search the highest open-loop rate that meets every --slo, per mode; --rate is the first rate tried "
+           "[stream.find_peak]")
+    a("--slo", action="append", metavar="STAT=LIMIT",
+      help="a latency objective of --find-peak: mean or pQ, in us, ms or s, as in p99=20ms; repeat for "
+           "several [stream.slo]")
+    a("--peak-precision", type=float, metavar="F",
+      help="stop when the bracket [met, missed] is within this fraction (default 0.05) [stream.peak_precision]")
+    a("--peak-late-ms", type=float, metavar="MS",
+      help="find-peak: an image sent more than MS after its scheduled time is late; a step may have 1%% late "
+           "(default 1) [stream.peak_late_ms]")
+    a("--gpu-hour-cost", type=float, metavar="PRICE",
+      help="price of one worker (GPU) hour: prints the cost per million images per mode, at the peak with "
+           "--find-peak, else at the measured throughput [stream.gpu_hour_cost]")
+    a("--sweep", metavar="lru:K,K",
+      help="the same stream at each LRU capacity, with cold, swap and cached from --mode as its ends; a table "
+           "and cache_sweep.png [stream.sweep]")
+    a("--peak-tolerance", type=float, metavar="F",
+      help="a step's measurement windows must agree within this fraction (default 0.2) [stream.peak_tolerance]")
     return p
 
 

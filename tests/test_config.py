@@ -96,3 +96,15 @@ def test_the_file_check_keeps_the_flags_other_values(tmp_path):
     cfg.write_text(json.dumps({"models": ["my_served_model"], "times": 5}))
     got = load_config(cfg, {"stream.target": "http://127.0.0.1:1", "times": 7})
     assert got.times == 7 and got.models == ("my_served_model",)
+
+
+def test_every_key_is_documented_in_config_md_and_every_stream_flag_in_usage_md():
+    from cortexbench.config import Config, keys_of
+
+    config_md = (ROOT / "docs" / "config.md").read_text()
+    assert [k for k in keys_of(Config) if f"`{k}`" not in config_md] == []
+    usage_md = (ROOT / "docs" / "usage.md").read_text()
+    flags = sorted(set(flags_of(stream.STREAM_KEYS).values()) - {"--models", "--backend", "--precision",
+                                                                 "--result-dir", "--model-dir", "--img-dir",
+                                                                 "--seed"})
+    assert [f for f in flags if f"`{f}" not in usage_md] == []

@@ -125,6 +125,11 @@ BAD = {
     "fp16-on-cpu": ("--precision", "fp16"),
     "inputs": ("--inputs", "bmp"),
     "decode-gpu-pool": ("--decode", "gpu"),
+    "arrivals": ("--arrivals", "weibull:2"),
+    "arrivals-gamma-0": ("--arrivals", "gamma:0"),
+    "slo": ("--slo", "p99=20"),
+    "slo-without-find-peak": ("--slo", "p99=20ms"),
+    "sweep": ("--sweep", "lru:0,2"),
 }
 EXPECT = {
     "unknown-model": "resnet9000",
@@ -136,6 +141,12 @@ EXPECT = {
     "fp16-on-cpu": "'precision' fp16 needs GPU workers",
     "inputs": "'stream.inputs' must be 'pool' or 'jpeg', not \"bmp\"",
     "decode-gpu-pool": "--decode gpu decodes JPEG inputs: add --inputs jpeg",
+    "arrivals": "--arrivals: 'stream.arrivals': unknown arrivals 'weibull:2': use 'poisson', 'gamma:CV' "
+                "(CV > 0, as in 'gamma:2') or 'trace:FILE'",
+    "arrivals-gamma-0": "'stream.arrivals': 'gamma:0' needs a coefficient of variation above 0, as in 'gamma:2'",
+    "slo": "--slo: 'stream.slo': 'p99=20' is not an SLO: use STAT=LIMIT with STAT mean or pQ (0 < Q < 100)",
+    "slo-without-find-peak": "'stream.slo' applies to the peak search: add --find-peak",
+    "sweep": "--sweep: 'stream.sweep': 'lru:0,2' is not a sweep: use lru:K,K,...",
 }
 
 
