@@ -35,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
-from common import print_table, verdict, write_json
+from common import print_table, stream_results, verdict, write_json
 
 from cortexbench.models.registry import expand_model_names, get_spec
 
@@ -146,18 +146,10 @@ def run_stream(cfg: Path, modes: str, concurrency: int, images: int, warmup: int
     cmd = [sys.executable, "-m", "cortexbench.stream", "--config", str(cfg), "--gpus", "1", "--mode", modes,
            "--concurrency", str(concurrency), "--images", str(images), "--warmup", str(warmup),
            "--precision", precision, "--metrics-port", "0", "--records", "none", *extra]
-    print("$", " ".join(cmd), flush=True)
-    t = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True,
-                       env={**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})})
-    wall = time.perf_counter() - t
-    tail = (p.stdout + p.stderr).strip().splitlines()
-    print("\n".join(tail[-14:]), flush=True)
-    run_dir = next((line.split("results:", 1)[1].strip() for line in tail if line.startswith("results:")), None)
-    if p.returncode != 0 or run_dir is None:
-        return {"error": f"exit {p.returncode}", "wall_s": wall}
-    res = json.loads((Path(run_dir) / "results.json").read_text())
-    out: dict[str, Any] = {"wall_s": wall, "run_dir": run_dir, "tiers": res.get("tiers")}
+    res, wall, tail = stream_results(cmd, env, show=14)
+    if res is None:
+        return {"error": tail[0], "wall_s": wall}
+    out: dict[str, Any] = {"wall_s": wall, "run_dir": res["run_dir"], "tiers": res.get("tiers")}
     answers = ((res.get("tiers") or {}).get("answers") or {}).get("modes") or {}
     for mode, a in answers.items():
         print(f"answers {mode} vs cached: {a.get('agree')}/{a.get('pairs')} top-1 agree, max rel. logit-sum diff "

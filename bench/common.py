@@ -374,6 +374,28 @@ def median_of(runs: list[dict[str, float]], key: str) -> float:
     return statistics.median(vals) if vals else math.nan
 
 
+def stream_results(cmd: list[str], env: dict[str, str] | None = None,
+                   show: int = 6) -> tuple[dict[str, Any] | None, float, list[str]]:
+    """Run a ``python -m cortexbench.stream`` command line; its results.json (None when it failed), its wall
+    time and the tail of its output (``show`` lines of it printed)."""
+    import json
+    import subprocess
+
+    print("$", " ".join(cmd), " ".join(f"{k}={v}" for k, v in (env or {}).items()), flush=True)
+    t = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True,
+                       env={**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})})
+    wall = time.perf_counter() - t
+    tail = (p.stdout + p.stderr).strip().splitlines()
+    print("\n".join(tail[-show:]), flush=True)
+    run_dir = next((line.split("results:", 1)[1].strip() for line in tail if line.startswith("results:")), None)
+    if p.returncode != 0 or run_dir is None:
+        return None, wall, [f"exit {p.returncode}", *tail[-5:]]
+    res = json.loads((Path(run_dir) / "results.json").read_text())
+    res["run_dir"] = run_dir
+    return res, wall, tail
+
+
 def verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("PASS" if ok else "FAIL")
 

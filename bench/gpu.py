@@ -37,7 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np
 import torch
-from common import print_table, verdict, write_json
+from common import print_table, stream_results, verdict, write_json
 
 from cortexbench.models.registry import expand_model_names, get_spec
 
@@ -312,17 +312,9 @@ def run_stream(cfg: Path, gpus: int, images: int, precision: str, extra: list[st
     cmd = [sys.executable, "-m", "cortexbench.stream", "--config", str(cfg), "--gpus", str(gpus), "--mode", "cached",
            "--images", str(images), "--warmup", str(min(2000, images // 5)), "--precision", precision,
            "--metrics-port", "0", "--records", "none", *extra]
-    print("$", " ".join(cmd), " ".join(f"{k}={v}" for k, v in (env or {}).items()), flush=True)
-    t = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True,
-                       env={**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})})
-    wall = time.perf_counter() - t
-    tail = (p.stdout + p.stderr).strip().splitlines()
-    print("\n".join(tail[-6:]), flush=True)
-    run_dir = next((line.split("results:", 1)[1].strip() for line in tail if line.startswith("results:")), None)
-    if p.returncode != 0 or run_dir is None:
-        return {"error": f"exit {p.returncode}", "wall_s": wall, "tail": tail[-5:]}
-    res = json.loads((Path(run_dir) / "results.json").read_text())
+    res, wall, tail = stream_results(cmd, env)
+    if res is None:
+        return {"error": tail[0], "wall_s": wall, "tail": tail[1:]}
     m = res["modes"]["cached"]
     s = m["summary"]
     print(f"  -> {s['throughput_images_per_s']:.0f} img/s, p50 {s['latency'].get('p50_s', 0) * 1e3:.1f} ms, "
