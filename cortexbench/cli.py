@@ -50,6 +50,15 @@ def run_main(body: Callable[[], int], prog: str) -> int:
         return 1
 
 
+def asks_for_gpus(gpus: str | None) -> bool:
+    """Whether ``--gpus`` asks for one GPU worker or more ('auto' and bad values do not; the config check
+    reports a bad value)."""
+    try:
+        return gpus is not None and int(gpus) > 0
+    except ValueError:
+        return False
+
+
 def add_common_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by single and stream; each overrides its config.json key (see overrides_from)."""
     p.add_argument("--config", metavar="PATH",

@@ -29,6 +29,7 @@ from cortexbench.cli import (
     TOKEN_ENV,
     ArgumentParser,
     add_common_flags,
+    asks_for_gpus,
     flags_of,
     overrides_from,
     run_main,
@@ -184,20 +185,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         overrides = overrides_from(args, SERVE_KEYS)
-        no_gpu = not machine.gpus() and not _positive_int(args.gpus)
+        no_gpu = not machine.gpus() and not asks_for_gpus(args.gpus)
         cfg = load_config(args.config, overrides, has_gpu=not no_gpu, flags=flags_of(SERVE_KEYS))
         token = args.token or os.environ.get(TOKEN_ENV) or None
         check_exposure(cfg.serve.host, token, args.insecure)
         return serve(cfg, token=token, quiet=args.quiet)
 
     return run_main(body, PROG)
-
-
-def _positive_int(text: str | None) -> bool:
-    try:
-        return text is not None and int(text) > 0
-    except ValueError:
-        return False
 
 
 if __name__ == "__main__":

@@ -11,7 +11,15 @@ import sys
 from collections.abc import Sequence
 
 from cortexbench import machine
-from cortexbench.cli import COMMON_KEYS, ArgumentParser, add_common_flags, flags_of, overrides_from, run_main
+from cortexbench.cli import (
+    COMMON_KEYS,
+    ArgumentParser,
+    add_common_flags,
+    asks_for_gpus,
+    flags_of,
+    overrides_from,
+    run_main,
+)
 from cortexbench.config import load_config
 
 PROG = "python -m cortexbench.stream"
@@ -125,21 +133,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from cortexbench.coordinator import run_stream
 
         overrides = overrides_from(args, STREAM_KEYS)
-        no_gpu = not machine.gpus() and args.address is None and not _positive_int(args.gpus)
+        no_gpu = not machine.gpus() and args.address is None and not asks_for_gpus(args.gpus)
         cfg = load_config(args.config, overrides, has_gpu=not no_gpu, flags=flags_of(STREAM_KEYS))
         run_stream(cfg, quiet=args.quiet, argv=list(sys.argv) if argv is None else [PROG, *argv])
         return 0
 
     return run_main(body, PROG)
-
-
-def _positive_int(text: str | None) -> bool:
-    """Whether ``--gpus`` asks for one GPU worker or more ('auto' and bad values do not; the config check
-    reports a bad value)."""
-    try:
-        return text is not None and int(text) > 0
-    except ValueError:
-        return False
 
 
 if __name__ == "__main__":
