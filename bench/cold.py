@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
-from common import print_table, stream_results, verdict, write_json
+from common import print_table, stream_results, torch_work_dir, verdict, write_json
 
 from cortexbench.models.registry import expand_model_names, get_spec
 
@@ -189,11 +188,7 @@ def main() -> int:
     names = expand_model_names([m.strip() for m in args.models.split(",")], key="--models")
     specs = [get_spec(n) for n in names]
     work = args.work
-    model_dir, img_dir = work / "models", work / "images"
-    subprocess.run([sys.executable, "-m", "cortexbench.models", "export", "--backend", "torch", "--models",
-                    ",".join(names), "--model-dir", str(model_dir), "--quiet"], check=True)
-    subprocess.run([sys.executable, "-m", "cortexbench.images", "synth", "--count", "300", "--out", str(img_dir)],
-                   check=True, capture_output=True)
+    model_dir, img_dir = torch_work_dir(work, names, 300)
     from cortexbench.models.backends import get_backend
 
     backend = get_backend("torch")

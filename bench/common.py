@@ -374,6 +374,19 @@ def median_of(runs: list[dict[str, float]], key: str) -> float:
     return statistics.median(vals) if vals else math.nan
 
 
+def torch_work_dir(work: Path, names: list[str], images: int) -> tuple[Path, Path]:
+    """``work/models`` with the models exported for torch and ``work/images`` with ``images`` synthetic
+    JPEGs (both kept between runs): the GPU benches' data."""
+    import subprocess
+
+    model_dir, img_dir = work / "models", work / "images"
+    subprocess.run([sys.executable, "-m", "cortexbench.models", "export", "--backend", "torch", "--models",
+                    ",".join(names), "--model-dir", str(model_dir), "--quiet"], check=True)
+    subprocess.run([sys.executable, "-m", "cortexbench.images", "synth", "--count", str(images), "--out",
+                    str(img_dir)], check=True, capture_output=True)
+    return model_dir, img_dir
+
+
 def stream_results(cmd: list[str], env: dict[str, str] | None = None,
                    show: int = 6) -> tuple[dict[str, Any] | None, float, list[str]]:
     """Run a ``python -m cortexbench.stream`` command line; its results.json (None when it failed), its wall

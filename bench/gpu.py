@@ -37,7 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np
 import torch
-from common import print_table, stream_results, verdict, write_json
+from common import print_table, stream_results, torch_work_dir, verdict, write_json
 
 from cortexbench.models.registry import expand_model_names, get_spec
 
@@ -347,11 +347,7 @@ def main() -> int:
     names = expand_model_names([m.strip() for m in args.models.split(",")], key="--models")
     specs = [get_spec(n) for n in names]
     work = args.work
-    model_dir, img_dir = work / "models", work / "images"
-    subprocess.run([sys.executable, "-m", "cortexbench.models", "export", "--backend", "torch", "--models",
-                    ",".join(names), "--model-dir", str(model_dir), "--quiet"], check=True)
-    subprocess.run([sys.executable, "-m", "cortexbench.images", "synth", "--count", "500", "--out", str(img_dir)],
-                   check=True, capture_output=True)
+    model_dir, img_dir = torch_work_dir(work, names, 500)
     images = sorted(str(p) for p in img_dir.rglob("*.jpg"))
     n_gpus = torch.cuda.device_count()
     out: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0), "gpus": n_gpus, "torch": torch.__version__,
