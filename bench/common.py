@@ -374,6 +374,34 @@ def median_of(runs: list[dict[str, float]], key: str) -> float:
     return statistics.median(vals) if vals else math.nan
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server a bench starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(proc: Any, url: str, within_s: float, what: str) -> None:
+    """Poll ``url``/v2/health/ready until it answers 200; SystemExit naming ``what`` if ``proc`` exits or
+    ``within_s`` pass first (the process is killed then)."""
+    import httpx
+
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited before it was ready")
+        time.sleep(0.1)  # the server is starting: poll its readiness at a bounded pace
+    proc.kill()
+    raise SystemExit(f"{what} did not get ready within {within_s:g} s")
+
+
 def torch_work_dir(work: Path, names: list[str], images: int) -> tuple[Path, Path]:
     """``work/models`` with the models exported for torch and ``work/images`` with ``images`` synthetic
     JPEGs (both kept between runs): the GPU benches' data."""

@@ -19,47 +19,27 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import null_setup, print_table, verdict, write_json
+from common import free_port, null_setup, print_table, verdict, wait_ready, write_json
 from http_driver import _ms, lua_script
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_gateway(model_dir: Path, img_dir: Path, work: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "cortexbench.serve", "--models", "null", "--cpu-workers", "1",
                              "--model-dir", str(model_dir), "--img-dir", str(img_dir), "--port", str(port),
                              "--quiet", "--max-inflight", "1024"], cwd=work, env=ENV)
     url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit("the gateway exited before it was ready")
-        time.sleep(0.2)  # Ray and the worker are starting: poll readiness at a bounded pace
-    proc.kill()
-    raise SystemExit("the gateway did not get ready")
+    wait_ready(proc, url, 180, "the gateway")
+    return proc, url
 
 
 def request_body() -> tuple[bytes, dict[str, str]]:

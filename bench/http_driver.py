@@ -24,24 +24,16 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, verdict, write_json
+from common import free_port, print_table, verdict, wait_ready, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "mnist_cnn"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pin(cores: str) -> list[str]:
@@ -58,21 +50,12 @@ def _count(cores: str) -> int:
 
 
 def start_server(service_ms: float, cores: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([*_pin(cores), sys.executable, "-m", "tests.v2_server", "--port", str(port),
                              "--service-ms", str(service_ms), "--models", MODEL], cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.1)  # the server process is starting: poll its readiness at a bounded pace
-    proc.kill()
-    raise SystemExit("the v2 server did not start")
+    wait_ready(proc, url, 30, "the v2 server")
+    return proc, url
 
 
 def request_body() -> tuple[bytes, dict[str, str]]:
