@@ -39,11 +39,13 @@ ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message],
 _INFER_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
         "id": {"type": "string"},
-        "inputs": {"type": "array", "items": {"type": "object", "required": ["name", "shape", "datatype"],
-                                              "properties": {"name": {"type": "string"},
-                                                             "shape": {"type": "array", "items": {"type": "integer"}},
-                                                             "datatype": {"type": "string"},
-                                                             "data": {"type": "array"}}}},
+        "inputs": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["name", "shape", "datatype"],
+            "properties": {"name": {"type": "string"},
+                           "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                           "datatype": {"type": "string"},
+                           "parameters": {"type": "object"},
+                           "data": {"type": "array"}}}},
         "parameters": {"type": "object"}, "outputs": {"type": "array"}}}},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
 _IMAGE_BODY = {"requestBody": {"required": True, "content": {
