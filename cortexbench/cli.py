@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("cortexbench.serve", "the Ray workers behind an HTTP gateway (Open Inference Protocol v2)"),
     "images": ("cortexbench.images.__main__", "make a synthetic ImageNet-like set, or fetch one from a URL list"),
     "traces": ("cortexbench.traces", "write a test request trace (time_s,model rows) whose model popularity shifts"),
+    "dashboard": ("cortexbench.dashboard", "build the Grafana dashboard (grafana-foundation-sdk) and write its JSON"),
 }
 
 

@@ -17,7 +17,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cortexbench.errors import ConfigError
-from cortexbench.metrics import BUCKETS_S, METRIC_NAMES, STAGES, BucketCounts, MetricsServer, MetricsState
+from cortexbench.metrics import (
+    BUCKETS_S,
+    GATEWAY_METRIC_NAMES,
+    METRIC_NAMES,
+    STAGES,
+    BucketCounts,
+    MetricsServer,
+    MetricsState,
+    RequestCounts,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "cortexbench-dashboard.json"
@@ -281,8 +290,9 @@ def test_stop_frees_the_port_and_is_idempotent():
 
 # -- deploy/ and docs/ ----------------------------------------------------------------------------------------
 
-_EXPOSED = set(METRIC_NAMES) | {f"{n}_{s}" for n in ("cortexbench_image_latency_seconds", "cortexbench_stage_seconds")
-                                for s in ("bucket", "sum", "count")}
+_HISTOGRAMS = ("cortexbench_image_latency_seconds", "cortexbench_stage_seconds", "cortexbench_http_request_seconds")
+_EXPOSED = set(METRIC_NAMES) | set(GATEWAY_METRIC_NAMES) | {f"{n}_{s}" for n in _HISTOGRAMS
+                                                            for s in ("bucket", "sum", "count")}
 
 
 def _dashboard_exprs() -> list[str]:
@@ -305,9 +315,9 @@ def test_dashboard_queries_only_metrics_that_are_exposed():
     assert len(exprs) >= 12
     used = {name for e in exprs for name in re.findall(r"\bcortexbench_[a-z_]+", e)}
     assert used <= _EXPOSED, used - _EXPOSED
-    histograms = {"cortexbench_image_latency_seconds", "cortexbench_stage_seconds"}
-    assert used >= (set(METRIC_NAMES) - histograms) | {"cortexbench_image_latency_seconds_bucket",
-                                                        "cortexbench_stage_seconds_sum"}
+    assert used >= ((set(METRIC_NAMES) | set(GATEWAY_METRIC_NAMES)) - set(_HISTOGRAMS)) | {
+        "cortexbench_image_latency_seconds_bucket", "cortexbench_stage_seconds_sum",
+        "cortexbench_stage_seconds_bucket", "cortexbench_http_request_seconds_bucket"}
     # The rendered exposition really has those sample names.
     state = MetricsState(run_id="r", mode="cold", backend="onnxruntime", progress_ratio=0.5)
     state.record_group("cold", "nin", "gpu:0", [0.1])
@@ -318,7 +328,9 @@ def test_dashboard_queries_only_metrics_that_are_exposed():
     state.set_device_memory("gpu:0", 1)
     state.set_host_memory("gpu:0", 1)
     state.mode_progress_ratio, state.phase = 0.5, "warmup"
-    rendered = {s.name for f in state.families() for s in f.samples}
+    requests = RequestCounts()
+    requests.record("POST", "/v2/models/{name}/infer", 200, 0.01)
+    rendered = {s.name for f in [*state.families(), *requests.families("h")] for s in f.samples}
     assert used <= rendered, used - rendered
 
 
@@ -334,7 +346,7 @@ def test_dashboard_shows_measured_images_only_and_filters_by_host():
         if m.group(1).startswith(per_image):
             assert 'phase="measured"' in m.group(2), m.group(0)
     (host,) = [v for v in json.loads(DASHBOARD.read_text())["templating"]["list"] if v["name"] == "host"]
-    assert host["query"]["query"] == "label_values(cortexbench_run_info, host)" and host["includeAll"]
+    assert host["query"] == "label_values(cortexbench_run_info, host)" and host["includeAll"]
 
 
 def test_docs_and_deploy_files_name_only_exposed_metrics():
@@ -346,9 +358,15 @@ def test_docs_and_deploy_files_name_only_exposed_metrics():
         assert f"`{stage}`" in docs
     yaml = pytest.importorskip("yaml")
     prom = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
-    (job,) = prom["scrape_configs"]
-    assert job["job_name"] == "cortexbench" and job["scrape_interval"] == "1s"
-    assert job["static_configs"][0]["targets"] == ["127.0.0.1:8000"]
+    jobs = {j["job_name"]: j for j in prom["scrape_configs"]}
+    assert list(jobs) == ["cortexbench", "cortexbench-gateway", "ray"]
+    assert jobs["cortexbench"]["scrape_interval"] == "1s"
+    assert jobs["cortexbench"]["static_configs"][0]["targets"] == ["127.0.0.1:8000"]
+    assert jobs["cortexbench-gateway"]["static_configs"][0]["targets"] == ["127.0.0.1:8080"]  # serve's port
+    (ray_sd,) = jobs["ray"]["file_sd_configs"][0]["files"]
+    assert ray_sd == "/tmp/ray/session_latest/prom_metrics_service_discovery.json"
+    compose = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
+    assert "/tmp/ray:/tmp/ray:ro" in compose["services"]["prometheus"]["volumes"]  # where ray_sd is read
     prov = ROOT / "deploy" / "grafana" / "provisioning"
     ds = yaml.safe_load((prov / "datasources" / "cortexbench.yml").read_text())["datasources"][0]
     assert ds["type"] == "prometheus"
