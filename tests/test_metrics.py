@@ -393,53 +393,69 @@ def _poll(fn, deadline_s: float, what: str):
         time.sleep(0.1)
 
 
+class Prometheus:
+    """A real Prometheus (Debian's binary) on 127.0.0.1 with an ephemeral port and a temporary store,
+    scraping ``jobs`` (job name -> 'host:port') every ``interval``; ``with`` waits until it is ready."""
+
+    def __init__(self, tmp_path: Path, jobs: dict[str, str], interval: str = "200ms") -> None:
+        assert PROMETHEUS is not None
+        self.tmp_path = tmp_path
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        self.config = tmp_path / "prometheus.yml"
+        self.config.write_text(
+            f"global:\n  scrape_interval: {interval}\n  scrape_timeout: {interval}\nscrape_configs:\n"
+            + "".join(f"  - job_name: {name}\n    static_configs:\n      - targets: ['{target}']\n"
+                      for name, target in jobs.items()))
+        self.api = f"http://127.0.0.1:{_free_port()}"
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> Prometheus:
+        self._log = (self.tmp_path / "prometheus.log").open("w")
+        self.proc = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={self.config}", f"--storage.tsdb.path={self.tmp_path / 'tsdb'}",
+             f"--web.listen-address={self.api.removeprefix('http://')}"], stdout=self._log, stderr=subprocess.STDOUT)
+
+        def ready() -> bool | None:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                pytest.fail(f"prometheus exited {self.proc.returncode}: "
+                            f"{(self.tmp_path / 'prometheus.log').read_text()[-2000:]}")
+            return True if httpx.get(f"{self.api}/-/ready", timeout=2.0).status_code == 200 else None
+
+        _poll(ready, 30.0, "prometheus /-/ready")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self._log.close()
+
+    def query(self, q: str, endpoint: str = "query", **params: object) -> dict:
+        """``/api/v1/<endpoint>`` of PromQL ``q``: its data (the query must succeed)."""
+        r = httpx.get(f"{self.api}/api/v1/{endpoint}", params={"query": q, **params}, timeout=10.0).json()
+        assert r["status"] == "success", (q, r)
+        return r["data"]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(PROMETHEUS is None, reason="no prometheus binary on PATH (Debian: apt install prometheus)")
 def test_real_prometheus_scrapes_the_state_and_accepts_the_dashboard_queries(tmp_path):
     m, w, o, lat = _columns(5, 5000)
     state = _state([(m, w, o, lat)])
     state.record_stages("cached", {s: lat / 8 for s in STAGES})
-    with MetricsServer(0) as server:
+    with MetricsServer(0) as server, Prometheus(tmp_path, {"cortexbench": f"127.0.0.1:{server.port}"}) as prom:
         server.update(state)
-        config = tmp_path / "prometheus.yml"
-        config.write_text(
-            "global:\n  scrape_interval: 200ms\n  scrape_timeout: 200ms\n"
-            "scrape_configs:\n  - job_name: cortexbench\n"
-            f"    static_configs:\n      - targets: ['127.0.0.1:{server.port}']\n")
-        web_port = _free_port()
-        log = (tmp_path / "prometheus.log").open("w")
-        proc = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{web_port}"],
-            stdout=log, stderr=subprocess.STDOUT)
-        try:
-            api = f"http://127.0.0.1:{web_port}"
 
-            def ready() -> bool | None:
-                if proc.poll() is not None:
-                    pytest.fail(f"prometheus exited {proc.returncode}: {(tmp_path / 'prometheus.log').read_text()[-2000:]}")
-                return True if httpx.get(f"{api}/-/ready", timeout=2.0).status_code == 200 else None
+        def total() -> float | None:
+            result = prom.query("sum(cortexbench_images_total)")["result"]
+            return float(result[0]["value"][1]) if result else None
 
-            _poll(ready, 30.0, "prometheus /-/ready")
-
-            def query(q: str) -> dict:
-                r = httpx.get(f"{api}/api/v1/query", params={"query": q}, timeout=5.0).json()
-                assert r["status"] == "success", (q, r)
-                return r["data"]
-
-            def total() -> float | None:
-                result = query("sum(cortexbench_images_total)")["result"]
-                return float(result[0]["value"][1]) if result else None
-
-            assert _poll(total, 30.0, "sum(cortexbench_images_total) in prometheus") == state.images_total == 5000
-            ok = query('sum(cortexbench_images_total{outcome="ok"})')["result"]
-            assert float(ok[0]["value"][1]) == int((o == 0).sum())
-            quantile = query('histogram_quantile(1, sum by (le) (cortexbench_image_latency_seconds_bucket))')
-            assert float(quantile["result"][0]["value"][1]) == 30.0   # 42 s lies beyond the last bound
-            # Every dashboard expression parses and runs (Grafana's variables given plain values).
-            for expr in _dashboard_exprs():
-                query(expr.replace("$__rate_interval", "30s").replace("$__interval", "1s").replace("$host", ".*"))
-        finally:
-            proc.kill()
-            proc.wait(timeout=10)
-            log.close()
+        assert _poll(total, 30.0, "sum(cortexbench_images_total) in prometheus") == state.images_total == 5000
+        ok = prom.query('sum(cortexbench_images_total{outcome="ok"})')["result"]
+        assert float(ok[0]["value"][1]) == int((o == 0).sum())
+        quantile = prom.query('histogram_quantile(1, sum by (le) (cortexbench_image_latency_seconds_bucket))')
+        assert float(quantile["result"][0]["value"][1]) == 30.0   # 42 s lies beyond the last bound
+        # Every dashboard expression parses and runs (Grafana's variables given plain values).
+        for expr in _dashboard_exprs():
+            prom.query(expr.replace("$__rate_interval", "30s").replace("$__interval", "1s").replace("$host", ".*"))
