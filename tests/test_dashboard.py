@@ -150,10 +150,15 @@ def test_every_panel_returns_data_for_a_live_run_and_totals_agree_with_results(m
                 assert client.get("/v2/health/ready").status_code == 200
 
             def done() -> float | None:
-                """The time of the stream's first scrape in phase done, once its results.json is there."""
+                """The time of a scrape of the stream in phase done (its last), once its results.json is there."""
                 assert stream.poll() is None, (tmp_path / "stream.log").read_text()[-3000:]
-                r = prom.query('timestamp(cortexbench_run_phase{job="stream", phase="done"} == 1)')["result"]
-                return float(r[0]["value"][1]) if r and list(results_dir.glob("*-stream*/results.json")) else None
+                if not prom.query('cortexbench_run_phase{job="stream", phase="done"} == 1')["result"] or \
+                        not list(results_dir.glob("*-stream*/results.json")):
+                    return None
+                # timestamp() of a plain selector is its newest sample's scrape time (of an expression, it
+                # would be the evaluation time).
+                r = prom.query('timestamp(cortexbench_run_phase{job="stream", phase="done"})')["result"]
+                return float(r[0]["value"][1]) if r else None   # none: the newest scrape failed (stale)
 
             # Queries are evaluated at that scrape's time: on a busy machine a later scrape may time out, and
             # Prometheus then marks the target's series stale.
@@ -206,7 +211,9 @@ def test_every_panel_returns_data_for_a_live_run_and_totals_agree_with_results(m
             assert codes == {"200": 5.0, "404": 1.0}
         finally:
             if stream.poll() is None:
-                stream.send_signal(signal.SIGTERM)   # it lingers; its results are written
+                # It lingers, its results written.  Ctrl-C, since SIGTERM does not end --linger's wait
+                # (coordinator.py's handler is not in place then).
+                stream.send_signal(signal.SIGINT)
                 try:
                     stream.wait(timeout=30)
                 except subprocess.TimeoutExpired:
