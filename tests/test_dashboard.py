@@ -39,6 +39,11 @@ def test_check_fails_in_one_line_when_the_file_differs_and_writing_makes_it_pass
     assert dashboard.main(["--out", str(out)]) == 0
     assert out.read_text() == DASHBOARD.read_text()
     assert dashboard.main(["--check", "--out", str(out)]) == 0
+    capsys.readouterr()
+    nowhere = out / "dash.json"  # under a file: one line, no traceback
+    assert dashboard.main(["--out", str(nowhere)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m cortexbench.dashboard: error: cannot write {nowhere}: ") and err.count("\n") == 1
 
 
 def test_the_dashboard_has_every_tier_stage_gateway_and_ray_panel():
