@@ -98,8 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print("usage: cortexbench COMMAND [ARGS]   (or: python -m cortexbench.COMMAND [ARGS])\n\ncommands:")
+        width = max(map(len, COMMANDS))
         for name, (_, line) in COMMANDS.items():
-            print(f"  {name:<8} {line}")
+            print(f"  {name:<{width}} {line}")
         print("\n'cortexbench COMMAND --help' shows a command's flags; docs/usage.md has examples.")
         return 0
     name, rest = argv[0], argv[1:]
