@@ -62,6 +62,11 @@ def ray_running() -> bool:
     return ray.is_initialized()
 
 
+def node_id() -> str:
+    """This process's Ray node (to tell which workers share its machine)."""
+    return str(ray.get_runtime_context().get_node_id())
+
+
 def shutdown_ray() -> None:
     if ray.is_initialized():
         ray.shutdown()
@@ -127,6 +132,7 @@ class WorkerActor:
             except ImportError:
                 pass
         self.worker = ModelWorker(spec)
+        self._slots: Any = None  # the gateway's shared-memory slots, mapped on first use
 
     def check(self) -> None:
         self.worker.check()
@@ -145,6 +151,14 @@ class WorkerActor:
     def infer_tensor(self, data: bytes) -> bytes:
         """One input sent whole by the serving gateway (``ModelWorker.run_tensor``)."""
         return self.worker.run_tensor(data)
+
+    def infer_tensor_shm(self, path: str, length: int) -> bytes:
+        """One input the gateway put in a shared-memory slot on this machine (``gateway.shm``)."""
+        if self._slots is None:
+            from cortexbench.gateway.shm import SlotReader
+
+            self._slots = SlotReader()
+        return self.worker.run_tensor(self._slots.view(path, length))
 
     def state(self) -> WorkerState:
         return self.worker.state()
@@ -221,10 +235,15 @@ class RayTarget:
         for shard in self._shards:
             shard_stop(shard)
 
-    async def infer_tensor(self, index: int, data: bytes, timeout_s: float) -> bytes:
-        """Run one input on worker ``index`` (the serving gateway): the answer's bytes; WorkerLostError when
-        the worker died or is restarting, WorkerError when it did not answer within ``timeout_s``."""
-        ref = ADAPTER.call(self.actors[index], "infer_tensor", data)
+    async def infer_tensor(self, index: int, data: bytes | tuple[str, int], timeout_s: float) -> bytes:
+        """Run one input on worker ``index`` (the serving gateway): the request's bytes, or the path and
+        length of the shared-memory slot that holds them (a worker on this machine, ``gateway.shm``); the
+        answer's bytes; WorkerLostError when the worker died or is restarting, WorkerError when it did not
+        answer within ``timeout_s``."""
+        if isinstance(data, tuple):
+            ref = ADAPTER.call(self.actors[index], "infer_tensor_shm", *data)
+        else:
+            ref = ADAPTER.call(self.actors[index], "infer_tensor", data)
         try:
             return await asyncio.wait_for(wait_ref(ref), timeout_s)
         except LOST as e:

@@ -107,20 +107,24 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(cfg: Config, *, token: str | None, quiet: bool = False) -> int:
     """Start the workers, serve until SIGTERM or Ctrl-C, stop them; returns the exit code (0)."""
+    import numpy as np
     import uvicorn
 
     from cortexbench import cluster
     from cortexbench.coordinator import _check_gpus, _local_resources, plan_stream
     from cortexbench.gateway.app import make_app
     from cortexbench.gateway.pool import Gateway, RayCaller
+    from cortexbench.gateway.shm import SharedSlots
     from cortexbench.gateway.v2 import ModelInfo
     from cortexbench.models.registry import get_spec
+    from cortexbench.protocol import tensor_request_size
 
     sv = cfg.serve
     say = (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     sock = bind(sv.host, sv.port)
     own_ray = not cluster.ray_running()
     target: Any = None
+    slots: Any = None
     try:
         plan = plan_stream(cfg, _local_resources(), quiet=quiet)
         if own_ray:
@@ -135,7 +139,12 @@ def serve(cfg: Config, *, token: str | None, quiet: bool = False) -> int:
         target.set_mode(sv.mode)
         models = [ModelInfo(name, i, tuple(get_spec(name).input_shape), get_spec(name).num_classes)
                   for i, name in enumerate(plan.models)]
-        gateway = Gateway(RayCaller(target, sv.mode), models, mode=sv.mode, balancer=sv.balancer,
+        # requests for workers on this machine travel in shared memory (gateway/shm.py), one slot each
+        here = cluster.node_id()
+        slots = SharedSlots(max(tensor_request_size(np.empty((1, *m.input_shape), np.float32)) for m in models),
+                            sv.max_inflight)
+        caller = RayCaller(target, sv.mode, slots, [n == here for n in target.node_ids])
+        gateway = Gateway(caller, models, mode=sv.mode, balancer=sv.balancer,
                           max_inflight=sv.max_inflight, call_timeout_s=sv.call_timeout_s, seed=cfg.seed,
                           host=socket.gethostname())
         gateway.ready = True
@@ -164,6 +173,8 @@ def serve(cfg: Config, *, token: str | None, quiet: bool = False) -> int:
         return 0
     finally:
         sock.close()
+        if slots is not None:
+            slots.close()
         if target is not None:
             target.close()
         if own_ray:

@@ -336,7 +336,7 @@ class FakeCaller:
         self.release: asyncio.Event | None = None
         self.recovered = threading.Event()
 
-    async def call(self, index: int, data: bytes, timeout_s: float) -> bytes:
+    async def call(self, index: int, item: int, model_idx: int, x: np.ndarray, timeout_s: float) -> bytes:
         if self.lose:
             self.lose = False
             raise WorkerLostError("worker f0 is gone (ActorDiedError)")
