@@ -311,6 +311,34 @@ def start_workers(specs: Sequence[WorkerSpec], *, gpu: bool, cpus_each: float, t
     return pool
 
 
+def start_gateways(cls: type, n: int, target: RayTarget, *args: Any, timeout_s: float = 120.0) -> list[Any]:
+    """``n`` gateway replicas (``serve.GatewayReplica``: ``cls(index, target, *args)``), actors on this
+    process's machine (they share its port) that take no CPU from the workers; ready when this returns."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    opts: dict[str, Any] = {
+        "num_cpus": 0, "max_restarts": 0, "max_concurrency": 2,
+        "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id(), soft=False),
+        "runtime_env": {"env_vars": {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}},
+    }
+    actors = [ADAPTER.actor(cls, opts, i, target, *args) for i in range(n)]
+    try:
+        get([ADAPTER.call(a, "__ray_ready__") for a in actors], timeout_s)
+    except BaseException:
+        drop_actors(actors)
+        raise
+    return actors
+
+
+def drop_actors(actors: Sequence[Any]) -> None:
+    """End actors for good (no restart)."""
+    for a in actors:
+        try:
+            ray.kill(a, no_restart=True)
+        except Exception:
+            pass
+
+
 # --- a lost worker -------------------------------------------------------------------------------
 
 
