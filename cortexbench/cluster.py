@@ -371,6 +371,18 @@ def start_gateways(cls: type, n: int, target: RayTarget, *args: Any, timeout_s: 
     return actors
 
 
+def settle(refs: Sequence[Any], timeout_s: float) -> list[Any]:
+    """Each call's value, or the exception it ended with (a gateway replica that died answers its error, and
+    the others still count)."""
+    out: list[Any] = []
+    for ref in refs:
+        try:
+            out.append(get(ref, timeout_s))
+        except Exception as e:
+            out.append(e)
+    return out
+
+
 def drop_actors(actors: Sequence[Any]) -> None:
     """End actors for good (no restart)."""
     for a in actors:

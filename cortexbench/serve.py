@@ -236,8 +236,11 @@ def serve(cfg: Config, *, token: str | None, gateways: int = 1, quiet: bool = Fa
             signal.signal(signal.SIGTERM, on_signal)
             signal.signal(signal.SIGINT, on_signal)
             done.wait()
-            counts = cluster.get([cluster.ADAPTER.call(r, "stop") for r in replicas], sv.drain_timeout_s + 60)
-            accepted, answered, ok = (sum(c[k] for c in counts) for k in range(3))
+            counts = cluster.settle([cluster.ADAPTER.call(r, "stop") for r in replicas], sv.drain_timeout_s + 60)
+            for k, c in enumerate(counts):
+                if isinstance(c, BaseException):
+                    say(f"serve: gateway {k} did not stop cleanly: {type(c).__name__}: {str(c).strip()[:200]}")
+            accepted, answered, ok = (sum(c[k] for c in counts if isinstance(c, tuple)) for k in range(3))
             if stopped == ["SIGINT"]:
                 _stop_line(stopped, accepted, answered, ok)
                 raise KeyboardInterrupt
