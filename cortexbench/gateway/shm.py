@@ -104,9 +104,11 @@ def _drop(slot: Slot) -> None:
 
 
 class SlotReader:
-    """The worker's side: ``SharedSlots`` files mapped once and kept (at most ``keep``, oldest dropped)."""
+    """The worker's side: ``SharedSlots`` files mapped once and kept (at most ``keep``, oldest dropped: a
+    retired slot's pages stay with the worker until its mapping goes; one still being read when it is
+    dropped is closed by its last reader)."""
 
-    def __init__(self, keep: int = 1024) -> None:
+    def __init__(self, keep: int = 64) -> None:
         self.keep = keep
         self._maps: dict[str, mmap.mmap] = {}
 
