@@ -112,7 +112,12 @@ def bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     return sock
 
 
-def build_gateway(target: Any, cfg: Config, models: Sequence[Any], host_label: str) -> Any:
+def slot_prefix() -> str:
+    """The shared-memory slots' name prefix of this serve process's gateways (``gateway/shm.py``)."""
+    return f"cortexbench-gw-{os.getpid()}"
+
+
+def build_gateway(target: Any, cfg: Config, models: Sequence[Any], host_label: str, prefix: str) -> Any:
     """The ``Gateway`` over ``target``'s workers; requests for workers on this process's machine travel in
     shared memory (``gateway/shm.py``, one slot per request in flight)."""
     import numpy as np
@@ -125,7 +130,7 @@ def build_gateway(target: Any, cfg: Config, models: Sequence[Any], host_label: s
     sv = cfg.serve
     here = cluster.node_id()
     slots = SharedSlots(max(tensor_request_size(np.empty((1, *m.input_shape), np.float32)) for m in models),
-                        sv.max_inflight)
+                        sv.max_inflight, prefix)
     caller = RayCaller(target, sv.mode, slots, [n == here for n in target.node_ids])
     gateway = Gateway(caller, models, mode=sv.mode, balancer=sv.balancer, max_inflight=sv.max_inflight,
                       call_timeout_s=sv.call_timeout_s, seed=cfg.seed, host=host_label)
@@ -160,8 +165,8 @@ class GatewayReplica:
     spreads connections over the replicas) and on a port of its own (its /metrics), uvicorn on a thread."""
 
     def __init__(self, index: int, target: Any, cfg: Config, models: Sequence[Any], token: str | None,
-                 platform: str) -> None:
-        self.gateway = build_gateway(target, cfg, models, f"{socket.gethostname()}/gw{index}")
+                 platform: str, prefix: str) -> None:
+        self.gateway = build_gateway(target, cfg, models, f"{socket.gethostname()}/gw{index}", prefix)
         self.server = make_server(self.gateway, cfg, token, platform)
         self.host = cfg.serve.host
         self._thread: threading.Thread | None = None
@@ -222,7 +227,8 @@ def serve(cfg: Config, *, token: str | None, gateways: int = 1, quiet: bool = Fa
         fast = "uvloop+httptools" if _installed("uvloop") and _installed("httptools") else "asyncio+h11"
         tokens = "token required on inference calls" if token else "no token"
         if gateways > 1:
-            replicas = cluster.start_gateways(GatewayReplica, gateways, target, cfg, models, token, platform)
+            replicas = cluster.start_gateways(GatewayReplica, gateways, target, cfg, models, token, platform,
+                                              slot_prefix())
             own_ports = cluster.get([cluster.ADAPTER.call(r, "start", port) for r in replicas], 120)
             metrics = ", ".join(f"http://{_url_host(host)}:{p}/metrics" for p in own_ports)
             say(f"serve: {where}, mode {sv.mode}, on http://{_url_host(host)}:{port} through {gateways} gateway "
@@ -245,7 +251,7 @@ def serve(cfg: Config, *, token: str | None, gateways: int = 1, quiet: bool = Fa
                 _stop_line(stopped, accepted, answered, ok)
                 raise KeyboardInterrupt
         else:
-            gateway = build_gateway(target, cfg, models, socket.gethostname())
+            gateway = build_gateway(target, cfg, models, socket.gethostname(), slot_prefix())
             server = make_server(gateway, cfg, token, platform)
             # uvicorn re-raises the signal it shut down for once it is done, through the handler it found:
             # this one, so that SIGTERM ends in a clean exit 0 (Ctrl-C keeps Python's KeyboardInterrupt: 130)
@@ -260,6 +266,10 @@ def serve(cfg: Config, *, token: str | None, gateways: int = 1, quiet: bool = Fa
         if gateway is not None:
             gateway.caller.close()
         cluster.drop_actors(replicas)
+        if replicas:
+            from cortexbench.gateway.shm import remove_slots
+
+            remove_slots(slot_prefix())  # a gateway killed before it closed its slots leaves them behind
         if target is not None:
             target.close()
         if own_ray:

@@ -20,7 +20,7 @@ import pytest
 from cortexbench.errors import WorkerError, WorkerLostError
 from cortexbench.gateway.app import make_app
 from cortexbench.gateway.pool import Gateway, LocalCaller, RayCaller
-from cortexbench.gateway.shm import SharedSlots, SlotReader
+from cortexbench.gateway.shm import SharedSlots, SlotReader, remove_slots
 from cortexbench.gateway.v2 import HEADER, ModelInfo
 from cortexbench.images.dataset import list_images, load_input
 from cortexbench.models.registry import get_spec
@@ -450,6 +450,10 @@ def test_shared_slots_are_reused_capped_retired_and_unlinked():
     assert not os.path.exists(a.path) and not os.path.exists(c.path)
     with pytest.raises(ValueError):
         SlotReader().view("/etc/passwd", 4)
+    killed = SharedSlots(4096, max_slots=2, prefix="cortexbench-gw-test")  # its process never closes it
+    paths = [s.path for s in (killed.acquire(), killed.acquire()) if s is not None]
+    assert len(paths) == 2 and all(os.path.exists(p) for p in paths)
+    assert remove_slots("cortexbench-gw-test") == 2 and not any(os.path.exists(p) for p in paths)
 
 
 class TwinTarget:

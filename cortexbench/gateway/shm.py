@@ -11,7 +11,8 @@ free again once the call returns).
 One slot per request in flight: ``acquire`` reuses a free slot or maps a new one (up to ``max_slots``;
 None past that, or where ``/dev/shm`` is missing or full: the caller then sends the bytes with the call);
 ``release`` frees it; ``retire`` drops a slot that a worker may still read (a call that timed out): its file
-is unlinked, never reused, and its pages go once the worker lets go of them.  ``close`` unlinks every file.
+is unlinked, never reused, and its pages go once the worker lets go of them.  ``close`` unlinks every file;
+``remove_slots`` those of a process that was killed first (``serve`` gives its gateways one prefix).
 Plain Python (Linux's ``/dev/shm``); used from one event loop.
 """
 
@@ -90,6 +91,20 @@ class SharedSlots:
             _drop(slot)
         self._all.clear()
         self._free.clear()
+
+
+def remove_slots(prefix: str) -> int:
+    """Unlink every slot file whose ``SharedSlots`` had ``prefix`` (those of a gateway process that was
+    killed before it closed its own); how many."""
+    n = 0
+    for name in os.listdir(SHM_DIR) if os.path.isdir(SHM_DIR) else ():
+        if name.startswith(prefix + "-"):
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+                n += 1
+            except OSError:
+                pass
+    return n
 
 
 def _drop(slot: Slot) -> None:
