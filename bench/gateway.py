@@ -1,15 +1,18 @@
 """The serving gateway (``python -m cortexbench.serve``, null model) under load on loopback: its requests/s
-and p50/p99 as wrk sees them and as cortexbench's HTTP target sees them, and the Ray path's p50 at
-concurrency 1 (the same null model through ``cortexbench.stream`` without the gateway) for the gateway's
-added latency.
+(and per core it used) and p50/p99 as wrk sees them and as cortexbench's HTTP target sees them, with 1 and
+with N gateway processes (``--gateways N``); and, in the same rounds, the Ray path's p50 at concurrency 1
+(the same null model through ``cortexbench.stream`` without the gateway) for the gateway's added latency.
 
-    python bench/gateway.py [--seconds 4] [--concurrency 1,8,32] [--images 2000]
+    python bench/gateway.py [--rounds 3] [--seconds 4] [--concurrency 1,8,32] [--gateways 1,2] [--images 1000]
 
-The gateway runs with one CPU worker (its Ray actor) on this machine, as ``serve --models null``; wrk
-(Debian's package, one thread) sends the exact binary v2 request cortexbench sends (the null model's
-3x224x224 FP32 input: 602 KB a request).  Target (issue #13): the gateway adds at most 1 ms p50 over the
-Ray path at concurrency 1.  Prints the table, writes gateway.json.  (Not bench/http.py: run as a script, that name would hide the
-standard library's http package.)
+Each round: for each gateway count, start ``serve --models null --cpu-workers 1`` (one CPU worker, its Ray
+actor), drive it with cortexbench's HTTP target at C=1 (``stream --target``: closed loop), then with wrk
+(Debian's package, one thread, the exact binary v2 request cortexbench sends: the null model's 3x224x224 FP32
+input, 602 KB a request) at each C, and stop it (SIGTERM); then the Ray path at C=1 (``stream --models null
+--concurrency 1``, its default dispatch), with no gateway running.  Target (issue #13): the gateway adds at
+most 1 ms p50 over the Ray path at concurrency 1.  Prints the tables (median of the rounds and the spread),
+writes gateway.json.  (Not bench/http.py: run as a script, that name would hide the standard library's http
+package.)
 """
 
 from __future__ import annotations
@@ -19,27 +22,50 @@ import json
 import os
 import re
 import shutil
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import free_port, null_setup, print_table, verdict, wait_ready, write_json
+from common import cpu_seconds, free_port, null_setup, print_table, verdict, wait_ready, write_json
 from http_driver import _ms, lua_script
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
 
 
-def start_gateway(model_dir: Path, img_dir: Path, work: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_gateway(model_dir: Path, img_dir: Path, work: Path, gateways: int) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "cortexbench.serve", "--models", "null", "--cpu-workers", "1",
                              "--model-dir", str(model_dir), "--img-dir", str(img_dir), "--port", str(port),
-                             "--quiet", "--max-inflight", "1024"], cwd=work, env=ENV)
+                             "--quiet", "--max-inflight", "1024", "--gateways", str(gateways)], cwd=work, env=ENV)
     url = f"http://127.0.0.1:{port}"
     wait_ready(proc, url, 180, "the gateway")
     return proc, url
+
+
+def stop_gateway(proc: subprocess.Popen[bytes]) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(120)
+
+
+def gateway_pids(proc: subprocess.Popen[bytes], gateways: int) -> list[int]:
+    """The processes that run the gateway: serve itself, or its replicas (Ray actors: ``ray::GatewayReplica``)."""
+    if gateways == 1:
+        return [proc.pid]
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if (d / "cmdline").read_bytes().startswith(b"ray::GatewayReplica"):
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
 
 
 def request_body() -> tuple[bytes, dict[str, str]]:
@@ -51,14 +77,18 @@ def request_body() -> tuple[bytes, dict[str, str]]:
     return t._body(InputInfo("input", (3, 224, 224), "FP32", "bench"), np.full((1, 3, 224, 224), 0.5, np.float32))
 
 
-def run_wrk(url: str, c: int, seconds: float, script: Path) -> dict[str, float]:
+def run_wrk(url: str, c: int, seconds: float, script: Path, pids: list[int]) -> dict[str, float]:
+    before = sum(cpu_seconds(p) for p in pids)
     out = subprocess.run(["wrk", "-t1", f"-c{c}", f"-d{seconds:g}s", "--latency", "-s", str(script),
                           f"{url}/v2/models/null/infer"], capture_output=True, text=True).stdout
+    cores = (sum(cpu_seconds(p) for p in pids) - before) / seconds
     pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M))
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"p50_ms": _ms(pct.get("50", "")), "p99_ms": _ms(pct.get("99", "")),
-            "req_per_s": float(rps.group(1)) if rps else float("nan"), "non_2xx": float(bad.group(1)) if bad else 0.0}
+    req_s = float(rps.group(1)) if rps else float("nan")
+    return {"p50_ms": _ms(pct.get("50", "")), "p99_ms": _ms(pct.get("99", "")), "req_per_s": req_s,
+            "gateway_cores": cores, "req_per_s_per_core": req_s / cores if cores > 0 else float("nan"),
+            "non_2xx": float(bad.group(1)) if bad else 0.0}
 
 
 def run_stream(args: list[str], c: int, images: int, work: Path, img_dir: Path) -> dict[str, float]:
@@ -77,11 +107,20 @@ def run_stream(args: list[str], c: int, images: int, work: Path, img_dir: Path) 
             "req_per_s": s["throughput_images_per_s"], "failed": float(s["failed"])}
 
 
+def spread(values: list[float]) -> dict[str, float]:
+    vals = [v for v in values if v == v]
+    if not vals:
+        return {"median": float("nan"), "min": float("nan"), "max": float("nan")}
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--concurrency", default="1,8,32")
-    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--gateways", default="1,2")
+    ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--out", default="gateway.json")
     args = ap.parse_args()
     if not shutil.which("wrk"):
@@ -91,31 +130,54 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="cortexbench-http-"))
     body, headers = request_body()
     script = lua_script(body, headers, work / "request.lua")
-    out: dict = {"cores": os.cpu_count(), "runs": []}
-    proc, url = start_gateway(model_dir, img_dir, work)
-    try:
-        for c in (int(v) for v in args.concurrency.split(",")):
-            w = run_wrk(url, c, args.seconds, script)
-            cb = run_stream(["--target", url], c, args.images, work, img_dir)
-            out["runs"].append({"concurrency": c, "wrk": w, "cortexbench": cb})
-    finally:
-        proc.terminate()
-        proc.wait(60)
-    ray1 = run_stream(["--cpu-workers", "1", "--mode", "cached", "--backend", "mxnet", "--model-dir", str(model_dir)],
-                      1, args.images, work, img_dir)
-    out["ray_path_c1"] = ray1
-    print_table("the gateway (null model, 1 CPU worker) on loopback",
-                ["C", "wrk req/s", "wrk p50 ms", "wrk p99 ms", "cb req/s", "cb p50 ms", "cb p99 ms"],
-                [[r["concurrency"], r["wrk"]["req_per_s"], r["wrk"]["p50_ms"], r["wrk"]["p99_ms"],
-                  r["cortexbench"]["req_per_s"], r["cortexbench"]["p50_ms"], r["cortexbench"]["p99_ms"]]
-                 for r in out["runs"]])
-    c1 = next((r for r in out["runs"] if r["concurrency"] == 1), None)
-    if c1 is not None:
-        added = c1["cortexbench"]["p50_ms"] - ray1["p50_ms"]
-        out["added_p50_ms_c1"] = added
-        print_table("the gateway's added p50 at C=1", ["Ray path p50 ms", "gateway p50 ms (cortexbench)", "added ms",
-                                                       "target <= 1 ms"],
-                    [[ray1["p50_ms"], c1["cortexbench"]["p50_ms"], added, verdict(added <= 1.0)]])
+    conc = [int(v) for v in args.concurrency.split(",")]
+    counts = [int(v) for v in args.gateways.split(",")]
+    rounds: list[dict[str, Any]] = []
+    for r in range(args.rounds):
+        print(f"round {r + 1}/{args.rounds} ...", file=sys.stderr, flush=True)
+        got: dict[str, Any] = {"gateways": {}}
+        for g in counts:
+            proc, url = start_gateway(model_dir, img_dir, work, g)
+            try:
+                pids = gateway_pids(proc, g)
+                cb = run_stream(["--target", url], 1, args.images, work, img_dir)
+                wrk = {c: run_wrk(url, c, args.seconds, script, pids) for c in conc}
+            finally:
+                rc = stop_gateway(proc)
+            got["gateways"][g] = {"cortexbench_c1": cb, "wrk": wrk, "exit": rc}
+        got["ray_path_c1"] = run_stream(["--cpu-workers", "1", "--mode", "cached", "--backend", "mxnet",
+                                         "--model-dir", str(model_dir)],
+                                        1, args.images, work, img_dir)
+        rounds.append(got)
+
+    def pick(fn: Any) -> dict[str, float]:
+        return spread([fn(x) for x in rounds])
+
+    out: dict[str, Any] = {"cores": os.cpu_count(), "rounds": rounds, "summary": {}}
+    ray_p50 = pick(lambda x: x["ray_path_c1"]["p50_ms"])
+    rows = []
+    for g in counts:
+        cb_p50 = pick(lambda x, g=g: x["gateways"][g]["cortexbench_c1"]["p50_ms"])
+        added = pick(lambda x, g=g: x["gateways"][g]["cortexbench_c1"]["p50_ms"] - x["ray_path_c1"]["p50_ms"])
+        wrk_added = pick(lambda x, g=g: x["gateways"][g]["wrk"][1]["p50_ms"] - x["ray_path_c1"]["p50_ms"]) \
+            if 1 in conc else spread([])
+        out["summary"][g] = {"cortexbench_c1_p50_ms": cb_p50, "added_p50_ms_c1": added,
+                             "wrk_added_p50_ms_c1": wrk_added,
+                             "wrk": {c: {k: pick(lambda x, g=g, c=c, k=k: x["gateways"][g]["wrk"][c][k])
+                                         for k in ("req_per_s", "p50_ms", "p99_ms", "gateway_cores",
+                                                   "req_per_s_per_core")} for c in conc}}
+        rows.append([g, ray_p50["median"], cb_p50["median"], f"{added['median']:.2f} ({added['min']:.2f}..{added['max']:.2f})",
+                     f"{wrk_added['median']:.2f} ({wrk_added['min']:.2f}..{wrk_added['max']:.2f})",
+                     verdict(added["median"] <= 1.0)])
+    out["summary"]["ray_path_c1_p50_ms"] = ray_p50
+    print_table(f"the gateway's added p50 at C=1 (median of {args.rounds} rounds, min..max)",
+                ["gateways", "Ray path p50 ms", "gateway p50 ms (cortexbench)", "added ms (cortexbench)",
+                 "added ms (wrk)", "target <= 1 ms"], rows)
+    print_table("wrk against the gateway (null model, 1 CPU worker), median of the rounds",
+                ["gateways", "C", "req/s", "p50 ms", "p99 ms", "gateway cores", "req/s per gateway core"],
+                [[g, c, *(out["summary"][g]["wrk"][c][k]["median"] for k in
+                          ("req_per_s", "p50_ms", "p99_ms", "gateway_cores", "req_per_s_per_core"))]
+                 for g in counts for c in conc])
     write_json(Path(args.out), out)
     return 0
 

@@ -160,6 +160,21 @@ def encode_tensor_request(item: int, model_idx: int, x: np.ndarray) -> bytes:
     return TENSOR_HEAD.pack(item, model_idx, x.ndim) + struct.pack(f"={x.ndim}q", *x.shape) + x.tobytes()
 
 
+def tensor_request_size(x: np.ndarray) -> int:
+    """The length of ``encode_tensor_request``'s bytes for ``x``."""
+    return TENSOR_HEAD.size + 8 * x.ndim + 4 * x.size
+
+
+def write_tensor_request(buf: memoryview, item: int, model_idx: int, x: np.ndarray) -> int:
+    """``encode_tensor_request``'s bytes written into ``buf`` (a writable buffer of at least
+    ``tensor_request_size(x)`` bytes; ``x`` converted to float32 on the way, one copy); the length written."""
+    start = TENSOR_HEAD.size + 8 * x.ndim
+    TENSOR_HEAD.pack_into(buf, 0, item, model_idx, x.ndim)
+    struct.pack_into(f"={x.ndim}q", buf, TENSOR_HEAD.size, *x.shape)
+    np.frombuffer(buf, np.float32, x.size, start).reshape(x.shape)[...] = x
+    return start + 4 * x.size
+
+
 def decode_tensor_request(data: bytes) -> tuple[int, int, np.ndarray]:
     """(item, model index, the input) of ``encode_tensor_request``'s bytes; the array is read-only."""
     item, model_idx, ndim = TENSOR_HEAD.unpack_from(data)

@@ -7,21 +7,34 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import httpx
 import numpy as np
 import pytest
 
-from cortexbench.errors import WorkerLostError
+from cortexbench.errors import WorkerError, WorkerLostError
 from cortexbench.gateway.app import make_app
-from cortexbench.gateway.pool import Gateway, LocalCaller
+from cortexbench.gateway.pool import Gateway, LocalCaller, RayCaller
+from cortexbench.gateway.shm import SharedSlots, SlotReader, remove_slots
 from cortexbench.gateway.v2 import HEADER, ModelInfo
 from cortexbench.images.dataset import list_images, load_input
 from cortexbench.models.registry import get_spec
-from cortexbench.protocol import BLANK_ROW, ERROR, OK, ONE_ROW, encode_result, encode_tensor_result
+from cortexbench.protocol import (
+    BLANK_ROW,
+    ERROR,
+    OK,
+    ONE_ROW,
+    decode_tensor_request,
+    decode_tensor_result,
+    encode_result,
+    encode_tensor_result,
+    write_tensor_request,
+)
 from cortexbench.worker import ModelWorker, WorkerSpec
 from tests.gateway_server import serving
 
@@ -336,7 +349,7 @@ class FakeCaller:
         self.release: asyncio.Event | None = None
         self.recovered = threading.Event()
 
-    async def call(self, index: int, data: bytes, timeout_s: float) -> bytes:
+    async def call(self, index: int, item: int, model_idx: int, x: np.ndarray, timeout_s: float) -> bytes:
         if self.lose:
             self.lose = False
             raise WorkerLostError("worker f0 is gone (ActorDiedError)")
@@ -411,3 +424,74 @@ def test_docs_config_lists_every_key():
     text = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
     missing = [k for k in keys_of(Config) if f"| `{k}` |" not in text]
     assert missing == []
+
+
+# --- requests in shared memory (gateway/shm.py, RayCaller) ----------------------------------------------
+
+
+def test_shared_slots_are_reused_capped_retired_and_unlinked():
+    slots = SharedSlots(4096, max_slots=2)
+    try:
+        a, b = slots.acquire(), slots.acquire()
+        assert a is not None and b is not None and a.path != b.path and os.path.exists(a.path)
+        assert slots.acquire() is None  # two in flight: the third request goes with the call
+        slots.release(a)
+        assert slots.acquire() is a  # a free slot carries the next request
+        slots.retire(b)  # its call timed out: the worker may still read it
+        assert not os.path.exists(b.path) and slots.slots == 1
+        c = slots.acquire()
+        assert c is not None and c.path not in (a.path, b.path)
+        x = np.arange(12, dtype=np.float16).reshape(1, 3, 4)
+        n = write_tensor_request(memoryview(c.buf), 5, 1, x)
+        item, model, y = decode_tensor_request(SlotReader().view(c.path, n))
+        assert (item, model) == (5, 1) and y.dtype == np.float32 and np.array_equal(y, x)
+    finally:
+        slots.close()
+    assert not os.path.exists(a.path) and not os.path.exists(c.path)
+    with pytest.raises(ValueError):
+        SlotReader().view("/etc/passwd", 4)
+    killed = SharedSlots(4096, max_slots=2, prefix="cortexbench-gw-test")  # its process never closes it
+    paths = [s.path for s in (killed.acquire(), killed.acquire()) if s is not None]
+    assert len(paths) == 2 and all(os.path.exists(p) for p in paths)
+    assert remove_slots("cortexbench-gw-test") == 2 and not any(os.path.exists(p) for p in paths)
+
+
+class TwinTarget:
+    """``cluster.RayTarget.infer_tensor``'s two ways to a worker, in process: a slot's path (read as
+    ``WorkerActor.infer_tensor_shm`` reads it) or the request's bytes; ``fail`` raises once, after the read."""
+
+    def __init__(self, workers) -> None:
+        self.runs = workers
+        self.workers = [SimpleNamespace(name=w.spec.name) for w in workers]
+        self.reader = SlotReader()
+        self.got: list[str] = []
+        self.fail = False
+
+    async def infer_tensor(self, index: int, data, timeout_s: float) -> bytes:
+        self.got.append("slot" if isinstance(data, tuple) else "bytes")
+        out = self.runs[index].run_tensor(self.reader.view(*data) if isinstance(data, tuple) else data)
+        if self.fail:
+            self.fail = False
+            raise WorkerError("worker cpu0 did not answer within 1 s")
+        return out
+
+
+def test_ray_caller_sends_a_local_workers_requests_through_shared_memory(workers):
+    target = TwinTarget(workers)
+    caller = RayCaller(target, "cached", SharedSlots(1 << 20, 4), [True, False])
+    x = np.random.default_rng(0).random((1, 1, 28, 28), np.float32)
+
+    async def run() -> list[np.ndarray]:
+        outs = [decode_tensor_result(await caller.call(i, 0, 1, x, 5.0))[1] for i in (0, 1, 0)]
+        target.fail = True
+        with pytest.raises(WorkerError):
+            await caller.call(0, 1, 1, x, 5.0)
+        return outs
+
+    try:
+        outs = asyncio.run(run())
+        assert target.got == ["slot", "bytes", "slot", "slot"]  # worker 1 is on another machine
+        assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])  # the same answer either way
+        assert caller.slots.slots == 0  # the slot of the failed call was retired, not reused
+    finally:
+        caller.close()

@@ -34,6 +34,7 @@ class Served:
     proc: subprocess.Popen
     url: str
     lines: queue.Queue
+    gateway_urls: list[str]  # each gateway's own (--gateways N)
 
     def rest(self, timeout_s: float) -> list[str]:
         """The lines it writes until it exits (within ``timeout_s``)."""
@@ -48,10 +49,19 @@ class Served:
 
 @pytest.fixture
 def served(model_dir: Path, image_dir: Path, tmp_path: Path) -> Iterator[Served]:
+    yield from _serve(model_dir, image_dir, tmp_path, [])
+
+
+@pytest.fixture
+def served_twice(model_dir: Path, image_dir: Path, tmp_path: Path) -> Iterator[Served]:
+    yield from _serve(model_dir, image_dir, tmp_path, ["--gateways", "2"])
+
+
+def _serve(model_dir: Path, image_dir: Path, tmp_path: Path, extra: list[str]) -> Iterator[Served]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "cortexbench.serve", "--models", "null,mnist_cnn", "--backend", "mxnet",
-         "--model-dir", str(model_dir), "--img-dir", str(image_dir), "--cpu-workers", "1", "--port", "0"],
+         "--model-dir", str(model_dir), "--img-dir", str(image_dir), "--cpu-workers", "1", "--port", "0", *extra],
         cwd=tmp_path, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     lines: queue.Queue = queue.Queue()
 
@@ -72,7 +82,7 @@ def served(model_dir: Path, image_dir: Path, tmp_path: Path) -> Iterator[Served]
         m = re.search(r" on (http://127\.0\.0\.1:\d+) ", line)
         url = m.group(1) if m else None
     try:
-        yield Served(proc, url, lines)
+        yield Served(proc, url, lines, re.findall(r"(http://127\.0\.0\.1:\d+)/metrics", seen[-1]))
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -116,12 +126,7 @@ def test_a_stream_through_the_gateway_adds_up_and_matches_its_metrics(served, im
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_sigterm_during_a_stream_loses_no_accepted_request(served, image_dir, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    stream = subprocess.Popen(
-        [sys.executable, "-m", "cortexbench.stream", "--target", served.url, "--models", "null,mnist_cnn",
-         "--images", "100000", "--warmup", "0", "--concurrency", "4", "--img-dir", str(image_dir),
-         "--result-dir", str(tmp_path / "res"), "--metrics-port", "0", "--quiet", "--records", "none"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stream = _stream(served.url, image_dir, tmp_path)
     try:
         deadline = time.monotonic() + 120
         with httpx.Client(base_url=served.url, timeout=10) as client:
@@ -145,6 +150,56 @@ def test_sigterm_during_a_stream_loses_no_accepted_request(served, image_dir, tm
     assert s["ok"] == ok
     assert s["by_outcome"]["error"] == 0 and s["by_outcome"]["input_error"] == 0
     assert sum(s["by_outcome"].values()) == s["images_sent"]
+
+
+def _stream(url: str, image_dir: Path, tmp_path: Path) -> subprocess.Popen:
+    """A long closed-loop stream through the gateway at ``url`` (stopped by the gateway's SIGTERM)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "cortexbench.stream", "--target", url, "--models", "null,mnist_cnn",
+         "--images", "100000", "--warmup", "0", "--concurrency", "4", "--img-dir", str(image_dir),
+         "--result-dir", str(tmp_path / "res"), "--metrics-port", "0", "--quiet", "--records", "none"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
+
+
+def _answered(urls: list[str]) -> list[float]:
+    return [_metric(httpx.get(u + "/metrics", timeout=10).text, "cortexbench_http_requests_total", code="200",
+                    route="/v2/models/{name}/infer") for u in urls]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_two_gateways_share_the_port_both_take_load_and_sigterm_drains_both(served_twice, image_dir, tmp_path):
+    served = served_twice
+    assert len(served.gateway_urls) == 2 and served.url not in served.gateway_urls
+    body = {"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.5] * 784}]}
+    for _ in range(40):  # a connection each: the kernel spreads connections over the gateways' sockets
+        with httpx.Client(base_url=served.url, timeout=30) as client:
+            r = client.post("/v2/models/mnist_cnn/infer", json=body)
+            assert r.status_code == 200 and r.json()["outputs"][0]["shape"] == [1, 10]
+    each = _answered(served.gateway_urls)
+    assert sum(each) == 40 and min(each) > 0, each  # both took load (all 40 on one: odds 2 in 2**40)
+    stream = _stream(served.url, image_dir, tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while sum(_answered(served.gateway_urls)) < 90:
+            assert time.monotonic() < deadline and stream.poll() is None
+            time.sleep(0.05)  # polls the condition (the gateways' counts) at a bounded pace
+        served.proc.send_signal(signal.SIGTERM)
+        assert served.proc.wait(90) == 0
+        last = [m for line in served.rest(10) if (m := STOP_LINE.search(line))]
+        assert last, "no stop line"
+        accepted, answered, lost, ok = (int(g) for g in last[0].groups())
+        assert accepted == answered and lost == 0 and ok >= 90
+        stream.communicate(timeout=120)
+    finally:
+        if stream.poll() is None:
+            stream.kill()
+            stream.wait(30)
+    s = _results(tmp_path / "res")
+    assert s["ok"] == ok - 40  # every inference the gateways answered, but the first 40, reached the stream
+    assert s["by_outcome"]["error"] == 0 and sum(s["by_outcome"].values()) == s["images_sent"]
 
 
 def test_the_command_refuses_an_open_host_without_a_token_and_a_port_in_use(capsys, monkeypatch):
