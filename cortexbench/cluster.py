@@ -369,15 +369,18 @@ class ShardActor:
 
 
 def start_shards(nodes: Sequence[str]) -> list[Any]:
-    """One driver shard per entry of ``nodes``, each placed on that node when it can be (soft affinity:
-    co-located with its workers on a cluster of several nodes)."""
+    """One driver shard per entry of ``nodes``, each placed on that node (co-located with its workers on a
+    cluster of several nodes) while the node is alive, anywhere once it is gone.  The affinity is hard: a
+    soft one let Ray put a shard on another node although its own was alive (Ray 2.60, fake-GPU nodes whose
+    CPUs the workers hold: tests/test_multinode.py)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
     shards = []
     for node in nodes:
         opts: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 16, "max_restarts": 0}
-        if node:
-            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=True)
+        if node and node in alive:
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
         shards.append(ADAPTER.actor(ShardActor, opts))
     return shards
 
