@@ -43,6 +43,8 @@ from cortexbench.machine import host_memory_bytes
 PROG = "python bench/chaos.py"
 MB = 1 << 20
 PROGRESS = re.compile(r"^stream cached \[.*img/s")
+WARMUP = 100
+PARTIAL = re.compile(r"partial results in (\S+)")
 
 
 def parse_args(argv: Sequence[str]) -> Any:
@@ -102,7 +104,7 @@ class MemoryWatch:
 def stream_cmd(args: Any, address: str, model_dir: Path, result_dir: Path) -> list[str]:
     return [sys.executable, "-m", "cortexbench.stream", "--address", address, "--gpus", str(args.nodes),
             "--models", f"null:{args.null_s:g}", "--backend", null_backend(), "--mode", "cached",
-            "--rate", f"{args.rate:g}", "--images", str(args.images), "--warmup", "100",
+            "--rate", f"{args.rate:g}", "--images", str(args.images), "--warmup", str(WARMUP),
             "--drivers", str(args.drivers), "--image-timeout", f"{args.image_timeout:g}", "--retries", "3",
             "--metrics-port", "0", "--records", "none", "--result-dir", str(result_dir),
             "--model-dir", str(model_dir), "--img-dir", str(model_dir.parent / "images")]
@@ -159,11 +161,14 @@ def run(args: Any) -> dict[str, Any]:
         cluster.shutdown()
     text = out + "".join(lines)
     run_dir = next((ln.split("results:", 1)[1].strip() for ln in text.splitlines() if ln.startswith("results:")), None)
+    partial = PARTIAL.search(text)  # a run that lost a driver shard ends with an error and partial results
+    run_dir = run_dir or (partial.group(1) if partial else None)
     body: dict[str, Any] = {"stream_cmd": cmd, "returncode": proc.returncode, "wall_s": wall_s, "events": events,
                             "memory": sorted(watch.procs.values(), key=lambda r: (r["kind"] != "driver", r["first_s"]))}
-    if proc.returncode != 0 or run_dir is None:
-        body["error"] = text[-3000:]
-        print(text[-3000:], file=sys.stderr)
+    if proc.returncode != 0:
+        body["error"] = text[-3000:] if run_dir is None else text.strip().splitlines()[-1]
+        print(body["error"], file=sys.stderr)
+    if run_dir is None:
         return body
     res = json.loads((Path(run_dir) / "results.json").read_text())
     mode = res["modes"]["cached"]
@@ -171,6 +176,7 @@ def run(args: Any) -> dict[str, Any]:
     body["images"] = {"sent": s["images_sent"], "ok": s["ok"], "failed": s["failed"],
                       "failed_by_kind": {k: v for k, v in s["by_outcome"].items() if k != "ok" and v},
                       "retried": s["retries"], "lost": s["images_sent"] - s["rows"], "not_sent": s["not_sent"],
+                      "scheduled": args.images + WARMUP,
                       "late_share": s["late_share"], "p99_s": s["latency"].get("p99_s")}
     body["worker_losses"] = mode.get("worker_losses", {})
     body["worker_outages"] = mode.get("worker_outages", [])
@@ -192,10 +198,16 @@ def report(body: dict[str, Any]) -> bool:
     print_table("images", ["sent", "ok", "failed", "failed by kind", "retried", "lost", "not sent"],
                 [[im["sent"], im["ok"], im["failed"], json.dumps(im["failed_by_kind"]) if im["failed_by_kind"] else "-",
                   im["retried"], im["lost"], im["not_sent"]]])
-    print_table("worker outages (from results.json)", ["worker", "lost at (s)", "back after (s)"],
-                [[o["worker"], o["lost_at_s"], o["back_after_s"] if o["back_after_s"] is not None else "never"]
-                 for o in body["worker_outages"]])
-    ok = im["lost"] == 0 and im["sent"] == im["ok"] + im["failed"] and im["not_sent"] == 0
+    if body["worker_outages"]:
+        print_table("worker outages (from results.json)", ["worker", "lost at (s)", "back after (s)"],
+                    [[o["worker"], o["lost_at_s"], o["back_after_s"] if o["back_after_s"] is not None else "never"]
+                     for o in body["worker_outages"]])
+    else:
+        print("\nworker outages (from results.json): none seen by a driver")
+    if body.get("error"):
+        print(f"\nthe run ended with (exit {body['returncode']}): {body['error']}")
+    # every image accounted: each sent one has a row (ok or a failure kind), the rest count as not sent
+    ok = im["lost"] == 0 and im["sent"] == im["ok"] + im["failed"] and im["sent"] + im["not_sent"] == im["scheduled"]
     back = [o["back_after_s"] for o in body["worker_outages"]]
     kills = [e["t_s"] for e in body["events"] if e["event"] == "node killed"]
     adds = [e["t_s"] for e in body["events"] if e["event"] == "node added"]
