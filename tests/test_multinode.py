@@ -119,3 +119,38 @@ def test_workers_go_one_per_fake_gpu_across_nodes_and_driver_shards_run_on_their
     assert [w["device"] for w in results["workers"]] == ["gpu:0"] * 4
     s = results["modes"]["cached"]["summary"]
     assert s["images_sent"] == s["ok"] == s["rows"] == 400
+
+
+def test_a_driver_shard_lost_with_its_node_has_its_images_accounted_and_the_run_says_so_in_one_line(
+        fake_gpu_nodes, model_dir: Path, image_dir: Path, tmp_path: Path):
+    cluster, nodes = fake_gpu_nodes
+    cmd = [sys.executable, "-m", "cortexbench.stream", "--address", cluster.address, "--gpus", "4", "--drivers", "2",
+           "--models", "null:0.005", "--backend", "onnxruntime", "--images", "6000", "--warmup", "0",
+           "--mode", "cached", "--concurrency", "8", "--metrics-port", "0", "--records", "none",
+           "--result-dir", str(tmp_path / "results"), "--model-dir", str(model_dir), "--img-dir", str(image_dir)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: list[str] = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # blocks until the stream is under way
+            seen.append(line)
+            if PROGRESS.match(line):
+                break
+        else:
+            pytest.fail("no progress line: " + "".join(seen)[-2000:])
+        cluster.remove_node(nodes[1])  # a shard's node: the shard and its two workers die together
+        _, rest = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = "".join(seen) + rest
+    assert proc.returncode == 1, stderr[-3000:]  # WorkerError: the run could not send every image
+    assert "Traceback" not in stderr, stderr[-3000:]
+    (error,) = [line for line in stderr.splitlines() if "error:" in line]
+    assert "driver shard" in error and "died with its node" in error and "partial results in" in error
+    results = json.loads(next((tmp_path / "results").glob("*-stream*/results.json")).read_text())
+    s = results["modes"]["cached"]["summary"]
+    assert s["images_sent"] == s["ok"] + s["failed"] == s["rows"]  # every image sent has its row
+    assert s["images_sent"] + s["not_sent"] == 6000 and s["not_sent"] > 0  # the lost shard's rest: not sent
+    assert s["ok"] > 0
