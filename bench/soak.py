@@ -120,14 +120,19 @@ def flat(series: list[tuple[float, int]], warmup_s: float, total_s: float, share
         return {"level_bytes": None, "last_quarter_bytes": None, "growth_bytes": None, "ok": None}
     level, tail = statistics.median(end), statistics.fmean(last)
     bound = max(share * level, mb * MB)
+    after = [(t, b) for t, b in series if t >= warmup_s]
+    # the trend after the warm-up, bytes an hour (a least-squares line): a slow creep the bound would hide
+    slope = statistics.linear_regression([t for t, _ in after], [b for _, b in after]).slope * 3600 \
+        if len(after) >= 3 and len({t for t, _ in after}) > 1 else None
     return {"level_bytes": level, "last_quarter_bytes": tail, "growth_bytes": tail - level,
-            "bound_bytes": bound, "peak_bytes": max(b for _, b in series), "ok": abs(tail - level) <= bound}
+            "bound_bytes": bound, "peak_bytes": max(b for _, b in series), "trend_bytes_per_h": slope,
+            "ok": abs(tail - level) <= bound}
 
 
 def streaming(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The samples taken while images were being served: from the first that counts images done to the last
     whose count grew (Ray's start before, and the results' computation after, are left out)."""
-    done = [s["images_done"] if math.isfinite(s["images_done"]) else -1.0 for s in samples]
+    done = [float(d) if d is not None and math.isfinite(d) else -1.0 for d in (s["images_done"] for s in samples)]
     first = next((i for i, d in enumerate(done) if d > 0), None)
     last = max((i for i in range(1, len(done)) if done[i] > done[i - 1] > 0), default=None)
     return [] if first is None or last is None else samples[first:last + 1]
@@ -232,10 +237,11 @@ def report(body: dict[str, Any]) -> None:
     mem = body["memory"]
     print_table(f"memory over {mem['streaming_s']:.0f} s of streaming (from t={mem['streaming_from_s']:.0f} s), after "
                 f"{mem['warmup_s']:.0f} s of warm-up: last-quarter mean against the warm-up-end level",
-                ["process", "level MB", "last quarter MB", "growth MB", "bound MB", "peak MB", "verdict"],
+                ["process", "level MB", "last quarter MB", "growth MB", "bound MB", "peak MB", "trend MB/h", "verdict"],
                 [[k, *(v[f] / MB if v[f] is not None else math.nan
                        for f in ("level_bytes", "last_quarter_bytes", "growth_bytes")),
-                  v.get("bound_bytes", math.nan) / MB, v.get("peak_bytes", math.nan) / MB, verdict(v["ok"])]
+                  v.get("bound_bytes", math.nan) / MB, v.get("peak_bytes", math.nan) / MB,
+                  (v.get("trend_bytes_per_h") or math.nan) / MB, verdict(v["ok"])]
                  for k, v in mem["per_process"].items()])
     a = body["accounting"]
     sc = body["scrape_s"]
