@@ -30,7 +30,7 @@ def test_the_ray_cluster_config_has_gpu_workers_installs_cortexbench_and_exports
     setup = " ".join(cfg["setup_commands"])
     assert "pip install" in setup and "cortexbench" in setup and "ray[default]==" in setup
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
-        assert "--metrics-export-port=8080" in " ".join(cfg[key]), key
+        assert "--metrics-export-port=8090" in " ".join(cfg[key]), key
     assert "--head" in " ".join(cfg["head_start_ray_commands"])
 
 
@@ -39,16 +39,16 @@ def test_the_kuberay_cluster_has_a_gpu_group_scrape_annotations_and_runs_the_str
     assert set(docs) == {"RayCluster", "Service", "RayJob"}
     spec = docs["RayCluster"]["spec"]
     head = spec["headGroupSpec"]
-    assert head["rayStartParams"]["num-gpus"] == "0" and head["rayStartParams"]["metrics-export-port"] == "8080"
+    assert head["rayStartParams"]["num-gpus"] == "0" and head["rayStartParams"]["metrics-export-port"] == "8090"
     (group,) = spec["workerGroupSpecs"]
     (container,) = group["template"]["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert group["rayStartParams"]["metrics-export-port"] == "8080"
+    assert group["rayStartParams"]["metrics-export-port"] == "8090"
     for tmpl in (head["template"], group["template"]):  # Ray's metrics on every pod
         ann = tmpl["metadata"]["annotations"]
-        assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/port"] == "8080"
+        assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/port"] == "8090"
     head_ports = {p["name"]: p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]}
-    assert head_ports["cortexbench"] == 8000 and head_ports["metrics"] == 8080
+    assert head_ports["cortexbench"] == 8000 and head_ports["metrics"] == 8090
     svc = docs["Service"]  # cortexbench's /metrics on the head, through a Service annotated for scraping
     assert svc["metadata"]["annotations"]["prometheus.io/port"] == "8000"
     assert svc["spec"]["selector"].items() <= head["template"]["metadata"]["labels"].items()
