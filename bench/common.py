@@ -324,6 +324,38 @@ def cpu_seconds(pid: int) -> float:
         return math.nan
 
 
+def process_tree(root: int) -> dict[int, str]:
+    """The live descendants of process ``root`` (Linux /proc), each with its command line (a Ray actor's
+    process is titled ``ray::ClassName``): the worker processes of a Ray that ``root`` started."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    out: dict[int, str] = {}
+    todo = list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                out[pid] = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def worker_pids(root: int) -> dict[int, str]:
+    """cortexbench's worker actors among ``root``'s descendants (``process_tree``): pid -> title."""
+    return {p: c for p, c in process_tree(root).items() if c.startswith("ray::WorkerActor")}
+
+
 def idle_cpu_share(pids: list[int], seconds: float = 1.0) -> float:
     """Cores the given processes use over ``seconds`` (a busy-waiting process shows as about 1)."""
     before = [cpu_seconds(p) for p in pids]

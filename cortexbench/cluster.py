@@ -209,6 +209,11 @@ class RayTarget:
                             options.depth, one_at_a_time=options.one_at_a_time)
 
     async def run_shards(self, jobs: Sequence[ShardJob], fold: FoldFn, stopping: Callable[[], bool]) -> list[DriverResult]:
+        """Run the shards, folding their new rows while they run.  A shard whose actor dies (its node was
+        lost) ends with the rows it reported and its images in flight as ``worker_died``
+        (``process_shards.lost_shard_result``); the others run on."""
+        from cortexbench.process_shards import lost_shard_result
+
         shards = start_shards([j.node_id for j in jobs])
         self._shards = shards
         names = tuple(s.name for s in self.specs)
@@ -216,23 +221,49 @@ class RayTarget:
                                            tuple(names[i] for i in job.worker_ids), names))
                 for shard, job in zip(shards, jobs, strict=True)]
         tasks = [asyncio.ensure_future(wait_ref(r)) for r in refs]
+        rows: list[list[Ledger]] = [[] for _ in shards]
+        last: list[Progress | None] = [None] * len(shards)
+        dead: set[int] = set()
         try:
             pending: set[asyncio.Future[Any]] = set(tasks)
             while pending:
                 _, pending = await asyncio.wait(pending, timeout=0.5)
                 if stopping():  # again: a shard whose driver had not started yet missed the first stop
                     self.stop_shards()
-                takes = await asyncio.gather(*[wait_ref(shard_take(s)) for s in shards])
-                for progress, rows in takes:
+                live = [i for i in range(len(shards)) if i not in dead]
+                takes = await asyncio.gather(*[wait_ref(shard_take(shards[i])) for i in live], return_exceptions=True)
+                for i, took in zip(live, takes, strict=True):
+                    if isinstance(took, LOST):
+                        dead.add(i)
+                        continue
+                    if isinstance(took, BaseException):
+                        raise took
+                    progress, new = took
+                    rows[i].extend(new)
                     if progress is not None:
-                        fold(progress, rows)
-            return [t.result() for t in tasks]
+                        last[i] = progress
+                        fold(progress, new)
+            results = []
+            t0 = time.monotonic() - (time.time() - min(j.start_wall for j in jobs)) if jobs else time.monotonic()
+            for i, t in enumerate(tasks):
+                err = t.exception()
+                if err is None:
+                    results.append(t.result())
+                elif isinstance(err, LOST):
+                    results.append(lost_shard_result(i, jobs[i], rows[i], last[i], names, t0,
+                                                     f"died with its node ({type(err).__name__})"))
+                else:
+                    raise err
+            return results
         finally:
             for t in tasks:
                 t.cancel()
             self._shards = []
             for shard in shards:
-                ray.kill(shard)
+                try:
+                    ray.kill(shard)
+                except Exception:  # already gone with its node
+                    pass
 
     def stop_shards(self) -> None:
         for shard in self._shards:
@@ -469,15 +500,18 @@ class ShardActor:
 
 
 def start_shards(nodes: Sequence[str]) -> list[Any]:
-    """One driver shard per entry of ``nodes``, each placed on that node when it can be (soft affinity:
-    co-located with its workers on a cluster of several nodes)."""
+    """One driver shard per entry of ``nodes``, each placed on that node (co-located with its workers on a
+    cluster of several nodes) while the node is alive, anywhere once it is gone.  The affinity is hard: a
+    soft one let Ray put a shard on another node although its own was alive (Ray 2.60, fake-GPU nodes whose
+    CPUs the workers hold: tests/test_multinode.py)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
     shards = []
     for node in nodes:
         opts: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 16, "max_restarts": 0}
-        if node:
-            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=True)
+        if node and node in alive:
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
         shards.append(ADAPTER.actor(ShardActor, opts))
     return shards
 

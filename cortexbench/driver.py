@@ -18,6 +18,10 @@ One image's life::
   is its own call (the plain actor path).
 - ``send_delay`` (sent - scheduled) is recorded for every image; the share sent more than 1 ms late is
   reported, so an overloaded driver shows instead of flattering the result.
+- Back-pressure: at most ``backlog`` images (workers x depth x max_group) wait in the workers' queues; an
+  open loop far above capacity makes the dispatcher wait for room with the next due image, which then goes
+  out late (and counts from its due time).  So the driver's queues and the calls in flight per worker
+  (``depth``, the Ray task backlog) stay bounded whatever the rate; the schedule is precomputed.
 - A worker that dies (``WorkerLostError``): its images are retried on live workers up to ``retries``
   times, then counted as failed (``worker_died``); the worker rejoins when its handle has recovered.
 - A call not answered within ``call_timeout_s`` (``--image-timeout``): the worker is taken as hung; its
@@ -77,6 +81,10 @@ class Driver(Recovery):
         self.alive = np.ones(nw, bool)
         self.pending: list[deque[int]] = [deque() for _ in range(nw)]
         self.calls_inflight = [0] * nw
+        # images assigned to a worker and not yet sent, at most (one more full round of calls per worker): the
+        # dispatcher waits for room beyond that, so an open loop far above capacity queues nothing unbounded
+        self.backlog = max(1, nw * options.depth * options.max_group)
+        self._room = asyncio.Event()
         self._flush_due = [False] * nw
         self._model_of = tally.model_idx.tolist()  # plain ints: the balancer's hot path
         self._n_down = 0  # workers lost and not yet back (the dispatcher checks ``alive`` only then)
@@ -112,6 +120,7 @@ class Driver(Recovery):
         self._stop.set()
         self.pacer.wake()
         self._alive_ev.set()
+        self._room.set()
 
     def _spawn(self, coro: object) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
@@ -188,9 +197,15 @@ class Driver(Recovery):
                 if pacer.expired:
                     self.stop()
                 break
-            while self._n_down and not self.alive.any() and not self._stop.is_set():
-                self._alive_ev.clear()
-                await self._alive_ev.wait()
+            while not self._stop.is_set():
+                if self._n_down and not self.alive.any():
+                    self._alive_ev.clear()
+                    await self._alive_ev.wait()
+                elif sum(map(len, self.pending)) >= self.backlog:
+                    self._room.clear()  # back-pressure: the image waits here, due; it goes out late, and says so
+                    await self._room.wait()
+                else:
+                    break
             if self._stop.is_set():
                 break
             self._assign(pos, scheduled)
@@ -223,6 +238,7 @@ class Driver(Recovery):
                 self._send(w, [pending.popleft()])
             else:
                 self._send(w, [pending.popleft() for _ in range(min(max_group, len(pending)))])
+            self._room.set()
 
     def _send(self, w: int, positions: list[int]) -> None:
         now = self.clock()

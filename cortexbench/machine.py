@@ -138,10 +138,11 @@ def device_memory_bytes(device: str) -> int:
         return -1
 
 
-def host_memory_bytes() -> int:
-    """This process's resident host memory (RSS), bytes; 0 when /proc cannot say."""
+def host_memory_bytes(pid: int | None = None) -> int:
+    """The resident host memory (RSS) of this process, or of process ``pid``, bytes; 0 when /proc cannot say
+    (the process is gone)."""
     try:
-        with open("/proc/self/statm") as f:
+        with open(f"/proc/{pid or 'self'}/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0

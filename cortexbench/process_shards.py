@@ -287,30 +287,39 @@ class ProcessShards:
     def _result_of(self, s: _Shard) -> DriverResult:
         """The shard's result with its ledger made of the rows it reported; for a shard that ended without a
         result, the rows it reported and its lost images (module docstring)."""
-        ledger = _concat(s.rows, self.names, s.job.schedule.models)
         if s.result is not None:
-            return replace(s.result, ledger=ledger)
-        sched, last = s.job.schedule, s.last
-        sent = max(last.sent if last is not None else 0, len(ledger))
-        known = set(ledger.column("item").tolist())
-        lost = [k for k, item in enumerate(sched.item.tolist()) if item not in known][:sent - len(ledger)]
-        now = time.monotonic()
-        if lost:
-            pos = np.asarray(lost, np.int64)
-            n = len(pos)
-            ledger.add_many(item=sched.item[pos], model_idx=np.asarray(sched.model_idx, np.int64)[pos],
-                            image_idx=np.asarray(sched.image_idx, np.int64)[pos],
-                            worker=s.job.worker_ids[0] if s.job.worker_ids else 0,
-                            outcome=np.full(n, WORKER_DIED, np.int8), attempts=1, hit=-1,
-                            scheduled_s=np.full(n, np.nan), sent_s=np.full(n, np.nan),
-                            done_s=np.full(n, now - self._t0 if math.isfinite(self._t0) else np.nan),
-                            stages=np.full((n, len(WORKER_STAGES)), np.nan))
-        why = f"driver shard {s.index} {s.failure}"
-        started = self._t0 if math.isfinite(self._t0) else now
-        return DriverResult(s.job.options.mode, ledger, sent, len(sched) - sent, started, now, 0, 0, True,
-                            dict(last.states) if last is not None else {}, {}, error=why,
-                            error_samples={"worker_died": f"{why}; {len(lost)} images in flight lost with it"}
-                            if lost else {})
+            return replace(s.result, ledger=_concat(s.rows, self.names, s.job.schedule.models))
+        return lost_shard_result(s.index, s.job, s.rows, s.last, self.names, self._t0, s.failure or "ended")
+
+
+def lost_shard_result(index: int, job: ShardJob, rows: Sequence[Ledger], last: Progress | None,
+                      names: Sequence[str], t0: float, failure: str) -> DriverResult:
+    """The result of a driver shard that ended without one (its process or Ray actor died): the rows it
+    reported (``rows``), the images its last report (``last``) counted as sent without a row recorded as
+    ``worker_died``, the rest of its slice not sent; ``error`` names the shard.  ``t0``: the shards' start on
+    this host's monotonic clock (NaN: unknown).  Shared by ``ProcessShards`` and ``cluster.RayTarget``."""
+    ledger = _concat(rows, names, job.schedule.models)
+    sched = job.schedule
+    sent = max(last.sent if last is not None else 0, len(ledger))
+    known = set(ledger.column("item").tolist())
+    lost = [k for k, item in enumerate(sched.item.tolist()) if item not in known][:sent - len(ledger)]
+    now = time.monotonic()
+    if lost:
+        pos = np.asarray(lost, np.int64)
+        n = len(pos)
+        ledger.add_many(item=sched.item[pos], model_idx=np.asarray(sched.model_idx, np.int64)[pos],
+                        image_idx=np.asarray(sched.image_idx, np.int64)[pos],
+                        worker=job.worker_ids[0] if job.worker_ids else 0,
+                        outcome=np.full(n, WORKER_DIED, np.int8), attempts=1, hit=-1,
+                        scheduled_s=np.full(n, np.nan), sent_s=np.full(n, np.nan),
+                        done_s=np.full(n, now - t0 if math.isfinite(t0) else np.nan),
+                        stages=np.full((n, len(WORKER_STAGES)), np.nan))
+    why = f"driver shard {index} {failure}"
+    started = t0 if math.isfinite(t0) else now
+    return DriverResult(job.options.mode, ledger, sent, len(sched) - sent, started, now, 0, 0, True,
+                        dict(last.states) if last is not None else {}, {}, error=why,
+                        error_samples={"worker_died": f"{why}; {len(lost)} images in flight lost with it"}
+                        if lost else {})
 
 
 def _concat(rows: Sequence[Ledger], workers: Sequence[str], models: Sequence[str]) -> Ledger:

@@ -47,6 +47,7 @@ class Recovery:
     _parked: deque[int]
     _gone: int
     _alive_ev: asyncio.Event
+    _room: asyncio.Event
     _outages: list[list[Any]]
     _down_since: dict[int, list[Any]]
     _t0: float
@@ -91,6 +92,7 @@ class Recovery:
         self.outstanding[w] -= len(queued)
         self.n_retries += len(retry)
         self._reassign([*retry, *queued])
+        self._room.set()  # parked images left the queues: the dispatcher may have room again
 
     def _reassign(self, positions: list[int]) -> None:
         """Send images again through the balancer; park them while no worker is alive, until one is back.
