@@ -20,7 +20,7 @@ target >= 10,000 images/s) and the cores an idle worker burns once a compiled gr
 (Ray's compiled-graph reader waits by spinning).
 
 Scale-out mode (``--drivers K[,K...]``): ``--workers N`` null-model workers and K driver shards
-(``cluster.ShardActor``, as ``--drivers`` in the stream test), total images/s per K.  Target: >= 20,000
+(``ray_shards.ShardActor``, as ``--drivers`` in the stream test), total images/s per K.  Target: >= 20,000
 images/s with 8 workers (judged only with >= 8 workers).
 
     python bench/dispatch.py                                  # 2 workers, all paths, 3 rounds
@@ -217,7 +217,7 @@ def compare(args: Any) -> dict[str, Any]:
 def scale_out(args: Any) -> dict[str, Any]:
     import ray
 
-    from cortexbench import cluster
+    from cortexbench import cluster, ray_shards
     from cortexbench.driver import DriverOptions
     from cortexbench.schedule import make_schedule, shard_workers
 
@@ -231,7 +231,7 @@ def scale_out(args: Any) -> dict[str, Any]:
 
     def run(k: int, n: int) -> dict[str, float]:
         parts = shard_workers(pool.node_ids, k)
-        shards = cluster.start_shards([node for _, node in parts])
+        shards = ray_shards.start_shards([node for _, node in parts])
         try:
             sched = make_schedule(count=n, models=("null",), n_images=8, seed=0)
             opts = DriverOptions(mode="cached", concurrency=max(1, args.concurrency // k), max_group=group,
@@ -239,10 +239,10 @@ def scale_out(args: Any) -> dict[str, Any]:
             start_wall = time.time() + 2.0
             refs = []
             for i, (shard, (ids, _)) in enumerate(zip(shards, parts, strict=True)):
-                plan = cluster.ShardPlan(sched.shard(i, k), tuple(pool.actors[j] for j in ids),
+                plan = ray_shards.ShardPlan(sched.shard(i, k), tuple(pool.actors[j] for j in ids),
                                          tuple(names[j] for j in ids), ids, names, opts, "least-outstanding", i,
                                          None, args.dispatch, start_wall)
-                refs.append(cluster.shard_run(shard, plan))
+                refs.append(ray_shards.shard_run(shard, plan))
             results = cluster.get(refs, 600)
         finally:
             for s in shards:

@@ -1,4 +1,4 @@
-"""The Ray target, and the only module that imports Ray: worker actors, placement, driver shards.
+"""The Ray target, with ray_handles.py and ray_shards.py the only modules that import Ray.
 
 - ``WorkerActor`` wraps a ``ModelWorker``: one per GPU (``num_gpus=1``, placed through a placement group
   so a multi-node cluster gets one on every GPU), or CPU workers with a share of the cores.  Ray restarts
@@ -6,8 +6,7 @@
   meanwhile.
 - ``RayTarget`` (``target.Target``): the actors, their handles (``ray_handles.py``: the ``actor``,
   ``grouped`` and ``compiled`` dispatch paths, which reach Ray only through this module), driver shards.
-- ``ShardActor`` runs a ``Driver`` on a slice of the schedule and a share of the workers (``--drivers N``);
-  the coordinator collects their new ledger rows while they run and merges ledgers and histograms at the end.
+- Driver shards (``--drivers N``) live in ``ray_shards.py``, which builds on this module.
 - ``RayAdapter`` is the one class that calls ``.remote()`` and builds compiled graphs.
 """
 
@@ -24,10 +23,8 @@ from typing import Any
 import ray
 import ray.exceptions
 
-from cortexbench.driver import Driver, drive
-from cortexbench.driver_types import DriverResult, Progress
+from cortexbench.driver_types import DriverResult
 from cortexbench.errors import CortexbenchError, WorkerError, WorkerLostError
-from cortexbench.ledger import Ledger
 from cortexbench.protocol import WorkerState
 from cortexbench.target import FoldFn, HandleOptions, ShardJob, WorkerInfo
 from cortexbench.worker import ModelWorker, WorkerSpec
@@ -47,8 +44,12 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> dict[str, floa
                                   "configure_logging": True, "logging_level": "ERROR"}
         if address:
             kwargs["address"] = address
-        elif num_cpus is not None:
-            kwargs["num_cpus"] = num_cpus
+        else:
+            # a Ray of our own, even when another run or `ray start` has one on this machine (a bare
+            # ray.init() would join the newest and refuse num_cpus); RAY_ADDRESS (a Ray job) still joins
+            kwargs["address"] = os.environ.get("RAY_ADDRESS") or "local"
+            if num_cpus is not None and kwargs["address"] == "local":
+                kwargs["num_cpus"] = num_cpus
         try:
             ray.init(**kwargs)
         except (ConnectionError, ValueError, RuntimeError) as e:
@@ -209,63 +210,14 @@ class RayTarget:
                             options.depth, one_at_a_time=options.one_at_a_time)
 
     async def run_shards(self, jobs: Sequence[ShardJob], fold: FoldFn, stopping: Callable[[], bool]) -> list[DriverResult]:
-        """Run the shards, folding their new rows while they run.  A shard whose actor dies (its node was
-        lost) ends with the rows it reported and its images in flight as ``worker_died``
-        (``process_shards.lost_shard_result``); the others run on."""
-        from cortexbench.process_shards import lost_shard_result
+        """Run the driver shards next to their workers (``ray_shards.run_shards``)."""
+        from cortexbench.ray_shards import run_shards  # it builds on this module
 
-        shards = start_shards([j.node_id for j in jobs])
-        self._shards = shards
-        names = tuple(s.name for s in self.specs)
-        refs = [shard_run(shard, ShardPlan(job, tuple(self.actors[i] for i in job.worker_ids),
-                                           tuple(names[i] for i in job.worker_ids), names))
-                for shard, job in zip(shards, jobs, strict=True)]
-        tasks = [asyncio.ensure_future(wait_ref(r)) for r in refs]
-        rows: list[list[Ledger]] = [[] for _ in shards]
-        last: list[Progress | None] = [None] * len(shards)
-        dead: set[int] = set()
-        try:
-            pending: set[asyncio.Future[Any]] = set(tasks)
-            while pending:
-                _, pending = await asyncio.wait(pending, timeout=0.5)
-                if stopping():  # again: a shard whose driver had not started yet missed the first stop
-                    self.stop_shards()
-                live = [i for i in range(len(shards)) if i not in dead]
-                takes = await asyncio.gather(*[wait_ref(shard_take(shards[i])) for i in live], return_exceptions=True)
-                for i, took in zip(live, takes, strict=True):
-                    if isinstance(took, LOST):
-                        dead.add(i)
-                        continue
-                    if isinstance(took, BaseException):
-                        raise took
-                    progress, new = took
-                    rows[i].extend(new)
-                    if progress is not None:
-                        last[i] = progress
-                        fold(progress, new)
-            results = []
-            t0 = time.monotonic() - (time.time() - min(j.start_wall for j in jobs)) if jobs else time.monotonic()
-            for i, t in enumerate(tasks):
-                err = t.exception()
-                if err is None:
-                    results.append(t.result())
-                elif isinstance(err, LOST):
-                    results.append(lost_shard_result(i, jobs[i], rows[i], last[i], names, t0,
-                                                     f"died with its node ({type(err).__name__})"))
-                else:
-                    raise err
-            return results
-        finally:
-            for t in tasks:
-                t.cancel()
-            self._shards = []
-            for shard in shards:
-                try:
-                    ray.kill(shard)
-                except Exception:  # already gone with its node
-                    pass
+        return await run_shards(self, jobs, fold, stopping)
 
     def stop_shards(self) -> None:
+        from cortexbench.ray_shards import shard_stop
+
         for shard in self._shards:
             shard_stop(shard)
 
@@ -449,83 +401,6 @@ async def recover_actor(actor: Any, name: str, mode: str, timeout_s: float = 120
         except ray.exceptions.RayTaskError as e:
             raise WorkerError(f"worker {name} restarted but cannot set up: {unwrap(e)}") from None
     raise WorkerError(f"worker {name} did not come back within {timeout_s:g} s")
-
-
-# --- driver shards -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ShardPlan:
-    """What one driver shard runs: its job, and the actors and names of its workers."""
-
-    job: ShardJob
-    actors: tuple[Any, ...]
-    names: tuple[str, ...]
-    all_workers: tuple[str, ...]
-
-
-class ShardActor:
-    """A driver shard: runs a Driver on its slice, hands over new ledger rows while it runs."""
-
-    def __init__(self) -> None:
-        self.driver: Driver | None = None
-        self.rows: list[Ledger] = []
-        self.last: Progress | None = None
-
-    async def run(self, plan: ShardPlan) -> DriverResult:
-        from cortexbench.ray_handles import make_handles  # it builds on this module
-
-        job = plan.job
-        handles = make_handles(plan.actors, plan.names, job.options.mode, job.handle_options.dispatch,
-                               job.handle_options.depth, one_at_a_time=job.handle_options.one_at_a_time)
-        return await drive(job.schedule, handles, job.options, balancer=job.balancer, seed=job.seed,
-                           lru_capacity=job.lru_capacity, on_progress=self._progress, on_driver=self._set_driver,
-                           start_at=time.monotonic() + (job.start_wall - time.time()), worker_ids=job.worker_ids,
-                           worker_names=plan.all_workers)
-
-    def _set_driver(self, driver: Driver | None) -> None:
-        self.driver = driver
-
-    def _progress(self, p: Progress) -> None:
-        self.rows.append(p.new_rows)
-        self.last = p
-
-    def take(self) -> tuple[Progress | None, list[Ledger]]:
-        rows, self.rows = self.rows, []
-        return self.last, rows
-
-    def stop(self) -> None:
-        if self.driver is not None:
-            self.driver.stop()
-
-
-def start_shards(nodes: Sequence[str]) -> list[Any]:
-    """One driver shard per entry of ``nodes``, each placed on that node (co-located with its workers on a
-    cluster of several nodes) while the node is alive, anywhere once it is gone.  The affinity is hard: a
-    soft one let Ray put a shard on another node although its own was alive (Ray 2.60, fake-GPU nodes whose
-    CPUs the workers hold: tests/test_multinode.py)."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
-    shards = []
-    for node in nodes:
-        opts: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 16, "max_restarts": 0}
-        if node and node in alive:
-            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
-        shards.append(ADAPTER.actor(ShardActor, opts))
-    return shards
-
-
-def shard_run(shard: Any, plan: ShardPlan) -> Any:
-    return ADAPTER.call(shard, "run", plan)
-
-
-def shard_take(shard: Any) -> Any:
-    return ADAPTER.call(shard, "take")
-
-
-def shard_stop(shard: Any) -> Any:
-    return ADAPTER.call(shard, "stop")
 
 
 async def wait_ref(ref: Any) -> Any:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cortexbench import cluster
+from cortexbench import cluster, ray_shards
 from cortexbench.images.dataset import list_images
 from cortexbench.schedule import shard_workers
 from cortexbench.worker import WorkerSpec
@@ -31,7 +31,7 @@ def main(address: str, model_dir: str, image_dir: str, n_workers: int, n_shards:
     target = cluster.start_workers(specs, gpu=True, cpus_each=1.0, threads_each=1)
     try:
         parts = shard_workers(target.node_ids, n_shards)
-        shards = cluster.start_shards([node for _, node in parts])
+        shards = ray_shards.start_shards([node for _, node in parts])
         ran_on = cluster.get([cluster.ADAPTER.call(s, "__ray_call__", node_of) for s in shards], 120)
         return {"workers": [{"name": s.name, "node_id": i["node_id"], "gpu_ids": i["gpu_ids"]}
                             for s, i in zip(target.specs, target.infos, strict=True)],
