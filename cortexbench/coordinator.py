@@ -44,7 +44,7 @@ from cortexbench.metrics import MetricsServer, MetricsState
 from cortexbench.models.backends import get_backend, resolve_backend
 from cortexbench.models.export import ensure_models, missing_models
 from cortexbench.models.registry import expand_model_names
-from cortexbench.report import stream_plots, stream_report
+from cortexbench.report import render, stream_plots, stream_report
 from cortexbench.report.stream_summary import compare_modes, histograms, summarize_mode
 from cortexbench.report.tiers import answers_agreement, load_figures
 from cortexbench.residency import Mode, parse_mode
@@ -94,8 +94,8 @@ def plan_http(cfg: Config, *, quiet: bool = False) -> StreamPlan:
 
     st = cfg.stream
     check_target(st.target or "", st.protocol)
-    if cfg.from_flag("stream.modes") or st.sweep:
-        flag = "--mode" if cfg.from_flag("stream.modes") else "--sweep"
+    if cfg.from_flag("stream.modes") or (st.sweep and st.sweep.strip().lower().startswith("lru")):
+        flag = "--mode" if cfg.from_flag("stream.modes") else "--sweep lru"
         raise ConfigError(f"{flag} does not apply with --target: what stays loaded is the server's business")
     if st.inputs != "pool" or st.decode != "cpu":
         raise ConfigError("--inputs/--decode apply to cortexbench's own workers; an HTTP target gets decoded "
@@ -110,9 +110,31 @@ def plan_http(cfg: Config, *, quiet: bool = False) -> StreamPlan:
     schedule = make_schedule(count=cfg.times, models=models, n_images=len(images), popularity=st.popularity,
                              weights=st.model_weights, rate=st.rate, duration_s=st.duration_s,
                              warmup=st.warmup, seed=cfg.seed, arrivals=st.arrivals)
-    depth = st.concurrency if st.rate is None else max(st.concurrency, 1024)
+    depth = call_depth("http", st.rate, st.concurrency, 1)
+    modes: tuple[str, ...] = (SERVER_PASS,)
+    if st.sweep:  # a concurrency or rate sweep: the server's pass at each value
+        from cortexbench.sweep import sweep_modes
+
+        modes = sweep_modes(st.sweep, modes)
     return StreamPlan(cfg, "http", models, tuple(str(p) for p in images), (), False, 0.0, 1, "http", drivers, 1,
-                      depth, schedule, modes=(SERVER_PASS,))
+                      depth, schedule, modes=modes)
+
+
+def call_depth(dispatch: str, rate: float | None, concurrency: int, max_group: int) -> int:
+    """Calls in flight per worker (per HTTP target: requests in flight).
+
+    Ray workers: in a closed loop enough that the images wait at the worker (its queue stage), not in the
+    driver's pending list, where they would count as sent late, and no more than the worker actor runs at
+    once; an open loop has no concurrency to size by (an image held back in the driver would count as sent
+    late), so as many as the actor runs.  A compiled graph keeps a buffer per execution in flight, so it
+    keeps a few.  HTTP: the closed loop's images in flight, at least 1024 in an open loop."""
+    if dispatch == "http":
+        return concurrency if rate is None else max(concurrency, 1024)
+    if dispatch == "compiled":
+        return 4
+    from cortexbench.cluster import CALLS_PER_WORKER
+
+    return CALLS_PER_WORKER if rate is not None else min(CALLS_PER_WORKER, max(4, math.ceil(concurrency / max_group)))
 
 
 def plan_stream(cfg: Config, resources: dict[str, float], *, quiet: bool = False) -> StreamPlan:
@@ -171,20 +193,12 @@ def plan_stream(cfg: Config, resources: dict[str, float], *, quiet: bool = False
     drivers = st.drivers or (1 if n_workers <= 2 else max(1, min(n_workers // 2, cpus // 4)))
     drivers = min(drivers, n_workers)
     max_group = 1 if dispatch == "actor" else (st.max_group or lanes)
-    # Calls in flight per worker: enough that the closed loop's images wait at the worker (its queue stage),
-    # not in the driver's pending list, where they would count as sent late; no more than the worker actor
-    # runs at once.  A compiled graph keeps a buffer per execution in flight, so it keeps a few.
-    from cortexbench.cluster import CALLS_PER_WORKER
-
-    # The open loop has no concurrency to size by: an image held back in the driver would count as sent late
-    # (a queue in the wrong place), so as many calls as the actor runs may be in flight.
-    calls = CALLS_PER_WORKER if st.rate is not None else min(CALLS_PER_WORKER, max(4, math.ceil(st.concurrency / max_group)))
-    depth = 4 if dispatch == "compiled" else calls
+    depth = call_depth(dispatch, st.rate, st.concurrency, max_group)
     schedule = make_schedule(count=cfg.times, models=models, n_images=len(images), popularity=st.popularity,
                              weights=st.model_weights, rate=st.rate, duration_s=st.duration_s,
                              warmup=st.warmup, seed=cfg.seed, arrivals=st.arrivals)
     modes: tuple[str, ...] = ()
-    if st.sweep:  # the same stream at each capacity, its ends (cold, swap, cached) as --mode lists them
+    if st.sweep:  # the same stream at each capacity (its ends as --mode lists them), concurrency or rate
         from cortexbench.sweep import sweep_modes
 
         modes = sweep_modes(st.sweep, st.modes)
@@ -410,6 +424,10 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
             from cortexbench.peak import PeakRun
 
             run: StreamRun = PeakRun(plan, target, live, say=say)
+        elif cfg.stream.sweep and not cfg.stream.sweep.strip().lower().startswith("lru"):
+            from cortexbench.load_sweep import LoadSweepRun
+
+            run = LoadSweepRun(plan, target, live)
         else:
             run = StreamRun(plan, target, live)
         try:
@@ -433,7 +451,7 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
         if "sweep" in results:
             from cortexbench import sweep
 
-            print(sweep.console(results["sweep"]["rows"]))
+            print(sweep.console(results["sweep"]))
         print(f"results: {run_dir}")
         if not quiet and not http and not plan.gpu and cfg.from_flag("models") is False \
                 and cfg.source("times") != "flag":
@@ -527,9 +545,9 @@ def _results(plan: StreamPlan, target: Target, run: StreamRun, port: int | None,
                 "interrupted": run.interrupted, "error": run.error},
     }
     if cfg.stream.sweep:
-        from cortexbench.sweep import sweep_table
+        from cortexbench import sweep
 
-        body["sweep"] = {"sweep": cfg.stream.sweep, "rows": sweep_table(modes, len(plan.models))}
+        body["sweep"] = sweep.section(cfg.stream.sweep, modes, len(plan.models))
     peaks = getattr(run, "peaks", None)
     if peaks is not None:  # --find-peak: the search per mode (the modes' figures are the peak's steps)
         body["peak"] = {m: p.to_dict() for m, p in peaks.items()}
@@ -548,22 +566,8 @@ def _write(run_dir: Path, results: dict[str, Any], run: StreamRun) -> None:
         for mode, ledger in ledgers.items():
             ledger.save_csv_gz(run_dir / f"records-{mode.replace(':', '')}.csv.gz")
     write_json(run_dir / "results.json", results)
-    report = stream_report.render_markdown(results)
-    if results.get("peak"):
-        from cortexbench.report import peak_report
-
-        report = report.rstrip("\n") + "\n\n" + peak_report.render_markdown(results["peak"])
-        peak_report.plot_rate_latency(results["peak"], run_dir / "rate_latency.png")
-    if results.get("cost"):
-        from cortexbench.report.peak_report import cost_lines
-
-        report = report.rstrip("\n") + "\n\n## Cost\n\n" + "\n".join(f"- {x}" for x in cost_lines(results["cost"])) + "\n"
-    if results.get("sweep") and results["sweep"]["rows"]:
-        from cortexbench import sweep
-
-        report = report.rstrip("\n") + "\n\n" + sweep.render_markdown(results["sweep"]["rows"],
-                                                                        results["sweep"]["sweep"])
-        sweep.plot_cache_sweep(results["sweep"]["rows"], run_dir / "cache_sweep.png")
+    render.draw_derived(results, run_dir)
+    report = render.stream_markdown(results)
     write_text(run_dir / "report.md", report)
     if ledgers:
         stream_plots.plot_all(results, ledgers, run_dir, run.plan.schedule.warmup)
