@@ -436,7 +436,7 @@ def _check_semantics(cfg: Config) -> None:
         parse_mode(m, key="stream.modes")
     parse_popularity(st.popularity, key="stream.popularity")
     arrivals = parse_arrivals(st.arrivals, key="stream.arrivals")
-    if arrivals.kind != "poisson" and st.rate is None:
+    if arrivals.kind != "poisson" and st.rate is None and not st.sweep.strip().lower().startswith("rate:"):
         raise ConfigError(f"'stream.arrivals' {arrivals} is an open loop: give its mean rate with 'stream.rate' "
                           "(--rate) too")
     _positive(st.concurrency, "stream.concurrency")

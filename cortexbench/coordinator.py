@@ -51,6 +51,7 @@ from cortexbench.residency import Mode, parse_mode
 from cortexbench.results import envelope, new_run_dir, write_json, write_text
 from cortexbench.schedule import Schedule, make_schedule, shard_workers
 from cortexbench.stats import HistogramSet
+from cortexbench.sweep import base_rate
 from cortexbench.target import HandleOptions, ShardJob, Target, describe, worker_labels, worker_names
 from cortexbench.worker import WorkerSpec
 
@@ -108,7 +109,7 @@ def plan_http(cfg: Config, *, quiet: bool = False) -> StreamPlan:
     images = ensure_images(cfg.img_dir, cfg.images.synth_count, seed=cfg.images.seed,
                            create=not cfg.from_flag("img_dir"), progress=not quiet)
     schedule = make_schedule(count=cfg.times, models=models, n_images=len(images), popularity=st.popularity,
-                             weights=st.model_weights, rate=st.rate, duration_s=st.duration_s,
+                             weights=st.model_weights, rate=base_rate(st), duration_s=st.duration_s,
                              warmup=st.warmup, seed=cfg.seed, arrivals=st.arrivals)
     depth = call_depth("http", st.rate, st.concurrency, 1)
     modes: tuple[str, ...] = (SERVER_PASS,)
@@ -195,7 +196,7 @@ def plan_stream(cfg: Config, resources: dict[str, float], *, quiet: bool = False
     max_group = 1 if dispatch == "actor" else (st.max_group or lanes)
     depth = call_depth(dispatch, st.rate, st.concurrency, max_group)
     schedule = make_schedule(count=cfg.times, models=models, n_images=len(images), popularity=st.popularity,
-                             weights=st.model_weights, rate=st.rate, duration_s=st.duration_s,
+                             weights=st.model_weights, rate=base_rate(st), duration_s=st.duration_s,
                              warmup=st.warmup, seed=cfg.seed, arrivals=st.arrivals)
     modes: tuple[str, ...] = ()
     if st.sweep:  # the same stream at each capacity (its ends as --mode lists them), concurrency or rate

@@ -87,9 +87,13 @@ def check_sweep_config(st: Any) -> None:
     if sw.kind == "rate" and st.rate is not None:
         raise ConfigError(f"'stream.sweep' {st.sweep} sets the rate of each pass: leave out 'stream.rate' "
                           f"(--rate {st.rate:g})")
-    if sw.kind != "rate" and st.arrivals != "poisson":
-        raise ConfigError(f"'stream.arrivals' {st.arrivals} shapes an open loop: with --sweep {st.sweep} there is "
-                          "none; sweep rate:R,R,... instead")
+
+
+def base_rate(st: Any) -> float | None:
+    """The rate of the stream's schedule as planned: ``stream.rate``, or a rate sweep's first rate."""
+    if st.sweep and st.sweep.strip().lower().startswith("rate:"):
+        return float(parse_sweep(st.sweep).values[0])
+    return st.rate
 
 
 def pass_name(mode: str, kind: str, value: float) -> str:
