@@ -3,15 +3,21 @@ equals a replay of the seeded model sequence through a reference LRU of that cap
 
 from __future__ import annotations
 
+import asyncio
 import json
 
+import numpy as np
 import pytest
 
 from cortexbench.config import Config, StreamConfig, load_config
+from cortexbench.coordinator import StreamPlan
 from cortexbench.errors import ConfigError
+from cortexbench.live import LiveView
+from cortexbench.load_sweep import LoadSweepRun
 from cortexbench.schedule import make_schedule
 from cortexbench.sweep import (
     Sweep,
+    base_rate,
     console,
     load_table,
     parse_sweep,
@@ -25,7 +31,8 @@ from cortexbench.sweep import (
     sweep_modes,
     sweep_table,
 )
-from tests.fakes import reference_lru_hits
+from cortexbench.worker import WorkerSpec
+from tests.fakes import FakeTarget, FakeWorkerHandle, reference_lru_hits
 
 
 def test_parse_sweep_and_its_passes():
@@ -145,3 +152,43 @@ def test_a_sweeps_hit_ratios_equal_a_reference_lru_replay(ray_session, model_dir
     assert rows["lru:1"]["hit_ratio"] < rows["lru:2"]["hit_ratio"] < rows["lru:3"]["hit_ratio"] < 1.0
     assert (run_dir / "cache_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## Cache sweep" in (run_dir / "report.md").read_text()
+
+
+def _load_sweep(sweep: str, handle: FakeWorkerHandle, count: int = 120) -> tuple[LoadSweepRun, list[int]]:
+    """A LoadSweepRun of mode cached on one fake worker; the most images it had in flight in each pass."""
+    cfg = Config(models=("null",), times=count, stream=StreamConfig(modes=("cached",), sweep=sweep, warmup=10,
+                                                                    retries=1, concurrency=2))
+    sched = make_schedule(count=count, models=("null",), n_images=3, rate=base_rate(cfg.stream), warmup=10, seed=0)
+    images = ("a.jpg", "b.jpg", "c.jpg")
+    plan = StreamPlan(cfg, "mxnet", ("null",), images, (WorkerSpec("w0", "cpu", "mxnet", "m", ("null",), images,
+                                                                   lanes=handle.lanes),),
+                      False, 1.0, 1, "grouped", 1, 1, 4, sched, modes=sweep_modes(sweep, ("cached",)))
+    most: list[int] = []
+
+    def next_pass() -> None:
+        most.append(handle.max_inflight)
+        handle.max_inflight = 0
+
+    target = FakeTarget({"w0": handle}, on_set_mode=next_pass)
+    run = LoadSweepRun(plan, target, LiveView(("null",), ["w0"], server=None, run_id="t", backend="x", quiet=True))
+    asyncio.run(run.run())
+    next_pass()
+    return run, most[1:]
+
+
+def test_a_load_sweep_runs_each_pass_at_its_concurrency_or_rate_on_the_same_stream():
+    """Each pass of concurrency:1,4 keeps exactly that many images in flight (eight lanes: room for more);
+    each pass of rate:200,400 sends the seeded schedule's arrivals at that rate; every pass the same images."""
+    run, most = _load_sweep("concurrency:1,4", FakeWorkerHandle("w0", service_s=0.002, lanes=8))
+    assert list(run.modes) == ["cached@c1", "cached@c4"] and most == [1, 4] and not run.error
+    run, _ = _load_sweep("rate:200,400", FakeWorkerHandle("w0", service_s=0.001, lanes=4))
+    assert list(run.modes) == ["cached@r200", "cached@r400"]
+    for name, rate in (("cached@r200", 200.0), ("cached@r400", 400.0)):
+        led = run.modes[name].result.ledger
+        order = np.argsort(led.column("item"))
+        want = make_schedule(count=120, models=("null",), n_images=3, rate=rate, warmup=10, seed=0)
+        assert np.allclose(np.diff(led.column("scheduled_s")[order]), np.diff(want.send_at_s), atol=1e-9), name
+        assert (led.column("image_idx")[order] == want.image_idx).all()
+        assert run.modes[name].summary["summary"]["mode"] == name
+    rows = {r["pass"]: r for r in section("rate:200,400", {m: r.summary for m, r in run.modes.items()}, 1)["rows"]}
+    assert rows["cached@r200"]["value"] == 200.0 and rows["cached@r400"]["value"] == 400.0
