@@ -33,6 +33,7 @@ from cortexbench.sweep import (
 )
 from cortexbench.worker import WorkerSpec
 from tests.fakes import FakeTarget, FakeWorkerHandle, reference_lru_hits
+from tests.report.runs import schema_errors
 
 
 def test_parse_sweep_and_its_passes():
@@ -152,6 +153,7 @@ def test_a_sweeps_hit_ratios_equal_a_reference_lru_replay(ray_session, model_dir
     assert rows["lru:1"]["hit_ratio"] < rows["lru:2"]["hit_ratio"] < rows["lru:3"]["hit_ratio"] < 1.0
     assert (run_dir / "cache_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## Cache sweep" in (run_dir / "report.md").read_text()
+    assert schema_errors(results) == []  # a real Ray run's results.json meets docs/results.schema.json
 
 
 def _load_sweep(sweep: str, handle: FakeWorkerHandle, count: int = 120) -> tuple[LoadSweepRun, list[int]]:

@@ -88,3 +88,16 @@ def single_run_dir(result_dir: Path, img_dir: Path, model_dir: Path, *, models: 
     assert rc == 0
     (run_dir,) = set(result_dir.glob("*")) - before
     return run_dir
+
+
+SCHEMA = Path(__file__).resolve().parents[2] / "docs" / "results.schema.json"
+
+
+def schema_errors(doc: dict) -> list[str]:
+    """Where ``doc`` breaks docs/results.schema.json (Draft 2020-12); [] when it conforms."""
+    import json
+
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text()))
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message[:200]}" for e in validator.iter_errors(doc)]
