@@ -324,9 +324,9 @@ def plot_load_sweep(rows: Sequence[Mapping[str, Any]], kind: str, path: Path) ->
         ax_t.plot(xs, [_num(r["images_per_s"]) for r in mine], "-o", color=c, ms=4, label=mode)
         ax_l.plot(xs, [_num(r["p50_s"]) * 1e3 for r in mine], "--o", color=c, ms=3, label=f"{mode} p50")
         ax_l.plot(xs, [_num(r["p99_s"]) * 1e3 for r in mine], "-s", color=c, ms=4, label=f"{mode} p99")
-    if kind == "rate":
-        lim = [min(_num(r["value"]) for r in rows), max(_num(r["value"]) for r in rows)]
-        ax_t.plot(lim, lim, ":", color="#8C8C8C", lw=1, label="offered")
+    if kind == "rate":  # through every swept rate: y = x is a curve on the log axis
+        offered = sorted({_num(r["value"]) for r in rows})
+        ax_t.plot(offered, offered, ":", color="#8C8C8C", lw=1, label="offered")
     for ax, title, unit in ((ax_t, "throughput", "images/s"), (ax_l, "latency: p50 (dashed), p99", "ms")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel(xlabel)

@@ -251,8 +251,21 @@ def _run_lines(runs: Sequence[Run]) -> list[list[str]]:
         complete = sum(1 for x in r.docs if x.get("complete"))
         out.append([r.label, str(r.repeats), f"{complete}/{r.repeats}", str(d.get("started_at") or "–"),
                     f"{mach.get('cpu_model', '?')}, {mach.get('usable_cores', '?')} cores, {gpus}",
-                    "`" + " ".join(str(a) for a in (d.get("argv") or [])).replace("`", "'") + "`"])
+                    "`" + command(d.get("argv") or []).replace("`", "'") + "`"])
     return out
+
+
+def command(argv: Sequence[Any]) -> str:
+    """The command line of a run: ``python -m cortexbench.X ...`` for what ``sys.argv`` shows as
+    ``.../cortexbench/X.py ...``."""
+    words = [str(a) for a in argv]
+    if words:
+        path = Path(words[0])
+        if path.suffix == ".py" and path.parent.name == "cortexbench":
+            words[0] = f"python -m cortexbench.{path.stem}"
+        elif path.name == "__main__.py" and path.parent.parent.name == "cortexbench":
+            words[0] = f"python -m cortexbench.{path.parent.name}"
+    return " ".join(words)
 
 
 def render_markdown(runs: Sequence[Run], rows: Sequence[Row], *, plot: str | None = PLOT_NAME) -> str:
