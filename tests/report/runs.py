@@ -2,7 +2,7 @@
 
 ``stream_run_dir`` runs the coordinator's own ``StreamRun`` (or ``LoadSweepRun``, ``PeakRun``) on
 ``tests.fakes`` workers (a fixed service time per image on the real clock, as in tests/test_peak.py), then
-writes the run directory with the coordinator's ``_results`` and ``_write``: results.json, report.md, the
+writes the run directory with ``stream_results.make_results`` and ``write_results``: results.json, report.md, the
 plots.  ``single_run_dir`` is a real ``python -m cortexbench.single`` of the MXNet backend on mlp2.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from cortexbench import coordinator
+from cortexbench import stream_results
 from cortexbench.config import Config, StreamConfig
 from cortexbench.coordinator import StreamPlan, StreamRun
 from cortexbench.live import LiveView
@@ -63,9 +63,9 @@ def stream_run_dir(result_dir: Path, *, modes: tuple[str, ...] = ("cached",), sw
         run = StreamRun(plan, target, live)
     started = time.time()
     asyncio.run(run.run())
-    results = coordinator._results(run.plan, target, run, None, started, argv=["stream", *run_modes])
+    results = stream_results.make_results(run.plan, target, run, None, started, argv=["stream", *run_modes])
     run_dir = new_run_dir(result_dir, "stream")
-    coordinator._write(run_dir, results, run)
+    stream_results.write_results(run_dir, results, run)
     return run_dir
 
 
