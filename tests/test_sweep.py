@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -194,3 +195,26 @@ def test_a_load_sweep_runs_each_pass_at_its_concurrency_or_rate_on_the_same_stre
         assert run.modes[name].summary["summary"]["mode"] == name
     rows = {r["pass"]: r for r in section("rate:200,400", {m: r.summary for m, r in run.modes.items()}, 1)["rows"]}
     assert rows["cached@r200"]["value"] == 200.0 and rows["cached@r400"]["value"] == 400.0
+
+
+def test_a_concurrency_sweep_against_an_http_target_and_lru_refused_there(image_dir, tmp_path, capsys):
+    """Against an Open Inference Protocol server (tests/v2_server.py) each pass is the server's at one
+    concurrency; an lru sweep is the server's business and is refused with one line."""
+    from cortexbench.stream import main
+    from tests.v2_server import V2Server
+
+    server = V2Server(("mnist_cnn",))
+    with server.running():
+        args = ["--target", server.url, "--models", "mnist_cnn", "--images", "40", "--warmup", "0",
+                "--metrics-port", "0", "--result-dir", str(tmp_path), "--img-dir", str(image_dir), "--quiet"]
+        assert main([*args, "--sweep", "concurrency:1,3"]) == 0
+        out = capsys.readouterr().out
+        assert "concurrency sweep:" in out
+        run_dir = Path(out.split("results:", 1)[1].strip())
+        res = json.loads((run_dir / "results.json").read_text())
+        assert list(res["modes"]) == ["server@c1", "server@c3"] and res["complete"] and server.requests == 80
+        assert [r["value"] for r in res["sweep"]["rows"]] == [1.0, 3.0] and res["run"]["concurrency"] == 3
+        assert (run_dir / "concurrency_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert schema_errors(res) == []
+        assert main([*args, "--sweep", "lru:1,2"]) == 2
+        assert "--sweep lru does not apply with --target" in capsys.readouterr().err
