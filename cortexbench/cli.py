@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("cortexbench.models.__main__", "list models; export them with random weights to model_dir"),
     "serve": ("cortexbench.serve", "the Ray workers behind an HTTP gateway (Open Inference Protocol v2)"),
     "images": ("cortexbench.images.__main__", "make a synthetic ImageNet-like set, or fetch one from a URL list"),
+    "report": ("cortexbench.report.__main__", "a run's report.md and self-contained report.html; several runs compared"),
     "traces": ("cortexbench.traces", "write a test request trace (time_s,model rows) whose model popularity shifts"),
     "dashboard": ("cortexbench.dashboard", "build the Grafana dashboard (grafana-foundation-sdk) and write its JSON"),
 }

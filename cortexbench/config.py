@@ -92,7 +92,7 @@ class StreamConfig:
     peak_precision: float = 0.05  # the search stops when the bracket [met, missed] is this narrow (relative)
     peak_tolerance: float = 0.2  # a step's windows agree when each is within this of their median
     peak_late_ms: float = 1.0  # a step's image is late when sent more than this after its time; 1% may be
-    sweep: str = ""  # 'lru:1,2,4,8': the same stream at each LRU capacity (sweep.py); '' = no sweep
+    sweep: str = ""  # 'lru:1,2,4,8', 'concurrency:1,4,16' or 'rate:50,100': the same stream at each value (sweep.py); '' = no sweep
     gpu_hour_cost: float | None = None  # price of a worker (GPU) hour: cost per million images per mode
 
 
@@ -436,7 +436,7 @@ def _check_semantics(cfg: Config) -> None:
         parse_mode(m, key="stream.modes")
     parse_popularity(st.popularity, key="stream.popularity")
     arrivals = parse_arrivals(st.arrivals, key="stream.arrivals")
-    if arrivals.kind != "poisson" and st.rate is None:
+    if arrivals.kind != "poisson" and st.rate is None and not st.sweep.strip().lower().startswith("rate:"):
         raise ConfigError(f"'stream.arrivals' {arrivals} is an open loop: give its mean rate with 'stream.rate' "
                           "(--rate) too")
     _positive(st.concurrency, "stream.concurrency")
@@ -460,12 +460,9 @@ def _check_semantics(cfg: Config) -> None:
     check_peak_config(st)
     if st.gpu_hour_cost is not None and not st.gpu_hour_cost > 0:
         raise ConfigError(f"'stream.gpu_hour_cost' must be more than 0, not {st.gpu_hour_cost}")
-    if st.sweep:
-        from cortexbench.sweep import parse_sweep
+    from cortexbench.sweep import check_sweep_config
 
-        parse_sweep(st.sweep)
-        if st.find_peak:
-            raise ConfigError("'stream.sweep' and 'stream.find_peak' both set: run one of them at a time")
+    check_sweep_config(st)
     if st.model_weights and any(w < 0 for w in st.model_weights):
         raise ConfigError("'stream.model_weights' must be 0 or more each")
     _positive(cfg.images.synth_count, "images.synth_count")

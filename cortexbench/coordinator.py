@@ -16,180 +16,41 @@ results (``complete: false``) and exits 130 with a one-line summary.
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cortexbench import cli, machine
+from cortexbench import cli
 from cortexbench.config import Config
 from cortexbench.driver import Driver, drive
 from cortexbench.driver_types import DriverOptions, DriverResult, merge_results
-from cortexbench.errors import (
-    ConfigError,
-    DeviceError,
-    Interrupted,
-    ModelNotFoundError,
-    Terminated,
-    WorkerError,
-)
-from cortexbench.images.dataset import ensure_images
+from cortexbench.errors import Interrupted, Terminated, WorkerError
 from cortexbench.live import LiveView
 from cortexbench.metrics import MetricsServer, MetricsState
-from cortexbench.models.backends import get_backend, resolve_backend
-from cortexbench.models.export import ensure_models, missing_models
-from cortexbench.models.registry import expand_model_names
-from cortexbench.report import stream_plots, stream_report
-from cortexbench.report.stream_summary import compare_modes, histograms, summarize_mode
-from cortexbench.report.tiers import answers_agreement, load_figures
-from cortexbench.residency import Mode, parse_mode
-from cortexbench.results import envelope, new_run_dir, write_json, write_text
-from cortexbench.schedule import Schedule, make_schedule, shard_workers
+from cortexbench.models.backends import get_backend
+from cortexbench.report import stream_report
+from cortexbench.report.stream_summary import histograms, summarize_mode
+from cortexbench.results import new_run_dir
+from cortexbench.schedule import Schedule, shard_workers
 from cortexbench.stats import HistogramSet
-from cortexbench.target import HandleOptions, ShardJob, Target, describe, worker_labels, worker_names
-from cortexbench.worker import WorkerSpec
-
-
-@dataclass(frozen=True)
-class StreamPlan:
-    """The reconciled run: flags, config, the cluster's resources."""
-
-    cfg: Config
-    backend: str
-    models: tuple[str, ...]
-    images: tuple[str, ...]
-    workers: tuple[WorkerSpec, ...]
-    gpu: bool
-    cpus_each: float
-    threads_each: int
-    dispatch: str
-    drivers: int
-    max_group: int
-    depth: int
-    schedule: Schedule
-    modes: tuple[str, ...] = ()  # the passes to run; () = cfg.stream.modes
-
-    @property
-    def run_modes(self) -> tuple[str, ...]:
-        return self.modes or self.cfg.stream.modes
-
-
-SERVER_PASS = "server"  # the one pass against an HTTP target: what stays loaded is the server's business
-
-
-def mode_of(name: str) -> Mode | None:
-    """The residency mode of a pass (None for an HTTP target's ``server`` pass)."""
-    return None if name == SERVER_PASS else parse_mode(name)
-
-
-def plan_http(cfg: Config, *, quiet: bool = False) -> StreamPlan:
-    """A run against an Open Inference Protocol server (``stream.target``): no Ray, no model files; the
-    images are read (or synthesised) here and sent with every request."""
-    from cortexbench.http_target import check_target
-
-    st = cfg.stream
-    check_target(st.target or "", st.protocol)
-    if cfg.from_flag("stream.modes") or st.sweep:
-        flag = "--mode" if cfg.from_flag("stream.modes") else "--sweep"
-        raise ConfigError(f"{flag} does not apply with --target: what stays loaded is the server's business")
-    if st.inputs != "pool" or st.decode != "cpu":
-        raise ConfigError("--inputs/--decode apply to cortexbench's own workers; an HTTP target gets decoded "
-                          "tensors (leave them out with --target)")
-    drivers = st.drivers or 1
-    if st.rate is None and drivers > st.concurrency:
-        raise ConfigError(f"--drivers {drivers} with --concurrency {st.concurrency}: each driver keeps at least one "
-                          f"image in flight; use --drivers {st.concurrency} or fewer")
-    models = expand_model_names(cfg.models, known_only=False)
-    images = ensure_images(cfg.img_dir, cfg.images.synth_count, seed=cfg.images.seed,
-                           create=not cfg.from_flag("img_dir"), progress=not quiet)
-    schedule = make_schedule(count=cfg.times, models=models, n_images=len(images), popularity=st.popularity,
-                             weights=st.model_weights, rate=st.rate, duration_s=st.duration_s,
-                             warmup=st.warmup, seed=cfg.seed, arrivals=st.arrivals)
-    depth = st.concurrency if st.rate is None else max(st.concurrency, 1024)
-    return StreamPlan(cfg, "http", models, tuple(str(p) for p in images), (), False, 0.0, 1, "http", drivers, 1,
-                      depth, schedule, modes=(SERVER_PASS,))
-
-
-def plan_stream(cfg: Config, resources: dict[str, float], *, quiet: bool = False) -> StreamPlan:
-    st = cfg.stream
-    cpus = int(resources.get("CPU", os.cpu_count() or 1))
-    have_gpus = int(resources.get("GPU", 0))
-    if cfg.gpu_num == "auto":
-        n_gpu = have_gpus
-    else:
-        n_gpu = int(cfg.gpu_num)
-        if n_gpu > have_gpus:
-            fix = f"--gpus {have_gpus} or " if have_gpus else ""
-            raise DeviceError(f"--gpus {n_gpu}: the {'cluster' if st.address else 'machine'} has "
-                              f"{have_gpus} GPU(s); use {fix}--gpus 0 for CPU workers")
-    gpu = n_gpu > 0
-    check_precision(cfg, gpu)
-    n_workers = n_gpu if gpu else (st.cpu_workers or max(1, min(8, cpus // 2)))
-    cpus_each = max(1.0, (cpus - 1) / n_workers) if not gpu else max(1.0, min(2.0, (cpus - 1) / n_workers))
-    cpus_each = float(math.floor(cpus_each)) if cpus_each >= 1 else cpus_each
-    threads_each = max(1, int(cpus_each))
-    models = expand_model_names(cfg.models)
-    if cfg.backend == "auto":
-        backend = "torch" if gpu else resolve_backend("auto", ["cpu"])
-    else:
-        backend = resolve_backend(cfg.backend)
-    if st.decode == "gpu":
-        if st.inputs != "jpeg":
-            raise ConfigError("--decode gpu decodes JPEG inputs: add --inputs jpeg")
-        if not gpu or backend != "torch":
-            raise ConfigError(f"--decode gpu needs GPU workers with the torch backend (this run: "
-                              f"{'GPU' if gpu else 'CPU'} workers, {backend}); use --decode cpu")
-    model_dir = cfg.model_dir
-    if not cfg.from_flag("model_dir"):
-        ensure_models(models, backend, model_dir, seed=cfg.seed, progress=not quiet)
-    elif not st.address:  # the user's directory: never written to; a missing file is said now, not by a worker
-        missing = missing_models(models, backend, model_dir)
-        if missing:
-            raise ModelNotFoundError(
-                f"--model-dir {model_dir}: no {backend} file for {', '.join(missing)}; make them with "
-                f"'python -m cortexbench.models export --models {','.join(missing)} --backend {backend} "
-                f"--model-dir {model_dir}'")
-    images = ensure_images(cfg.img_dir, cfg.images.synth_count, seed=cfg.images.seed,
-                           create=not cfg.from_flag("img_dir"), progress=not quiet)
-    lanes = st.lanes or (8 if gpu else 1)
-    workers = tuple(
-        WorkerSpec(name=f"{'gpu' if gpu else 'cpu'}{i}", device="gpu:0" if gpu else "cpu", backend=backend,
-                   model_dir=str(model_dir), models=models, images=tuple(str(p) for p in images), lanes=lanes,
-                   precision=cfg.precision, cuda_graphs=gpu and backend == "torch", image_pool=st.image_pool,
-                   drop_cache=st.cold_drop_cache, cold_rebuild=st.cold_rebuild, inputs=st.inputs, decode=st.decode)
-        for i in range(n_workers))
-    # auto = grouped: a worker runs several grouped calls at once (Ray's threads), so its lanes never
-    # wait for the slowest image of a group; a compiled graph runs its executions one after another on
-    # the actor (one H200, eight-model mix, fp16, 64 in flight: 1,284 images/s against 2,022 grouped).
-    # Compiled is for the lowest overhead per call (the null model, concurrency 1).
-    dispatch = st.dispatch if st.dispatch != "auto" else "grouped"
-    drivers = st.drivers or (1 if n_workers <= 2 else max(1, min(n_workers // 2, cpus // 4)))
-    drivers = min(drivers, n_workers)
-    max_group = 1 if dispatch == "actor" else (st.max_group or lanes)
-    # Calls in flight per worker: enough that the closed loop's images wait at the worker (its queue stage),
-    # not in the driver's pending list, where they would count as sent late; no more than the worker actor
-    # runs at once.  A compiled graph keeps a buffer per execution in flight, so it keeps a few.
-    from cortexbench.cluster import CALLS_PER_WORKER
-
-    # The open loop has no concurrency to size by: an image held back in the driver would count as sent late
-    # (a queue in the wrong place), so as many calls as the actor runs may be in flight.
-    calls = CALLS_PER_WORKER if st.rate is not None else min(CALLS_PER_WORKER, max(4, math.ceil(st.concurrency / max_group)))
-    depth = 4 if dispatch == "compiled" else calls
-    schedule = make_schedule(count=cfg.times, models=models, n_images=len(images), popularity=st.popularity,
-                             weights=st.model_weights, rate=st.rate, duration_s=st.duration_s,
-                             warmup=st.warmup, seed=cfg.seed, arrivals=st.arrivals)
-    modes: tuple[str, ...] = ()
-    if st.sweep:  # the same stream at each capacity, its ends (cold, swap, cached) as --mode lists them
-        from cortexbench.sweep import sweep_modes
-
-        modes = sweep_modes(st.sweep, st.modes)
-    return StreamPlan(cfg, backend, models, tuple(str(p) for p in images), workers, gpu, cpus_each,
-                      threads_each, dispatch, drivers, max_group, depth, schedule, modes=modes)
+from cortexbench.stream_plan import (  # SERVER_PASS, call_depth, check_precision: the plan's names, as before
+    SERVER_PASS,  # noqa: F401
+    StreamPlan,
+    _check_gpus,
+    _local_resources,
+    call_depth,  # noqa: F401
+    check_precision,  # noqa: F401
+    mode_of,
+    plan_http,
+    plan_stream,
+)
+from cortexbench.stream_results import make_results, write_results
+from cortexbench.target import HandleOptions, ShardJob, Target, worker_labels, worker_names
 
 
 @dataclass
@@ -410,6 +271,10 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
             from cortexbench.peak import PeakRun
 
             run: StreamRun = PeakRun(plan, target, live, say=say)
+        elif cfg.stream.sweep and not cfg.stream.sweep.strip().lower().startswith("lru"):
+            from cortexbench.load_sweep import LoadSweepRun
+
+            run = LoadSweepRun(plan, target, live)
         else:
             run = StreamRun(plan, target, live)
         try:
@@ -418,8 +283,8 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
             run.interrupted = True
         finally:
             live.finish()
-        results = _results(run.plan, target, run, port, started, argv)
-        _write(run_dir, results, run)
+        results = make_results(run.plan, target, run, port, started, argv)
+        write_results(run_dir, results, run)
         # --quiet drops the progress only: the summary and where the results went are always printed.
         print(stream_report.console_summary(results))
         if "peak" in results:
@@ -433,7 +298,7 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
         if "sweep" in results:
             from cortexbench import sweep
 
-            print(sweep.console(results["sweep"]["rows"]))
+            print(sweep.console(results["sweep"]))
         print(f"results: {run_dir}")
         if not quiet and not http and not plan.gpu and cfg.from_flag("models") is False \
                 and cfg.source("times") != "flag":
@@ -475,98 +340,6 @@ def _set_sigterm(handler: Any) -> Any:
         return signal.signal(signal.SIGTERM, handler)
     except ValueError:
         return None
-
-
-def check_precision(cfg: Config, gpu: bool) -> None:
-    """fp16 needs GPU workers and a backend that has it: said before anything starts, not by a worker."""
-    if cfg.precision != "fp16":
-        return
-    if not gpu:
-        raise DeviceError("'precision' fp16 needs GPU workers, and this run has none (no GPU, or --gpus 0); "
-                          "use --precision fp32 on the CPU")
-    if cfg.backend == "onnxruntime":
-        raise DeviceError("'precision' fp16: the onnxruntime backend runs fp32 only; use --backend torch or mxnet")
-
-
-def _local_resources() -> dict[str, float]:
-    """What a local Ray started by ``cluster.init_ray`` will have: every core, every GPU of this machine."""
-    return {"CPU": float(os.cpu_count() or 1), "GPU": float(machine.gpu_count())}
-
-
-def _check_gpus(plan: StreamPlan, resources: dict[str, float]) -> None:
-    have = int(resources.get("GPU", 0))
-    if plan.gpu and have < len(plan.workers):
-        raise DeviceError(f"--gpus {len(plan.workers)}: Ray sees {have} GPU(s) on this machine; "
-                          f"use --gpus {have} (check CUDA_VISIBLE_DEVICES)")
-
-
-def _results(plan: StreamPlan, target: Target, run: StreamRun, port: int | None,
-             started: float, argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = plan.cfg
-    modes = {m: r.summary for m, r in run.modes.items()}
-    body = {
-        "modes": modes,
-        "comparison": compare_modes(modes),
-        "tiers": {"answers": answers_agreement({m: r.result.ledger for m, r in run.modes.items()},
-                                               run.plan.schedule.warmup, cfg.precision),
-                  "loads": load_figures(modes),
-                  "process_warm": "cold and swap: each model was loaded and run once per lane before the run (cuDNN "
-                                  "plans, the network's structure and, on a GPU, CUDA graphs bound to the loader's "
-                                  "weight slots are kept, as in a serving process that has run it before); the "
-                                  "weights come from disk or host memory for every image"
-                                  + ("; the structure is rebuilt for every load" if cfg.stream.cold_rebuild else "")},
-        "workers": describe(target.workers),
-        "run": {"passes": list(plan.run_modes), "dispatch": plan.dispatch, "drivers": plan.drivers, "balancer": cfg.stream.balancer,
-                "loop": "open" if cfg.stream.rate is not None else "closed",
-                "concurrency": cfg.stream.concurrency, "rate": cfg.stream.rate, "images": cfg.times,
-                "warmup": cfg.stream.warmup, "popularity": cfg.stream.popularity,
-                "arrivals": cfg.stream.arrivals, "metrics_port": port,
-                "backend": plan.backend, "lanes": plan.workers[0].lanes if plan.workers else None,
-                "max_group": plan.max_group, "inputs": cfg.stream.inputs, "decode": cfg.stream.decode,
-                "depth": plan.depth, "image_files": len(plan.images), "models": list(plan.models),
-                "interrupted": run.interrupted, "error": run.error},
-    }
-    if cfg.stream.sweep:
-        from cortexbench.sweep import sweep_table
-
-        body["sweep"] = {"sweep": cfg.stream.sweep, "rows": sweep_table(modes, len(plan.models))}
-    peaks = getattr(run, "peaks", None)
-    if peaks is not None:  # --find-peak: the search per mode (the modes' figures are the peak's steps)
-        body["peak"] = {m: p.to_dict() for m, p in peaks.items()}
-    if cfg.stream.gpu_hour_cost is not None:
-        from cortexbench.report.peak_report import costs
-
-        body["cost"] = costs(body.get("peak"), modes, cfg.stream.gpu_hour_cost, max(1, len(plan.workers)))
-    return envelope("stream", replace(cfg).to_dict(), machine.machine_info(), body,
-                    complete=not run.interrupted and not run.error and len(run.modes) == len(plan.run_modes),
-                    started_at=started, finished_at=time.time(), argv=argv)
-
-
-def _write(run_dir: Path, results: dict[str, Any], run: StreamRun) -> None:
-    ledgers = {m: r.result.ledger for m, r in run.modes.items()}
-    if run.plan.cfg.stream.records != "none":
-        for mode, ledger in ledgers.items():
-            ledger.save_csv_gz(run_dir / f"records-{mode.replace(':', '')}.csv.gz")
-    write_json(run_dir / "results.json", results)
-    report = stream_report.render_markdown(results)
-    if results.get("peak"):
-        from cortexbench.report import peak_report
-
-        report = report.rstrip("\n") + "\n\n" + peak_report.render_markdown(results["peak"])
-        peak_report.plot_rate_latency(results["peak"], run_dir / "rate_latency.png")
-    if results.get("cost"):
-        from cortexbench.report.peak_report import cost_lines
-
-        report = report.rstrip("\n") + "\n\n## Cost\n\n" + "\n".join(f"- {x}" for x in cost_lines(results["cost"])) + "\n"
-    if results.get("sweep") and results["sweep"]["rows"]:
-        from cortexbench import sweep
-
-        report = report.rstrip("\n") + "\n\n" + sweep.render_markdown(results["sweep"]["rows"],
-                                                                        results["sweep"]["sweep"])
-        sweep.plot_cache_sweep(results["sweep"]["rows"], run_dir / "cache_sweep.png")
-    write_text(run_dir / "report.md", report)
-    if ledgers:
-        stream_plots.plot_all(results, ledgers, run_dir, run.plan.schedule.warmup)
 
 
 def backend_devices(name: str) -> list[str]:

@@ -118,9 +118,10 @@ def build_parser() -> ArgumentParser:
     a("--gpu-hour-cost", type=float, metavar="PRICE",
       help="price of one worker (GPU) hour: prints the cost per million images per mode, at the peak with "
            "--find-peak, else at the measured throughput [stream.gpu_hour_cost]")
-    a("--sweep", metavar="lru:K,K",
-      help="the same stream at each LRU capacity, with cold, swap and cached from --mode as its ends; a table "
-           "and cache_sweep.png [stream.sweep]")
+    a("--sweep", metavar="KIND:V,V",
+      help="the same stream at each value: lru:K,K (each LRU capacity, with cold, swap and cached from --mode "
+           "as its ends; cache_sweep.png), concurrency:C,C (images in flight) or rate:R,R (images/s); a table "
+           "and concurrency_sweep.png / rate_sweep.png [stream.sweep]")
     a("--peak-tolerance", type=float, metavar="F",
       help="a step's measurement windows must agree within this fraction (default 0.2) [stream.peak_tolerance]")
     return p

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from cortexbench import coordinator
+from cortexbench import coordinator, stream_plan, stream_results
 from cortexbench.config import Config, StreamConfig
 from cortexbench.coordinator import StreamPlan, StreamRun
 from cortexbench.errors import ConfigError
@@ -46,7 +46,7 @@ def test_a_run_whose_workers_are_all_gone_stops_and_keeps_what_was_measured(tmp_
     m = run.modes["cached"]
     m.result.ledger.check_complete(m.result.sent)
     assert m.summary["error"] and 0 < m.result.sent < 200
-    results = coordinator._results(run.plan, target, run, None, time.time())
+    results = stream_results.make_results(run.plan, target, run, None, time.time())
     assert results["complete"] is False and "every worker is gone" in results["run"]["error"]
     assert [w["name"] for w in results["workers"]] == ["w0"]
 
@@ -64,11 +64,11 @@ def test_ctrl_c_while_workers_set_up_runs_no_more_of_the_mode(tmp_path: Path):
     assert target.modes == ["cached", "cold"]
     assert list(run.modes) == ["cached"] and run.interrupted
     assert sum(h.images for h in handles.values()) == 200  # cold sent nothing
-    results = coordinator._results(run.plan, target, run, None, time.time())
+    results = stream_results.make_results(run.plan, target, run, None, time.time())
     assert results["complete"] is False
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    coordinator._write(run_dir, results, run)
+    stream_results.write_results(run_dir, results, run)
     assert json.loads((run_dir / "results.json").read_text())["complete"] is False
     assert (run_dir / "records-cached.csv.gz").is_file() and not (run_dir / "records-cold.csv.gz").exists()
 
@@ -139,15 +139,15 @@ def test_fp16_without_gpu_workers_is_refused_before_anything_starts(monkeypatch,
     def no(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("started something before checking the precision")
 
-    monkeypatch.setattr(coordinator, "ensure_models", no)
-    monkeypatch.setattr(coordinator, "ensure_images", no)
+    monkeypatch.setattr(stream_plan, "ensure_models", no)
+    monkeypatch.setattr(stream_plan, "ensure_images", no)
     cfg = Config(models=MODELS, precision="fp16", gpu_num=0, model_dir=tmp_path / "m", img_dir=tmp_path / "i")
     with pytest.raises(DeviceError, match="'precision' fp16 needs GPU workers"):
-        coordinator.plan_stream(cfg, {"CPU": 2.0, "GPU": 0.0})
+        stream_plan.plan_stream(cfg, {"CPU": 2.0, "GPU": 0.0})
     cfg = Config(models=MODELS, precision="fp16", backend="onnxruntime", model_dir=tmp_path / "m",
                  img_dir=tmp_path / "i")
     with pytest.raises(DeviceError, match="onnxruntime backend runs fp32 only"):
-        coordinator.plan_stream(cfg, {"CPU": 2.0, "GPU": 1.0})
+        stream_plan.plan_stream(cfg, {"CPU": 2.0, "GPU": 1.0})
 
 
 @pytest.mark.parametrize(("inputs", "gpus", "backend", "expect"), [
@@ -160,9 +160,9 @@ def test_gpu_decoding_is_refused_where_it_cannot_run_before_anything_starts(monk
     def no(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("started something before checking --decode")
 
-    monkeypatch.setattr(coordinator, "ensure_models", no)
-    monkeypatch.setattr(coordinator, "ensure_images", no)
+    monkeypatch.setattr(stream_plan, "ensure_models", no)
+    monkeypatch.setattr(stream_plan, "ensure_images", no)
     cfg = Config(models=MODELS, gpu_num=gpus, backend=backend, model_dir=tmp_path / "m", img_dir=tmp_path / "i",
                  stream=StreamConfig(inputs=inputs, decode="gpu"))
     with pytest.raises(ConfigError, match=re.escape(expect)):
-        coordinator.plan_stream(cfg, {"CPU": 2.0, "GPU": float(gpus)})
+        stream_plan.plan_stream(cfg, {"CPU": 2.0, "GPU": float(gpus)})

@@ -10,7 +10,8 @@ import sys
 CORE = ("schedule", "balancer", "residency", "worker", "driver", "driver_types", "pacing", "tally",
         "process_shards", "ledger", "stats", "timing", "config", "results", "errors", "protocol", "target",
         "report.stream_summary", "report.stream_report", "report.single_report", "models.registry",
-        "models.backends.base", "traces", "peak_search")
+        "models.backends.base", "traces", "peak_search", "sweep", "report.render", "report.html", "report.compare",
+        "report.__main__")
 HEAVY = ("ray", "torch", "mxnet", "onnxruntime", "fastapi", "uvicorn")
 
 
@@ -27,7 +28,7 @@ def test_the_core_imports_no_ray_framework_or_web_server():
 
 def test_the_http_target_and_its_driver_shards_need_no_ray():
     assert _loaded_after(("http_target", "http_client", "process_shards", "coordinator", "peak",
-                          "report.peak_report")) == []
+                          "report.peak_report", "stream_plan", "stream_results", "load_sweep")) == []
 
 
 def test_the_gateway_reaches_ray_only_through_cluster_and_fastapi_only_in_its_app():

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from cortexbench import coordinator
+from cortexbench import stream_results
 from cortexbench.config import Config, StreamConfig
 from cortexbench.coordinator import StreamPlan
 from cortexbench.live import LiveView
@@ -49,12 +49,12 @@ def test_a_peak_run_probes_searches_and_keeps_the_step_at_the_peak(tmp_path):
     kept = run.modes["cached"]
     assert kept.summary["summary"]["counted_ok"] >= 600 and run.plan.cfg.stream.rate == lo
     assert len(target.modes) == len(peak.steps) + sum(s.attempts - 1 for s in peak.steps) + 1  # + the probe
-    results = coordinator._results(run.plan, target, run, None, time.time())
+    results = stream_results.make_results(run.plan, target, run, None, time.time())
     assert results["peak"]["cached"]["peak_rate"] == lo and results["run"]["loop"] == "open"
     assert results["cost"]["modes"]["cached"]["basis"] == "peak"
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    coordinator._write(run_dir, results, run)
+    stream_results.write_results(run_dir, results, run)
     assert json.loads((run_dir / "results.json").read_text())["peak"]["cached"]["bracket"] == [lo, hi]
     assert (run_dir / "rate_latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (run_dir / "report.md").read_text()

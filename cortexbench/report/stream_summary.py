@@ -239,6 +239,9 @@ def summarize_mode(mode: str, ledger: Ledger, hists: HistogramSet, *, warmup: in
                             "latency": _summary_dict(per_worker_hists.get(("latency", name)))}
         if name in states:
             per_worker[name]["loads"] = int(_get(states[name], "loads_total", 0))
+            memory = int(_get(states[name], "memory_bytes", -1))
+            if memory >= 0:  # the device memory the worker's process held at its last answer (GPU workers)
+                per_worker[name]["device_memory_bytes"] = memory
     counts = w_count.astype(np.float64)
     imbalance = float(counts.max() / counts.mean() - 1.0) if counts.size and counts.mean() > 0 else math.nan
 
