@@ -306,8 +306,9 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
                   "python -m cortexbench.stream --gpus 8 --models imagenet --images 100000 "
                   "--mode cached,swap,cold,lru:2 (add --address auto to join a cluster)")
         if server is not None and cfg.stream.linger_s > 0 and not run.interrupted and not run.error:
-            say(f"metrics stay up for {cfg.stream.linger_s:g} s (--linger)")
-            time.sleep(cfg.stream.linger_s)
+            say(f"metrics stay up for {cfg.stream.linger_s:g} s (--linger; Ctrl-C or SIGTERM ends it)")
+            if _linger(cfg.stream.linger_s):
+                say("linger ended early; the results are complete")
         if run.error and not run.interrupted:
             raise WorkerError(f"{run.error}; partial results in {run_dir}")
         if run.interrupted:
@@ -328,6 +329,28 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
             run_dir.rmdir()  # a run that could not start leaves no empty folder behind
         if prev_sigterm is not None:
             _set_sigterm(prev_sigterm)
+
+
+class _LingerOver(Exception):
+    """SIGTERM during --linger."""
+
+
+def _end_linger(signum: int, frame: object) -> None:
+    raise _LingerOver
+
+
+def _linger(seconds: float) -> bool:
+    """Keep the metrics endpoint up for ``seconds`` after a finished run; Ctrl-C or SIGTERM (Kubernetes
+    ending the pod) ends the wait and the command exits 0: the results are written and complete.
+    Whether it ended early."""
+    old = _set_sigterm(_end_linger)
+    try:
+        time.sleep(seconds)
+        return False
+    except (_LingerOver, KeyboardInterrupt):
+        return True
+    finally:
+        _set_sigterm(old if old is not None else signal.SIG_IGN)
 
 
 def _raise_terminated(signum: int, frame: object) -> None:

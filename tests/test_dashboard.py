@@ -216,9 +216,8 @@ def test_every_panel_returns_data_for_a_live_run_and_totals_agree_with_results(m
             assert codes == {"200": 5.0, "404": 1.0}
         finally:
             if stream.poll() is None:
-                # It lingers, its results written.  Ctrl-C, since SIGTERM does not end --linger's wait
-                # (coordinator.py's handler is not in place then).
-                stream.send_signal(signal.SIGINT)
+                # It lingers, its results written: SIGTERM ends the wait (exit 0).
+                stream.send_signal(signal.SIGTERM)
                 try:
                     stream.wait(timeout=30)
                 except subprocess.TimeoutExpired:

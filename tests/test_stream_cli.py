@@ -233,3 +233,35 @@ def test_ctrl_c_or_sigterm_writes_partial_results_accounts_for_every_image_and_e
     assert 0 < s["images_sent"] < 100_010 and s["not_sent"] == 100_010 - s["images_sent"]
     assert f"{said}: {s['images_sent']} images sent" in last
     assert "cached" in stdout
+
+
+def test_sigterm_during_linger_ends_it_and_exits_0_with_the_results_complete(model_dir, image_dir, tmp_path):
+    """A finished run that keeps its metrics up (--linger) is ended by SIGTERM, as Kubernetes ends a pod:
+    exit 0 at once, the results complete (the handler was once left ignoring SIGTERM, so the pod
+    waited out the whole linger and was killed)."""
+    from tests.test_metrics import _free_port
+
+    cmd = _cmd(model_dir, image_dir, tmp_path / "results", "--linger", "300")
+    cmd[cmd.index("--mode") + 1] = "cached"
+    cmd[cmd.index("--metrics-port") + 1] = str(_free_port())
+    cmd[cmd.index("--models") + 1] = "null"
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        seen = []
+        for line in proc.stderr:  # blocks until the run is over and lingers
+            seen.append(line)
+            if line.startswith("metrics stay up for"):
+                break
+        else:
+            pytest.fail("no linger line: " + "".join(seen)[-2000:])
+        proc.send_signal(signal.SIGTERM)
+        _stdout, rest = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = "".join(seen) + rest
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr and "linger ended early" in stderr
+    results = json.loads((_run_dir(tmp_path / "results") / "results.json").read_text())
+    assert results["complete"] is True
