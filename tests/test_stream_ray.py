@@ -456,10 +456,11 @@ def test_the_same_stream_runs_against_the_fake_the_ray_and_the_http_targets(pool
 
 @pytest.mark.slow
 def test_a_hung_worker_is_timed_out_replaced_and_its_images_retried(ray_session, model_dir, images):
-    """Real workers; the model ``null:30`` holds a worker for 30 s, far past the 2 s call time-out: the
+    """Real workers; the model ``null:8`` holds a worker for 8 s, 4x the 2 s call time-out (its warm-up in each
+    set_mode costs those 8 s too, at the start and in every replacement, hence no longer): the
     driver takes the worker as hung, Ray kills and restarts it, and the image is retried once, hangs a
     worker again and then fails as timeout.  Every other image is answered; every image is accounted."""
-    models = ("null:0.002", "null:30")
+    models = ("null:0.002", "null:8")
     specs = [WorkerSpec(name=f"hang{i}", device="cpu", backend="mxnet", model_dir=str(model_dir), models=models,
                         images=images, lanes=1, image_pool=8) for i in range(2)]
     target = cluster.start_workers(specs, gpu=False, cpus_each=0.5, threads_each=1)
