@@ -38,6 +38,15 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def parse_or_exit_code(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace | int:
+    """Parse ``argv`` (``sys.argv[1:]`` when None); ``--help`` or a bad flag (one line already printed)
+    gives the exit code to return instead of raising SystemExit (0 for --help, 2 for a bad flag)."""
+    try:
+        return parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+
+
 def run_main(body: Callable[[], int], prog: str) -> int:
     """Run a command body; turn a CortexbenchError or Ctrl-C into one line and an exit code."""
     try:

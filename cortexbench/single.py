@@ -27,7 +27,15 @@ from typing import Any
 import numpy as np
 
 from cortexbench import machine
-from cortexbench.cli import COMMON_KEYS, ArgumentParser, add_common_flags, flags_of, overrides_from, run_main
+from cortexbench.cli import (
+    COMMON_KEYS,
+    ArgumentParser,
+    add_common_flags,
+    flags_of,
+    overrides_from,
+    parse_or_exit_code,
+    run_main,
+)
 from cortexbench.config import Config, load_config
 from cortexbench.errors import BackendUnavailableError, DatasetError, DeviceError, Interrupted
 from cortexbench.models.backends import get_backend, resolve_backend
@@ -292,10 +300,9 @@ def _body(argv: Sequence[str], args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help, or a bad flag (one line, exit 2)
-        return int(e.code or 0) if not isinstance(e.code, str) else 2
+    args = parse_or_exit_code(build_parser(), argv)
+    if isinstance(args, int):  # --help, or a bad flag (one line, exit 2)
+        return args
     return run_main(lambda: _body(argv, args), PROG)
 
 

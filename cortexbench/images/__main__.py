@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cortexbench.cli import ArgumentParser, run_main
+from cortexbench.cli import ArgumentParser, parse_or_exit_code, run_main
 
 PROG = "python -m cortexbench.images"
 # fetch's own directory, apart from the synthetic set that single and stream make in data/images: a fetched
@@ -92,10 +92,9 @@ def _info(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; returns the exit code (2 for bad input, 130 after Ctrl-C)."""
-    try:
-        args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    except SystemExit as e:  # --help, or a bad flag (already reported in one line)
-        return 0 if e.code is None else e.code if isinstance(e.code, int) else 2
+    args = parse_or_exit_code(build_parser(), argv)
+    if isinstance(args, int):  # --help, or a bad flag (already reported in one line)
+        return args
     body = {"synth": _synth, "fetch": _fetch, "info": _info}[args.command]
     return run_main(lambda: body(args), f"{PROG} {args.command}")
 

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cortexbench.cli import ArgumentParser, run_main
+from cortexbench.cli import ArgumentParser, parse_or_exit_code, run_main
 from cortexbench.config import Config, load_config
 from cortexbench.errors import BackendUnavailableError, CortexbenchError
 from cortexbench.machine import gpu_count
@@ -135,11 +135,9 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
-    except SystemExit as e:  # --help, or a bad flag (one line already printed)
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    args = parse_or_exit_code(build_parser(), argv)
+    if isinstance(args, int):  # --help, or a bad flag (one line already printed)
+        return args
     body = _list if args.command == "list" else _export
     return run_main(lambda: body(args), PROG)
 

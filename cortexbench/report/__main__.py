@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cortexbench.cli import ArgumentParser, run_main
+from cortexbench.cli import ArgumentParser, parse_or_exit_code, run_main
 from cortexbench.errors import UsageError
 from cortexbench.report import compare, render
 from cortexbench.report.html import convert, to_html
@@ -89,11 +89,9 @@ def _body(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help, or a bad flag (one line, exit 2)
-        return int(e.code or 0) if not isinstance(e.code, str) else 2
+    args = parse_or_exit_code(build_parser(), argv)
+    if isinstance(args, int):  # --help, or a bad flag (one line, exit 2)
+        return args
     return run_main(lambda: _body(args), PROG)
 
 
