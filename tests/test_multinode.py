@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from tests.procs import read_until
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 PROGRESS = re.compile(r"^stream cached \[.*img/s")
 
@@ -46,13 +48,7 @@ def test_a_node_lost_mid_stream_has_its_images_retried_and_its_worker_comes_back
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen: list[str] = []
     try:
-        assert proc.stderr is not None
-        for line in proc.stderr:  # blocks until the stream is under way
-            seen.append(line)
-            if PROGRESS.match(line):
-                break
-        else:
-            pytest.fail("no progress line: " + "".join(seen)[-2000:])
+        seen = read_until(proc, PROGRESS, "progress")  # the stream is under way
         cluster.remove_node(second)  # the whole node: its raylet and the worker on it
         cluster.add_node(num_cpus=1)  # a new one: Ray restarts the lost worker there, and it rejoins
         _, rest = proc.communicate(timeout=240)
@@ -132,13 +128,7 @@ def test_a_driver_shard_lost_with_its_node_has_its_images_accounted_and_the_run_
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen: list[str] = []
     try:
-        assert proc.stderr is not None
-        for line in proc.stderr:  # blocks until the stream is under way
-            seen.append(line)
-            if PROGRESS.match(line):
-                break
-        else:
-            pytest.fail("no progress line: " + "".join(seen)[-2000:])
+        seen = read_until(proc, PROGRESS, "progress")  # the stream is under way
         cluster.remove_node(nodes[1])  # a shard's node: the shard and its two workers die together
         _, rest = proc.communicate(timeout=240)
     finally:

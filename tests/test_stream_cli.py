@@ -22,12 +22,15 @@ import pytest
 
 from cortexbench.models.backends import get_backend
 from cortexbench.models.registry import get_spec
+from tests.procs import read_until
+from tests.test_metrics import _free_port
 
 pytestmark = pytest.mark.ray
 
 MODES = ("cached", "cold", "lru:1")
 PROG = "python -m cortexbench.stream"
 PROGRESS = re.compile(r"^stream (\S+) \[")
+LINGER = re.compile(r"^metrics stay up for")
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -204,14 +207,7 @@ def test_ctrl_c_or_sigterm_writes_partial_results_accounts_for_every_image_and_e
     cmd[cmd.index("--models") + 1] = "null:0.005"
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert proc.stderr is not None
-        seen = []
-        for line in proc.stderr:  # blocks until the run is under way: its first progress line
-            seen.append(line)
-            if PROGRESS.match(line):
-                break
-        else:
-            pytest.fail("no progress line: " + "".join(seen)[-2000:])
+        seen = read_until(proc, PROGRESS, "progress")  # the run is under way
         proc.send_signal(sig)
         stdout, rest = proc.communicate(timeout=120)
     finally:
@@ -239,22 +235,13 @@ def test_sigterm_during_linger_ends_it_and_exits_0_with_the_results_complete(mod
     """A finished run that keeps its metrics up (--linger) is ended by SIGTERM, as Kubernetes ends a pod:
     exit 0 at once, the results complete (the handler was once left ignoring SIGTERM, so the pod
     waited out the whole linger and was killed)."""
-    from tests.test_metrics import _free_port
-
     cmd = _cmd(model_dir, image_dir, tmp_path / "results", "--linger", "300")
     cmd[cmd.index("--mode") + 1] = "cached"
     cmd[cmd.index("--metrics-port") + 1] = str(_free_port())
     cmd[cmd.index("--models") + 1] = "null"
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert proc.stderr is not None
-        seen = []
-        for line in proc.stderr:  # blocks until the run is over and lingers
-            seen.append(line)
-            if line.startswith("metrics stay up for"):
-                break
-        else:
-            pytest.fail("no linger line: " + "".join(seen)[-2000:])
+        seen = read_until(proc, LINGER, "linger")  # the run is over and lingers
         proc.send_signal(signal.SIGTERM)
         _stdout, rest = proc.communicate(timeout=30)
     finally:
