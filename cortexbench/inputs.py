@@ -6,7 +6,9 @@
 - read (cold always; every mode with ``stream.inputs: jpeg``): the image's file is read and decoded for
   that image, on the CPU (OpenCV) or, with ``decode: gpu``, by the backend's GPU decoder (a device
   tensor); the bytes read are counted whether the file decodes or not.  In the modes that load models on
-  demand the read runs on an input thread while the model loads (``overlap``).
+  demand the read runs on an input thread while the model loads (``overlap``).  A decoder that decodes
+  many images in one call (the GPU decoder's ``many``, nvJPEG's batched decode) gets a launched group's
+  images at once (``read_many``).
 
 Plain Python: the GPU decoder comes from the backend (``gpu_decoder``), the files from the worker's spec.
 """
@@ -105,6 +107,40 @@ class WorkerInputs:
         else:
             x = preprocess(decode(data, path), spec)[None]
         return x, t1, self.clock()
+
+    @property
+    def batched(self) -> bool:
+        """Inputs read per image by a decoder that takes many at once: a launched group's inputs are made
+        together by ``read_many``."""
+        return not self.in_memory and callable(getattr(self._decoder, "many", None))
+
+    def read_many(self, requests: Sequence[tuple[int, ModelSpec]]) -> list[tuple[Any, float, float, float]]:
+        """``read`` for a group's images at once: every file read, then one call of the decoder's ``many``.
+        Per image: (its input, or the ImageDecodeError of its file; when the reads began; when they ended;
+        when the decode ended): each image waited for the whole group's reads and decode."""
+        from cortexbench.images.dataset import read_bytes
+
+        decoder = self._decoder
+        assert decoder is not None
+        t0 = self.clock()
+        got: list[Any] = []
+        for image_idx, _ in requests:
+            path = Path(self.images[image_idx % len(self.images)])
+            if self.drop_cache:
+                drop_page_cache(path)
+            try:
+                got.append((read_bytes(path), path))
+            except ImageDecodeError as e:
+                got.append(e)
+        t1 = self.clock()
+        with self._lock:  # read, whether it decodes or not
+            self.bytes_read += sum(len(g[0]) for g in got if isinstance(g, tuple))
+        todo = [i for i, g in enumerate(got) if isinstance(g, tuple)]
+        xs = decoder.many([(*got[i], requests[i][1]) for i in todo]) if todo else []  # type: ignore[attr-defined]
+        for i, x in zip(todo, xs, strict=True):
+            got[i] = x
+        t2 = self.clock()
+        return [(x, t0, t1, t2) for x in got]
 
     def submit(self, image_idx: int, spec: ModelSpec) -> Future[tuple[Any, float, float]]:
         """``read`` on an input thread (``overlap``)."""

@@ -33,8 +33,9 @@ from cortexbench.protocol import (
 )
 
 ProcessFn = Callable[[int, int, float, int, list], "str | None"]
-BeginFn = Callable[[int, int, float, list], Any]
+BeginFn = Callable[[int, int, float, list, Any], Any]
 EndFn = Callable[[Any, list], "str | None"]
+PrepareFn = Callable[[list[list[int]]], list[Any]]
 
 
 class Lanes:
@@ -51,6 +52,9 @@ class Lanes:
         # (begin, end): the launched path.  A group runs on one thread: ``begin`` queues each image without
         # waiting (the worker spreads them over the lanes' streams), then ``end`` collects each answer.
         self.pipeline: tuple[BeginFn, EndFn] | None = None
+        # On the launched path, optionally: ``prepare(items)`` makes every image's input of a group at once
+        # (a batched GPU decode) before ``begin`` queues them; ``begin`` gets the image's entry.
+        self.prepare: PrepareFn | None = None
         self.inflight = 0
         self._lock = threading.Lock()
         self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -233,7 +237,8 @@ class _Job:
         pipeline = self.owner.pipeline
         if pipeline is not None:
             begin, end = pipeline
-            begun = [(i, begin(items[i][1], items[i][2], self.arrived, out[i])) for i in range(n)]
+            prepared = self.owner.prepare(items) if self.owner.prepare is not None else [None] * n
+            begun = [(i, begin(items[i][1], items[i][2], self.arrived, out[i], prepared[i])) for i in range(n)]
             for i, b in begun:
                 msg = end(b, out[i])
                 if msg is not None:

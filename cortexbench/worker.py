@@ -158,7 +158,7 @@ class ModelWorker:
         self.mode = parse_mode(mode)
         kind = self.mode.kind
         self.lanes.caller_runs = kind == "cached"
-        self.lanes.pipeline = None
+        self.lanes.pipeline = self.lanes.prepare = None
         # Loads are I/O threads handing chunks on: with Python's default 5 ms GIL switch interval a reader
         # back from the kernel waits behind the lanes' inference (measured on an H200: cold at 16 in flight
         # 32 images/s at 5 ms, 48 at 0.5 ms).  A process-wide setting: this worker process is ours.
@@ -184,6 +184,7 @@ class ModelWorker:
         launched = kind == "cached" and LAUNCH and bool(resident) and all(
             getattr(m, "launches", False) for m in resident)
         self.lanes.pipeline = (self.begin, self.end) if launched else None
+        self.lanes.prepare = self.prepare if launched and self.inputs.batched else None
         self.models.reset_counts()
         self.inputs.reset()
         self._memory_at = -math.inf  # read the memory in use afresh with the next group
@@ -291,16 +292,32 @@ class ModelWorker:
 
     # --- the launched path (cached on a GPU): a group's images queued back to back, then collected ----
 
-    def begin(self, model_idx: int, image_idx: int, arrived: float, out: list[float]) -> Any:
-        """Queue one image (``Lanes.pipeline``): its input, its model, then ``launch`` on the next lane's
-        stream in turn.  Returns what ``end`` takes (an error message once the image has failed)."""
-        t0 = self.clock()
+    def prepare(self, items: list[list[int]]) -> list[Any]:
+        """A launched group's inputs made at once (``Lanes.prepare``, ``WorkerInputs.read_many``); a failure
+        of the whole batch fails each of its images, as its own would."""
+        try:
+            return self.inputs.read_many([(image_idx, self.specs[m]) for _, m, image_idx in items])
+        except Exception as e:
+            now = self.clock()
+            return [(e, now, now, now)] * len(items)
+
+    def begin(self, model_idx: int, image_idx: int, arrived: float, out: list[float], prepared: Any = None) -> Any:
+        """Queue one image (``Lanes.pipeline``): its input (``prepared`` by ``prepare`` when given), its
+        model, then ``launch`` on the next lane's stream in turn.  Returns what ``end`` takes (an error
+        message once the image has failed)."""
+        t0 = self.clock() if prepared is None else prepared[1]
         out[STAGE0 + QUEUE] = t0 - arrived
         spec = self.specs[model_idx]
         try:
             out[STAGE0 + INPUT] = out[STAGE0 + DECODE] = 0.0
             inputs = self.inputs
-            if inputs.in_memory:
+            if prepared is not None:
+                x, _, t1, start = prepared
+                out[INPUT_IDX] = inputs.file_index(image_idx)
+                out[STAGE0 + INPUT], out[STAGE0 + DECODE] = t1 - t0, start - t1
+                if isinstance(x, Exception):
+                    raise x
+            elif inputs.in_memory:
                 x, out[INPUT_IDX] = inputs.pooled(spec, image_idx)
                 start = t0
             else:

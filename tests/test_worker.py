@@ -413,3 +413,59 @@ def test_lru_with_several_lanes_keeps_at_most_k_models_loaded(model_dir, images)
     finally:
         w.close()
     assert not backend.live
+
+
+class BatchDecoder:
+    """A fake of the GPU decoder's batched path (``torch_decode.GpuDecoder.many``: nvJPEG needs a GPU;
+    ``pytest -m gpu`` and bench/gpu.py run the real one): each image decoded by the CPU path, so answers
+    equal ``--decode cpu``'s, a bad file's ImageDecodeError in its place; every call logged."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def __call__(self, data: bytes, path: Path, spec: Any) -> np.ndarray:
+        from cortexbench.images.dataset import decode, preprocess
+
+        return preprocess(decode(data, path), spec)[None]
+
+    def many(self, items: list[tuple[bytes, Path, Any]]) -> list[Any]:
+        from cortexbench.errors import ImageDecodeError
+
+        self.calls.append(len(items))
+        out: list[Any] = []
+        for data, path, spec in items:
+            try:
+                out.append(self(data, path, spec))
+            except ImageDecodeError as e:
+                out.append(e)
+        return out
+
+
+def test_a_launched_group_of_jpeg_inputs_is_decoded_in_one_batch_with_the_same_answers(model_dir, images, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 not a jpeg")
+    files = [*images[:3], bad, tmp_path / "gone.jpg"]
+    backend = LaunchingBackend(get_backend("mxnet"))
+    w = _worker(model_dir, files, lanes=3, backend=backend, inputs="jpeg")
+    ref = _worker(model_dir, files, lanes=3, inputs="jpeg")
+    decoder = w.inputs._decoder = BatchDecoder()
+    try:
+        w.set_mode("cached")
+        ref.set_mode("cached")
+        assert w.lanes.prepare is not None and ref.lanes.prepare is None
+        m, i = _sequence(12, len(MODELS))[0], np.arange(12) % 5
+        decoder.calls.clear()
+        res = w.run(_group(m, i))
+        assert decoder.calls == [10]  # one call for the group; the missing file is never decoded
+        want = ref.run(_group(m, i))
+        cols = [0, 1, 2, -3, -2, -1]
+        assert np.array_equal(res.rows[:, cols], want.rows[:, cols], equal_nan=True)
+        assert res.errors == want.errors and len(res.errors) == 4
+        assert res.rows[:, 1].tolist() == [INPUT_ERROR if k >= 3 else OK for k in i]
+        decode_s = res.rows[:, 3 + WORKER_STAGES.index("decode")]
+        assert (decode_s == decode_s[0]).all() and decode_s[0] > 0  # each image waited for the group's decode
+        sizes = [Path(f).stat().st_size for f in files[:4]] + [0]
+        assert w.state().image_bytes_read == ref.state().image_bytes_read == sum(sizes[k] for k in i)
+    finally:
+        w.close()
+        ref.close()

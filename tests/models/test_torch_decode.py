@@ -79,3 +79,22 @@ def test_nvjpeg_decoding_matches_the_cpu_path_and_refuses_a_truncated_file(image
         dec(read_bytes(images[0])[:300], images[0], spec)
     with pytest.raises(ImageDecodeError):
         dec(b"\xff\xd8\xff\xe0 not really a jpeg \xff\xd9", "fake.jpg", spec)
+
+
+@gpu
+@pytest.mark.gpu
+def test_a_batched_nvjpeg_decode_equals_one_by_one_and_fails_only_the_bad_file(images):
+    dec = BACKEND.gpu_decoder("gpu:0")
+    specs = [get_spec(m) for m in ("squeezenet", "inception_v3", "caffenet", "mnist_cnn")]
+    items = [(read_bytes(p), p, specs[k % len(specs)]) for k, p in enumerate(images)]
+    want = [dec(*item).cpu().numpy() for item in items]
+    got = dec.many(items)
+    for g, w in zip(got, want, strict=True):
+        assert g.is_cuda and np.array_equal(g.cpu().numpy(), w)
+    spoilt = [*items[:2], (b"\xff\xd8\xff\xe0 not really a jpeg \xff\xd9", "fake.jpg", specs[0]),
+              (items[0][0][:300], items[0][1], specs[0]), *items[2:4]]
+    got = dec.many(spoilt)
+    assert [type(g).__name__ for g in got] == ["Tensor", "Tensor", "ImageDecodeError", "ImageDecodeError",
+                                              "Tensor", "Tensor"]
+    for g, w in zip([got[0], got[1], got[4], got[5]], want[:4], strict=True):
+        assert np.array_equal(g.cpu().numpy(), w)

@@ -8,6 +8,9 @@ scale and shift.  It runs on a CUDA stream of the calling thread and waits for i
 after is the decode's.  The result is a float32 device tensor of shape (1, *input_shape) that
 ``TorchModel.predict`` takes as it is (a device-to-device copy into its input).
 
+``many`` decodes a group's JPEGs in one batched nvJPEG call (``decode_jpeg`` of a list) and waits once;
+a file that nvJPEG refuses makes it decode that batch one by one, so only that image fails.
+
 Not JPEG (a PNG), or a model whose input is not 'rgb': decoded on the CPU as ``--decode cpu`` would, then
 copied to the device, so every file the CPU path takes is taken here too.  nvJPEG and libjpeg round
 differently (a pixel may differ by one or two levels), so answers may differ from ``--decode cpu`` in
@@ -17,6 +20,7 @@ near-ties.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,19 +57,54 @@ class GpuDecoder:
     def __call__(self, data: bytes, path: Path | str, spec: ModelSpec) -> torch.Tensor:
         jpeg = check_encoded(data, path)
         if not jpeg or spec.input_kind != "rgb":
-            x = preprocess(decode(data, path), spec)[None]
-            return torch.from_numpy(x).to(self._cuda)
+            return self._on_cpu(data, path, spec)
         stream = self._stream()
         with torch.cuda.device(self._cuda), torch.cuda.stream(stream):
-            try:
-                img = self._decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=self._rgb,
-                                        device=self._cuda)
-            except RuntimeError as e:
-                msg = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-                raise ImageDecodeError(f"{path}: nvJPEG cannot decode it ({msg})") from None
-            x = preprocess_tensor(img, spec, self._consts)
+            x = preprocess_tensor(self._one(data, path), spec, self._consts)
         stream.synchronize()
         return x
+
+    def many(self, items: Sequence[tuple[bytes, Path | str, ModelSpec]]) -> list[torch.Tensor | ImageDecodeError]:
+        """Each item's input as ``__call__`` makes it, or the ImageDecodeError of its file, in order."""
+        out: list[Any] = [None] * len(items)
+        jpegs: list[int] = []
+        for i, (data, path, spec) in enumerate(items):
+            try:
+                if check_encoded(data, path) and spec.input_kind == "rgb":
+                    jpegs.append(i)
+                else:
+                    out[i] = self._on_cpu(data, path, spec)
+            except ImageDecodeError as e:
+                out[i] = e
+        if not jpegs:
+            return out
+        stream = self._stream()
+        with torch.cuda.device(self._cuda), torch.cuda.stream(stream):
+            bufs = [torch.frombuffer(bytearray(items[i][0]), dtype=torch.uint8) for i in jpegs]
+            try:
+                imgs: list[Any] = list(self._decode_jpeg(bufs, mode=self._rgb, device=self._cuda))
+            except RuntimeError:  # one file spoils the batch: find it
+                imgs = []
+                for i in jpegs:
+                    try:
+                        imgs.append(self._one(items[i][0], items[i][1]))
+                    except ImageDecodeError as e:
+                        imgs.append(e)
+            for i, img in zip(jpegs, imgs, strict=True):
+                out[i] = img if isinstance(img, ImageDecodeError) else preprocess_tensor(img, items[i][2], self._consts)
+        stream.synchronize()
+        return out
+
+    def _one(self, data: bytes, path: Path | str) -> torch.Tensor:
+        try:
+            return self._decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=self._rgb,
+                                     device=self._cuda)
+        except RuntimeError as e:
+            msg = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+            raise ImageDecodeError(f"{path}: nvJPEG cannot decode it ({msg})") from None
+
+    def _on_cpu(self, data: bytes, path: Path | str, spec: ModelSpec) -> torch.Tensor:
+        return torch.from_numpy(preprocess(decode(data, path), spec)[None]).to(self._cuda)
 
 
 def preprocess_tensor(img: torch.Tensor, spec: ModelSpec,
