@@ -31,7 +31,8 @@ from cortexbench.driver import Driver, drive
 from cortexbench.driver_types import DriverOptions, DriverResult, merge_results
 from cortexbench.errors import Interrupted, Terminated, WorkerError
 from cortexbench.live import LiveView
-from cortexbench.metrics import MetricsServer, MetricsState
+from cortexbench.metrics import MetricsState
+from cortexbench.metrics_http import MetricsServer
 from cortexbench.models.backends import get_backend
 from cortexbench.report import stream_report
 from cortexbench.report.stream_summary import histograms, summarize_mode

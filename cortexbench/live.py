@@ -14,7 +14,8 @@ import numpy as np
 
 from cortexbench.driver import Progress as DriverProgress
 from cortexbench.ledger import OUTCOMES, WORKER_STAGES, Ledger
-from cortexbench.metrics import MEASURED, SETUP, WARMUP, MetricsServer, MetricsState
+from cortexbench.metrics import MEASURED, SETUP, WARMUP, MetricsState
+from cortexbench.metrics_http import MetricsServer
 from cortexbench.progress import Progress
 from cortexbench.protocol import WorkerState
 from cortexbench.stats import LatencyHistogram

@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cortexbench.driver import Progress as DriverProgress
 from cortexbench.ledger import Ledger
 from cortexbench.live import LiveView
-from cortexbench.metrics import MetricsServer
+from cortexbench.metrics_http import MetricsServer
 from cortexbench.protocol import WorkerState
 
 MODELS = ("a", "b")

@@ -17,16 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cortexbench.errors import ConfigError
-from cortexbench.metrics import (
-    BUCKETS_S,
-    GATEWAY_METRIC_NAMES,
-    METRIC_NAMES,
-    STAGES,
-    BucketCounts,
-    MetricsServer,
-    MetricsState,
-    RequestCounts,
-)
+from cortexbench.metrics import BUCKETS_S, METRIC_NAMES, STAGES, BucketCounts, MetricsState
+from cortexbench.metrics_http import GATEWAY_METRIC_NAMES, MetricsServer, RequestCounts
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "cortexbench-dashboard.json"

@@ -27,7 +27,7 @@ from cortexbench.errors import CortexbenchError, WorkerError
 from cortexbench.images.dataset import list_images
 from cortexbench.ledger import WORKER_STAGES
 from cortexbench.live import LiveView
-from cortexbench.metrics import MetricsServer
+from cortexbench.metrics_http import MetricsServer
 from cortexbench.residency import parse_mode
 from cortexbench.schedule import Schedule, make_schedule
 from cortexbench.target import HandleOptions, worker_labels

@@ -31,7 +31,7 @@ from cortexbench import __version__
 from cortexbench.errors import ImageDecodeError, RequestError, WorkerError
 from cortexbench.gateway.pool import Gateway
 from cortexbench.gateway.v2 import HEADER, ModelInfo, encode_infer, parse_infer, top_k
-from cortexbench.metrics import exposition
+from cortexbench.metrics_http import exposition
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

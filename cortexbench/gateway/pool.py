@@ -40,7 +40,8 @@ from cortexbench.errors import WorkerError, WorkerLostError
 from cortexbench.gateway.shm import SharedSlots
 from cortexbench.gateway.v2 import ModelInfo
 from cortexbench.ledger import OUTCOMES, WORKER_STAGES
-from cortexbench.metrics import MetricsState, RequestCounts
+from cortexbench.metrics import MetricsState
+from cortexbench.metrics_http import RequestCounts
 from cortexbench.protocol import (
     OK,
     STAGE0,
