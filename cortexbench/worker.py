@@ -94,6 +94,8 @@ MEMORY_REFRESH_S = 0.25  # WorkerState.memory_bytes is read again at most this o
 _DEFAULT_SWITCH_S = sys.getswitchinterval()
 LOADING_SWITCH_S = float(os.environ.get("CORTEXBENCH_SWITCH_INTERVAL_S", "0.0005"))
 CACHED_SWITCH_S = float(os.environ.get("CORTEXBENCH_CACHED_SWITCH_INTERVAL_S", str(_DEFAULT_SWITCH_S)))
+# cached with every image's file read and decoded (--inputs jpeg): each read and decode gives up the GIL
+INPUTS_SWITCH_S = float(os.environ.get("CORTEXBENCH_INPUTS_SWITCH_INTERVAL_S", "0.0005"))
 # cached on a GPU: launch a group's images back to back and collect them (0: one lane thread per image,
 # each waiting for its own; bench/gpu.py's A/B)
 LAUNCH = os.environ.get("CORTEXBENCH_LAUNCH", "1") != "0"
@@ -162,7 +164,8 @@ class ModelWorker:
         # Loads are I/O threads handing chunks on: with Python's default 5 ms GIL switch interval a reader
         # back from the kernel waits behind the lanes' inference (measured on an H200: cold at 16 in flight
         # 32 images/s at 5 ms, 48 at 0.5 ms).  A process-wide setting: this worker process is ours.
-        sys.setswitchinterval(CACHED_SWITCH_S if kind == "cached" else LOADING_SWITCH_S)
+        sys.setswitchinterval(LOADING_SWITCH_S if kind != "cached" else
+                              INPUTS_SWITCH_S if self.spec.inputs == "jpeg" else CACHED_SWITCH_S)
         t_models = self.clock()
         info: dict[str, float] = {}
         self.models.reset(self.mode, self.specs if kind == "cached" else ())
