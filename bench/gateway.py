@@ -35,7 +35,9 @@ from common import cpu_seconds, free_port, null_setup, print_table, verdict, wai
 from http_driver import _ms, lua_script
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+# the project first, then whatever PYTHONPATH already names (a machine's extra site directory)
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled",
+       "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
 
 
 def start_gateway(model_dir: Path, img_dir: Path, work: Path, gateways: int) -> tuple[subprocess.Popen[bytes], str]:
