@@ -11,18 +11,12 @@ calling thread queues each image of the group on the next lane's stream (``begin
 answers (``end``), so the GPU is fed by a few threads that never wait per image.  Its inputs are
 ``inputs.WorkerInputs``, its models ``resident.ResidentModels``.
 
-Per image the worker measures (``ledger.WORKER_STAGES``):
-
-- ``queue``: from the group's arrival to a lane starting the image;
-- ``input``: reading the image file (cold mode; 0 when inputs are held in memory);
-- ``decode``: decoding and preprocessing it;
-- ``wait``: waiting for the model loader (another load in progress, or no free device slot) or for
-  another lane that is loading the same model (LRU);
-- ``read``, ``build``, ``copy``: a miss's load (``models.backends.base.LoadTimes``): the model's bytes from
-  disk (0 from host memory), its structure, and the copy to the device;
-- ``infer``: ``predict`` at batch size 1, host-to-device copy and synchronisation included (launched: from
-  the launch to the answer on the host, the wait behind images queued before it on its stream included);
-- ``free``: freeing the model after use (cold, swap) or freeing evicted models (LRU).
+Per image the worker measures the stages of ``ledger.WORKER_STAGES`` (defined there and in
+docs/metrics.md): ``queue`` from the group's arrival to the image's start; ``input`` and ``decode`` (0 with
+an in-memory pool; a launched group decoded at once: the group's); ``wait`` for the loader or another
+lane's load; a miss's ``read``, ``build`` and ``copy`` (``models.backends.base.LoadTimes``); ``infer`` at
+batch size 1 (launched: from the launch to the answer, the wait behind earlier images on its stream
+included); ``free``.
 
 It also says which input file each image ran on and the model's top-1 class and logit sum, so that the
 tiers' answers can be compared (``ledger.ANSWER_COLUMNS``).
