@@ -4,6 +4,7 @@ the figures in them; the exit status and the one-line message for bad input; par
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import math
@@ -298,3 +299,82 @@ def test_the_speed_up_section_says_which_side_is_missing(basic_run, devices, say
     section = next((s for s in got if s.title.startswith("GPU speed-up over CPU")), None)
     assert section is not None, [s.title for s in got]
     assert says in section.text
+
+
+# --- the engine axis (single --engines; the engines themselves: tests/models/test_engines.py) ---------
+
+needs_engines = pytest.mark.skipif(not (installed("torch") and installed("onnxruntime")),
+                                   reason="the engine axis needs torch (its reference) and onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def engines_run(images, tmp_path_factory):
+    """One real engine sweep: mlp2 on eager, ort and tensorrt (not installed here, or no GPU: skipped) at
+    fp32 and int8, batches 1 and 2, on the CPU."""
+    tmp = tmp_path_factory.mktemp("engines")
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.chdir(tmp)
+        out = io.StringIO()
+        mp.setattr(sys, "stdout", out)
+        rc = single.main(["--models", "mlp2", "--engines", "eager,ort,tensorrt", "--precisions", "fp32,int8",
+                          "--batch-sizes", "1,2", "--devices", "cpu", "--max-seconds", "0.1",
+                          "--img-dir", str(images), "--model-dir", str(tmp / "models"),
+                          "--result-dir", str(tmp / "results"), "--quiet"])
+    finally:
+        mp.undo()
+    run_dir = only_run_dir(tmp / "results")
+    return rc, out.getvalue(), run_dir, json.loads((run_dir / "results.json").read_text())
+
+
+@needs_engines
+def test_an_engine_sweep_measures_each_engine_and_precision_with_its_fidelity(engines_run):
+    from tests.report.runs import schema_errors
+
+    rc, out, run_dir, doc = engines_run
+    assert rc == 0
+    assert schema_errors(doc) == []
+    ran = {(p["engine"], p["precision"]) for p in doc["points"]}
+    assert ran == {("eager", "fp32"), ("ort", "fp32"), ("ort", "int8")}
+    assert sorted(p["batch_size"] for p in doc["points"] if p["engine"] == "ort") == [1, 1, 2, 2]
+    fid = {(f["engine"], f["precision"]): f for f in doc["fidelity"]}
+    assert set(fid) == ran
+    assert fid["eager", "fp32"]["logits_mad"] == 0 and fid["ort", "fp32"]["top1_agreement"] == 1.0
+    assert fid["ort", "int8"]["calibrated_on_fidelity_images"]  # 6 images: too few for a separate subset
+    assert {f["images"] for f in fid.values()} == {6}  # the whole set of 6, in batches of the largest size
+    skipped = {(s["engine"], s["precision"]): s["reason"] for s in doc["skipped"]}
+    assert set(skipped) == {("eager", "int8"), ("tensorrt", "fp32"), ("tensorrt", "int8")}
+    report = (run_dir / "report.md").read_text()
+    assert "## Engines: speed and fidelity" in report and "| mlp2 | ort | int8 | cpu |" in report
+    assert f"Skipped tensorrt fp32 on cpu, tensorrt int8 on cpu: {skipped['tensorrt', 'fp32']}" in report
+    assert "Engines: speed and fidelity" in out
+    import matplotlib.image as mpimg
+
+    assert mpimg.imread(run_dir / "speed_fidelity.png").shape[1] >= 800
+
+
+@needs_engines
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
+def test_asking_only_for_an_engine_that_is_not_installed_is_one_line_naming_the_extra(images, monkeypatch,
+                                                                                      tmp_path, capsys):
+    bad_input(["--models", "mlp2", "--engines", "tensorrt", "--devices", "cpu", "--img-dir", str(images),
+               "--model-dir", str(tmp_path / "m")], monkeypatch, tmp_path, capsys,
+              needle="engine 'tensorrt' needs the 'tensorrt' package, which is not installed: "
+                     "pip install 'cortexbench[tensorrt]'")
+
+
+@needs_engines
+def test_asking_only_for_what_no_engine_can_run_here_is_one_line_with_the_reason(images, monkeypatch, tmp_path,
+                                                                                capsys):
+    bad_input(["--models", "mlp2", "--engines", "graphs", "--devices", "cpu", "--img-dir", str(images),
+               "--model-dir", str(tmp_path / "m")], monkeypatch, tmp_path, capsys,
+              needle="no engine x precision x device of this sweep can run here: graphs: CUDA graphs need a GPU")
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--precisions", "int8"], "'single.precisions' takes effect with 'single.engines'"),
+    (["--engines", "eager", "--backend", "torch"], "--backend and --engines do not mix"),
+    (["--engines", "eagre"], "did you mean 'eager'"),
+])
+def test_engine_flags_that_do_not_fit_are_one_line_and_exit_2(argv, says, monkeypatch, tmp_path, capsys):
+    bad_input(["--models", "mlp2", "--devices", "cpu", *argv], monkeypatch, tmp_path, capsys, needle=says)
