@@ -378,3 +378,13 @@ def test_asking_only_for_what_no_engine_can_run_here_is_one_line_with_the_reason
 ])
 def test_engine_flags_that_do_not_fit_are_one_line_and_exit_2(argv, says, monkeypatch, tmp_path, capsys):
     bad_input(["--models", "mlp2", "--devices", "cpu", *argv], monkeypatch, tmp_path, capsys, needle=says)
+
+
+@needs_engines
+def test_compare_keeps_each_engine_and_precision_apart(engines_run):
+    from cortexbench.report.compare import figures
+
+    doc = engines_run[3]
+    keys = figures(doc)
+    assert len(keys) == len(doc["points"]) == 6
+    assert "mlp2 cpu ort int8 b2" in keys
