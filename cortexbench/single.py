@@ -165,6 +165,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if engines and cfg.from_flag("backend"):
         raise ConfigError("--backend and --engines do not mix: an engine names its framework "
                           "(eager, graphs, compile: torch; ort*, openvino, tensorrt: the ONNX file)")
+    if engines and (cfg.single.profile_ops or cfg.single.train):
+        raise ConfigError("--profile-ops and --train measure the backend sweep, not --engines; run them without it")
     # with engines, devices are torch's: the fidelity reference is torch's fp32 eager
     backend, devices, notes = resolve_devices(cfg.single.devices, "torch" if engines else cfg.backend)
     return Plan(cfg, backend, models, devices, tuple(dict.fromkeys(cfg.batchsize)),

@@ -375,6 +375,7 @@ def test_asking_only_for_what_no_engine_can_run_here_is_one_line_with_the_reason
     (["--precisions", "int8"], "'single.precisions' takes effect with 'single.engines'"),
     (["--engines", "eager", "--backend", "torch"], "--backend and --engines do not mix"),
     (["--engines", "eagre"], "did you mean 'eager'"),
+    (["--engines", "ort", "--train"], "--profile-ops and --train measure the backend sweep, not --engines"),
 ])
 def test_engine_flags_that_do_not_fit_are_one_line_and_exit_2(argv, says, monkeypatch, tmp_path, capsys):
     bad_input(["--models", "mlp2", "--devices", "cpu", *argv], monkeypatch, tmp_path, capsys, needle=says)
