@@ -9,6 +9,9 @@ Everything lands in ``result_dir/<run-id>/``: results.json (every figure, the ma
 results.csv (one row per point), report.md, and the plots of ``cortexbench.report.single_plots``.
 The summary table and the run directory are printed to stdout; progress goes to stderr.
 
+``--engines eager,compile,ort,openvino`` (``--precisions fp32,bf16,int8``) replaces the one backend with an
+engine x precision axis, and compares every combination with fp32 eager torch on the CPU (``single_engines``).
+
 With no argument on a CPU-only machine the ``cpu_fallback`` of config.json makes it a one-minute run:
 missing model files are exported with random weights and a small synthetic image set is made.
 """

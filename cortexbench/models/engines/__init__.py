@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 
 from cortexbench.config import EngineName, EnginePrecision
-from cortexbench.errors import BackendUnavailableError, CortexbenchError
+from cortexbench.errors import BackendUnavailableError, CortexbenchError, DeviceError
 from cortexbench.models.backends.base import LoadedModel
 from cortexbench.models.registry import ModelSpec
 
@@ -101,7 +101,10 @@ def load_engine(engine: str, precision: str, spec: ModelSpec, model_dir: Path, d
     if why:
         raise BackendUnavailableError(why)
     module = importlib.import_module(family(engine).module)
-    model: LoadedModel = module.load(engine, precision, spec, Path(model_dir), device, calibration)
+    try:
+        model: LoadedModel = module.load(engine, precision, spec, Path(model_dir), device, calibration)
+    except DeviceError as e:  # this engine's runtime cannot use the device (say onnxruntime without CUDA)
+        raise EngineSkip(f"{engine} {precision} on {device}: {e}") from None
     try:
         model.predict(sample)
     except CortexbenchError:
