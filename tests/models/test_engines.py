@@ -135,3 +135,13 @@ def test_the_onnx_and_torch_files_hold_the_same_weights(setup):
     finally:
         model.close()
 
+
+
+def test_a_runtime_that_cannot_use_the_device_is_a_skip(setup):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    spec, model_dir, fid, calib, _ = setup
+    with pytest.raises(eng.EngineSkip, match="has no CUDA provider"):
+        eng.load_engine("ort", "fp32", spec, model_dir, "gpu:0", calib, fid[:CHUNK])

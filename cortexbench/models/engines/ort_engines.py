@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from cortexbench.errors import DeviceError
 from cortexbench.models.backends.base import LoadedModel, require_files
 from cortexbench.models.backends.onnx_impl import BACKEND, OnnxModel
 from cortexbench.models.engines import EngineSkip
@@ -90,10 +89,7 @@ def load(engine: str, precision: str, spec: ModelSpec, model_dir: Path, device: 
     if precision in ("fp16", "bf16"):
         raise EngineSkip(f"{engine} {precision}: not offered (ONNX Runtime's CPU kernels are fp32 and int8); "
                          f"torch runs {precision}")
-    try:
-        BACKEND._providers(device)  # a GPU without the CUDA provider, before the quantisation
-    except DeviceError as e:
-        raise EngineSkip(f"{engine}: {e}") from None
+    BACKEND._providers(device)  # a GPU without the CUDA provider (DeviceError: a skip), before the quantisation
     if precision == "int8":
         path = quantized(spec, model_dir, calibration)
     else:
