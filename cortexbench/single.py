@@ -54,7 +54,7 @@ PROG = "python -m cortexbench.single"
 TRAIN_STEPS = 10
 SINGLE_KEYS = {**COMMON_KEYS, "batch_sizes": "batchsize", "devices": "single.devices",
                "max_seconds": "single.max_seconds", "profile_ops": "single.profile_ops", "train": "single.train",
-               "engines": "single.engines", "precisions": "single.precisions"}
+               "engines": "single.engines", "precisions": "single.precisions", "labels": "single.labels"}
 SCALE_UP = "--models imagenet --batch-sizes 1,2,4,8,16,32,64 --devices cpu,gpu:0"
 
 
@@ -74,6 +74,8 @@ def build_parser() -> ArgumentParser:
                         "each point also gets its fidelity to fp32 eager on the CPU [single.engines]")
     p.add_argument("--precisions", metavar="fp32,bf16,int8",
                    help="with --engines: fp32, fp16, bf16, int8 where an engine runs them [single.precisions]")
+    p.add_argument("--labels", metavar="FILE",
+                   help="with --engines: CSV of image file name, class index; adds top-1 accuracy [single.labels]")
     return p
 
 
@@ -186,6 +188,7 @@ class Inputs:
         self.paths, self.need, self.sweep = paths, need, sweep
         self.batch_images = need if batch_images is None else batch_images
         self._cache: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
+        self.names: dict[tuple[str, tuple[int, ...]], list[str]] = {}  # the file name of each cached image
 
     def for_model(self, spec: ModelSpec) -> np.ndarray:
         from cortexbench.images.dataset import load_batch
@@ -193,18 +196,21 @@ class Inputs:
         key = (spec.input_kind, spec.input_shape)
         if key not in self._cache:
             good: list[np.ndarray] = []
+            names: list[str] = []
             count, start = 0, 0
             while count < self.need and start < len(self.paths):
                 chunk = self.paths[start:start + self.need - count]
                 start += len(chunk)
                 arr, bad = load_batch(chunk, spec)
                 good.append(arr)
+                names += [p.name for p in chunk if p not in bad]
                 count += len(arr)
                 self.sweep.bad_images += [str(b) for b in bad if str(b) not in self.sweep.bad_images]
             if count == 0:
                 raise DatasetError(f"none of the {len(self.paths)} images in {self.sweep.plan.cfg.img_dir} "
                                    f"decodes; replace them or point --img-dir at another set")
             self._cache[key] = np.concatenate(good)
+            self.names[key] = names
             self.sweep.images_used = max(self.sweep.images_used, min(count, self.batch_images))
         return self._cache[key]
 

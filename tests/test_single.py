@@ -375,6 +375,7 @@ def test_asking_only_for_what_no_engine_can_run_here_is_one_line_with_the_reason
     (["--precisions", "int8"], "'single.precisions' takes effect with 'single.engines'"),
     (["--engines", "eager", "--backend", "torch"], "--backend and --engines do not mix"),
     (["--engines", "eagre"], "did you mean 'eager'"),
+    (["--labels", "labels.csv"], "'single.labels' takes effect with 'single.engines'"),
     (["--engines", "ort", "--train"], "--profile-ops and --train measure the backend sweep, not --engines"),
 ])
 def test_engine_flags_that_do_not_fit_are_one_line_and_exit_2(argv, says, monkeypatch, tmp_path, capsys):
@@ -389,3 +390,42 @@ def test_compare_keeps_each_engine_and_precision_apart(engines_run):
     keys = figures(doc)
     assert len(keys) == len(doc["points"]) == 6
     assert "mlp2 cpu ort int8 b2" in keys
+
+
+@needs_engines
+def test_labels_add_top1_accuracy_on_the_labelled_images(images, monkeypatch, tmp_path, capsys):
+    """Labels made from the fp32 eager reference: 4 right, 1 wrong, 1 image unlabelled -> 80% for every fp32
+    engine and the reference."""
+    from cortexbench.images.dataset import load_batch
+    from cortexbench.models.export import ensure_models
+
+    models = tmp_path / "m"
+    ensure_models(["mlp2"], "torch", models, seed=0, progress=False)
+    spec = get_spec("mlp2")
+    paths = list_images(images)
+    x, bad = load_batch(paths, spec)
+    assert not bad and len(paths) == 6
+    ref = get_backend("torch").load(spec, models, "cpu")
+    top = np.argmax(ref.predict(x), 1)
+    ref.close()
+    rows = ["image,label"] + [f"{p.name},{int(t)}" for p, t in zip(paths[:4], top[:4], strict=True)]
+    rows.append(f"{paths[4].name},{(int(top[4]) + 1) % spec.num_classes}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    rc = run_single(["--models", "mlp2", "--engines", "eager,ort", "--batch-sizes", "2", "--devices", "cpu",
+                     "--max-seconds", "0.05", "--labels", str(tmp_path / "labels.csv"), "--img-dir", str(images),
+                     "--model-dir", str(models), "--result-dir", str(tmp_path / "r")], monkeypatch, tmp_path)
+    assert rc == 0, capsys.readouterr().err
+    run_dir = only_run_dir(tmp_path / "r")
+    doc = json.loads((run_dir / "results.json").read_text())
+    for f in doc["fidelity"]:
+        assert (f["top1_accuracy"], f["reference_top1_accuracy"], f["labelled_images"]) == (0.8, 0.8, 5), f
+    assert "top-1 accuracy" in (run_dir / "report.md").read_text()
+
+
+@needs_engines
+def test_labels_that_name_none_of_the_images_are_one_line(images, monkeypatch, tmp_path, capsys):
+    (tmp_path / "labels.csv").write_text("elsewhere.jpg,3\n")
+    bad_input(["--models", "mlp2", "--engines", "eager", "--devices", "cpu", "--labels", str(tmp_path / "labels.csv"),
+               "--batch-sizes", "16",
+               "--img-dir", str(images), "--model-dir", str(tmp_path / "m")], monkeypatch, tmp_path, capsys,
+              needle="labels none of the 16 images the engines are compared on")

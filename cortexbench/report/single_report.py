@@ -153,6 +153,7 @@ def engines_section(body: Mapping[str, Any]) -> Section | None:
     if not body.get("engines"):
         return None
     rows = []
+    labelled = any("top1_accuracy" in f for f in fidelity or [])
     for f in fidelity or []:
         mine = [p for p in body.get("points", []) if (p["model"], p["device"], p.get("engine"), p["precision"])
                 == (f["model"], f["device"], f["engine"], f["precision"])]
@@ -160,7 +161,8 @@ def engines_section(body: Mapping[str, Any]) -> Section | None:
         rows.append([f["model"], f["engine"], f["precision"], f["device"],
                      format_rate(best["throughput_images_per_s"]) if best else "-",
                      str(best["batch_size"]) if best else "-", format_percent(f["top1_agreement"]),
-                     f"{f['logits_mad']:.3g}", f"{f['logits_max_abs_diff']:.3g}", format_percent(f["logits_rel_mad"])])
+                     f"{f['logits_mad']:.3g}", f"{f['logits_max_abs_diff']:.3g}", format_percent(f["logits_rel_mad"]),
+                     *([format_percent(f.get("top1_accuracy"))] if labelled else [])])
     ref = (fidelity or [{}])[0].get("reference", "eager fp32 cpu")
     n = (fidelity or [{}])[0].get("images", body.get("fidelity_images"))
     text = (f"Fidelity: each engine x precision against the {ref} reference on the same {n} images: top-1 "
@@ -184,9 +186,14 @@ def engines_section(body: Mapping[str, Any]) -> Section | None:
             combos.append(combo)
     for reason, combos in by_reason.items():
         text += f"  Skipped {', '.join(combos)}: {reason.rstrip('.')}."
+    if labelled:
+        refs = {f["model"]: f for f in fidelity or [] if "top1_accuracy" in f}
+        text += ("  Top-1 accuracy: against the labels file, on the labelled images of the fidelity set (the "
+                 "reference's: " + ", ".join(f"{m} {format_percent(f.get('reference_top1_accuracy'))} of "
+                                             f"{f.get('labelled_images')}" for m, f in refs.items()) + ").")
     header = ("model", "engine", "precision", "device", "throughput", "batch", "top-1 agreement", "logits MAD",
-              "max |diff|", "relative MAD")
-    return Section("Engines: speed and fidelity", header, rows, "llllrrrrrr", text)
+              "max |diff|", "relative MAD", *(("top-1 accuracy",) if labelled else ()))
+    return Section("Engines: speed and fidelity", header, rows, "llll" + "r" * (len(header) - 4), text)
 
 
 def op_section(body: Mapping[str, Any], wide: bool) -> Section | None:
