@@ -400,8 +400,8 @@ def test_labels_add_top1_accuracy_on_the_labelled_images(images, monkeypatch, tm
     from cortexbench.models.export import ensure_models
 
     models = tmp_path / "m"
-    ensure_models(["mlp2"], "torch", models, seed=0, progress=False)
-    spec = get_spec("mlp2")
+    ensure_models(["digits_cnn"], "torch", models, seed=0, progress=False)
+    spec = get_spec("digits_cnn")
     paths = list_images(images)
     x, bad = load_batch(paths, spec)
     assert not bad and len(paths) == 6
@@ -411,7 +411,7 @@ def test_labels_add_top1_accuracy_on_the_labelled_images(images, monkeypatch, tm
     rows = ["image,label"] + [f"{p.name},{int(t)}" for p, t in zip(paths[:4], top[:4], strict=True)]
     rows.append(f"{paths[4].name},{(int(top[4]) + 1) % spec.num_classes}")
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
-    rc = run_single(["--models", "mlp2", "--engines", "eager,ort", "--batch-sizes", "2", "--devices", "cpu",
+    rc = run_single(["--models", "digits_cnn", "--engines", "eager,ort", "--batch-sizes", "2", "--devices", "cpu",
                      "--max-seconds", "0.05", "--labels", str(tmp_path / "labels.csv"), "--img-dir", str(images),
                      "--model-dir", str(models), "--result-dir", str(tmp_path / "r")], monkeypatch, tmp_path)
     assert rc == 0, capsys.readouterr().err
