@@ -29,6 +29,8 @@ Precision = Literal["fp32", "fp16"]
 BalancerName = Literal["round-robin", "least-outstanding", "p2c", "affinity"]
 DispatchName = Literal["auto", "actor", "grouped", "compiled"]
 RecordsFormat = Literal["csv.gz", "none"]
+EngineName = Literal["eager", "graphs", "compile", "ort", "ort-basic", "ort-none", "openvino", "tensorrt"]
+EnginePrecision = Literal["fp32", "fp16", "bf16", "int8"]
 
 DEFAULT_CONFIG = Path("config.json")
 # The repository's config.json, shipped inside the package: what a run uses when there is no ./config.json
@@ -48,6 +50,10 @@ class SingleConfig:
     target_rel_spread: float = 0.02
     profile_ops: bool = False
     train: bool = False
+    engines: tuple[EngineName, ...] = ()  # the engine axis (models/engines); () = the backend as before
+    precisions: tuple[EnginePrecision, ...] = ("fp32",)  # with engines: each engine at each precision
+    fidelity_images: int = 64  # with engines: images each engine x precision is compared on
+    labels: Path | None = None  # with engines: CSV of image file name, class index: top-1 accuracy too
 
 
 @dataclass(frozen=True)
@@ -249,7 +255,7 @@ def _load(path: Path | str | None, overrides: Mapping[str, Any], has_gpu: bool |
     file_flat = dict(flat)
     for key, value in overrides.items():
         if value is not None:
-            if key in ("img_dir", "result_dir", "model_dir") and isinstance(value, (str, Path)) and str(value):
+            if key in ("img_dir", "result_dir", "model_dir", "single.labels") and isinstance(value, (str, Path)) and str(value):
                 value = str(Path(value).expanduser().absolute())  # a flag's path is relative to the cwd
             flat[key] = (value, "flag")
 
@@ -426,6 +432,14 @@ def _check_semantics(cfg: Config) -> None:
     for d in s.devices:
         if d != "auto" and d != "cpu" and not (d.startswith("gpu:") and d[4:].isdigit()):
             raise ConfigError(f"'single.devices': '{d}' is not a device{did_you_mean(d, ['auto', 'cpu', 'gpu:0'])}")
+    _positive(s.fidelity_images, "single.fidelity_images")
+    if not s.precisions:
+        raise ConfigError("'single.precisions' must name at least one precision (fp32, fp16, bf16, int8)")
+    if s.labels is not None and not s.engines:
+        raise ConfigError("'single.labels' takes effect with 'single.engines' (--engines eager,ort,...)")
+    if s.precisions != ("fp32",) and not s.engines:
+        raise ConfigError("'single.precisions' takes effect with 'single.engines' (--engines eager,ort,...); "
+                          "without engines 'precision' sets the backend's precision")
     st = cfg.stream
     from cortexbench.residency import parse_mode
     from cortexbench.schedule import parse_arrivals, parse_popularity

@@ -9,6 +9,9 @@ Everything lands in ``result_dir/<run-id>/``: results.json (every figure, the ma
 results.csv (one row per point), report.md, and the plots of ``cortexbench.report.single_plots``.
 The summary table and the run directory are printed to stdout; progress goes to stderr.
 
+``--engines eager,compile,ort,openvino`` (``--precisions fp32,bf16,int8``) replaces the one backend with an
+engine x precision axis, and compares every combination with fp32 eager torch on the CPU (``single_engines``).
+
 With no argument on a CPU-only machine the ``cpu_fallback`` of config.json makes it a one-minute run:
 missing model files are exported with random weights and a small synthetic image set is made.
 """
@@ -37,18 +40,21 @@ from cortexbench.cli import (
     run_main,
 )
 from cortexbench.config import Config, load_config
-from cortexbench.errors import BackendUnavailableError, DatasetError, DeviceError, Interrupted
+from cortexbench.errors import BackendUnavailableError, ConfigError, DatasetError, DeviceError, Interrupted
 from cortexbench.models.backends import get_backend, resolve_backend
 from cortexbench.models.backends.base import Backend, LoadOptions
+from cortexbench.models.engines import framework
 from cortexbench.models.registry import ModelSpec, expand_model_names, get_spec
 from cortexbench.progress import Progress
 from cortexbench.report.single_report import console_summary, csv_rows, markdown_report, summarise
+from cortexbench.single_engines import CALIBRATION_IMAGES, run_engines
 from cortexbench.timing import TimingPolicy, measure_point
 
 PROG = "python -m cortexbench.single"
 TRAIN_STEPS = 10
 SINGLE_KEYS = {**COMMON_KEYS, "batch_sizes": "batchsize", "devices": "single.devices",
-               "max_seconds": "single.max_seconds", "profile_ops": "single.profile_ops", "train": "single.train"}
+               "max_seconds": "single.max_seconds", "profile_ops": "single.profile_ops", "train": "single.train",
+               "engines": "single.engines", "precisions": "single.precisions", "labels": "single.labels"}
 SCALE_UP = "--models imagenet --batch-sizes 1,2,4,8,16,32,64 --devices cpu,gpu:0"
 
 
@@ -63,6 +69,13 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--max-seconds", type=float, metavar="S", help="time bound per point [single.max_seconds]")
     p.add_argument("--profile-ops", action="store_const", const=True, help="seconds per operator type [single.profile_ops]")
     p.add_argument("--train", action="store_const", const=True, help="seconds per training step, small models [single.train]")
+    p.add_argument("--engines", metavar="eager,compile,ort",
+                   help="the engine axis: eager, graphs, compile, ort, ort-basic, ort-none, openvino, tensorrt; "
+                        "each point also gets its fidelity to fp32 eager on the CPU [single.engines]")
+    p.add_argument("--precisions", metavar="fp32,bf16,int8",
+                   help="with --engines: fp32, fp16, bf16, int8 where an engine runs them [single.precisions]")
+    p.add_argument("--labels", metavar="FILE",
+                   help="with --engines: CSV of image file name, class index; adds top-1 accuracy [single.labels]")
     return p
 
 
@@ -77,6 +90,8 @@ class Plan:
     batch_sizes: tuple[int, ...]
     policy: TimingPolicy
     notes: tuple[str, ...] = ()
+    engines: tuple[str, ...] = ()  # the engine axis (single_engines); () = ``backend`` alone, as before
+    precisions: tuple[str, ...] = ()
 
 
 @dataclass
@@ -89,6 +104,7 @@ class Sweep:
     op_profile: list[dict[str, Any]] = field(default_factory=list)
     training: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    fidelity: list[dict[str, Any]] = field(default_factory=list)
     bad_images: list[str] = field(default_factory=list)
     images_used: int = 0  # distinct images in a batch of the largest size (fewer: batches cycle)
     images_available: int = 0
@@ -104,6 +120,10 @@ class Sweep:
                "gpus_on_machine": [f"gpu:{g.index}" for g in machine.gpus()],
                "notes": list(p.notes), "points": self.points, "models": self.models,
                "op_profile": self.op_profile, "training": self.training, "skipped": self.skipped}
+        if p.engines:
+            from cortexbench.single_engines import engine_fields
+
+            out.update(engine_fields(p), fidelity=self.fidelity)
         summarise(out)
         return out
 
@@ -146,17 +166,29 @@ def make_plan(args: argparse.Namespace) -> Plan:
     cfg = load_config(args.config, overrides_from(args, SINGLE_KEYS), has_gpu=bool(machine.gpus()),
                       flags=flags_of(SINGLE_KEYS))
     models = expand_model_names(cfg.models)
-    backend, devices, notes = resolve_devices(cfg.single.devices, cfg.backend)
+    engines = tuple(dict.fromkeys(cfg.single.engines))
+    if engines and cfg.from_flag("backend"):
+        raise ConfigError("--backend and --engines do not mix: an engine names its framework "
+                          "(eager, graphs, compile: torch; ort*, openvino, tensorrt: the ONNX file)")
+    if engines and (cfg.single.profile_ops or cfg.single.train):
+        raise ConfigError("--profile-ops and --train measure the backend sweep, not --engines; run them without it")
+    # with engines, devices are torch's: the fidelity reference is torch's fp32 eager
+    backend, devices, notes = resolve_devices(cfg.single.devices, "torch" if engines else cfg.backend)
     return Plan(cfg, backend, models, devices, tuple(dict.fromkeys(cfg.batchsize)),
-                TimingPolicy.from_config(cfg.single), tuple(notes))
+                TimingPolicy.from_config(cfg.single), tuple(notes), engines,
+                tuple(dict.fromkeys(cfg.single.precisions)) if engines else ())
 
 
 class Inputs:
     """Preprocessed real images per input layout, made into batches of N distinct images (cycling)."""
 
-    def __init__(self, paths: list[Path], need: int, sweep: Sweep) -> None:
+    def __init__(self, paths: list[Path], need: int, sweep: Sweep, batch_images: int | None = None) -> None:
+        """``need`` images are decoded per layout; ``batch_images`` (default ``need``): how many of them
+        the largest batch holds (results' ``images.used``)."""
         self.paths, self.need, self.sweep = paths, need, sweep
+        self.batch_images = need if batch_images is None else batch_images
         self._cache: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
+        self.names: dict[tuple[str, tuple[int, ...]], list[str]] = {}  # the file name of each cached image
 
     def for_model(self, spec: ModelSpec) -> np.ndarray:
         from cortexbench.images.dataset import load_batch
@@ -164,19 +196,22 @@ class Inputs:
         key = (spec.input_kind, spec.input_shape)
         if key not in self._cache:
             good: list[np.ndarray] = []
+            names: list[str] = []
             count, start = 0, 0
             while count < self.need and start < len(self.paths):
                 chunk = self.paths[start:start + self.need - count]
                 start += len(chunk)
                 arr, bad = load_batch(chunk, spec)
                 good.append(arr)
+                names += [p.name for p in chunk if p not in bad]
                 count += len(arr)
                 self.sweep.bad_images += [str(b) for b in bad if str(b) not in self.sweep.bad_images]
             if count == 0:
                 raise DatasetError(f"none of the {len(self.paths)} images in {self.sweep.plan.cfg.img_dir} "
                                    f"decodes; replace them or point --img-dir at another set")
             self._cache[key] = np.concatenate(good)
-            self.sweep.images_used = max(self.sweep.images_used, count)
+            self.names[key] = names
+            self.sweep.images_used = max(self.sweep.images_used, min(count, self.batch_images))
         return self._cache[key]
 
     def batch(self, spec: ModelSpec, n: int) -> np.ndarray:
@@ -256,8 +291,13 @@ def _body(argv: Sequence[str], args: argparse.Namespace) -> int:
     paths = ensure_images(cfg.img_dir, cfg.images.synth_count, seed=cfg.images.seed,
                           create=not cfg.from_flag("img_dir"), progress=not quiet)
     ensure_models(list(plan.models), plan.backend, cfg.model_dir, seed=cfg.seed, progress=not quiet)
+    if any(framework(e) == "onnxruntime" for e in plan.engines):  # the same weights: exported from torch's
+        ensure_models(list(plan.models), "onnxruntime", cfg.model_dir, seed=cfg.seed, progress=not quiet)
     sweep = Sweep(plan, images_available=len(paths))
-    inputs = Inputs(paths, max(plan.batch_sizes), sweep)
+    need = max(plan.batch_sizes)
+    if plan.engines:
+        need = max(need, cfg.single.fidelity_images + CALIBRATION_IMAGES)
+    inputs = Inputs(paths, need, sweep, batch_images=max(plan.batch_sizes))
     for name in plan.models:  # decode the images before the first timing, and fail early on a bad set
         inputs.for_model(get_spec(name))
     if sweep.bad_images:
@@ -266,11 +306,14 @@ def _body(argv: Sequence[str], args: argparse.Namespace) -> int:
     for note in plan.notes:
         print(f"{PROG}: note: {note}", file=sys.stderr)
     run_dir = new_run_dir(cfg.result_dir, "single")
-    n_points = len(plan.models) * len(plan.devices) * len(plan.batch_sizes)
+    n_points = len(plan.models) * len(plan.devices) * len(plan.batch_sizes) * max(1, len(plan.engines) * len(plan.precisions))
     total = n_points * (2 if cfg.single.train else 1)
     try:
         with Progress("single", total=total, unit="points", enabled=not quiet) as bar:
-            run_sweep(sweep, backend, inputs, bar)
+            if plan.engines:
+                run_engines(sweep, inputs, bar)
+            else:
+                run_sweep(sweep, backend, inputs, bar)
     except BaseException as e:
         saved = ""
         if sweep.points:

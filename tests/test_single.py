@@ -4,6 +4,7 @@ the figures in them; the exit status and the one-line message for bad input; par
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import math
@@ -95,7 +96,7 @@ def test_results_json_has_one_point_per_model_batch_and_device(basic_run):
             assert p["image_latency_s"][key] == pytest.approx(p["batch_latency_s"][key] / n)
         assert p["batch_latency_s"]["p50"] <= p["batch_latency_s"]["p99"] <= p["batch_latency_s"]["max"]
         assert p["throughput_images_per_s"] == pytest.approx(n / p["batch_latency_s"]["mean"], rel=1e-12)
-        assert p["runs"] >= 5  # the default single.min_runs
+        assert p["runs"] >= doc["policy"]["min_runs"]  # 3 here: the built-in config's cpu_fallback
         assert p["stable"] == (p["rel_spread"] < 0.02)
         # stopped by the time bound (0.5 s): past it only by the call that crossed it, or to reach min_runs;
         # not a wall-clock guess (a loaded machine makes single calls slow, not the bound wrong)
@@ -298,3 +299,133 @@ def test_the_speed_up_section_says_which_side_is_missing(basic_run, devices, say
     section = next((s for s in got if s.title.startswith("GPU speed-up over CPU")), None)
     assert section is not None, [s.title for s in got]
     assert says in section.text
+
+
+# --- the engine axis (single --engines; the engines themselves: tests/models/test_engines.py) ---------
+
+needs_engines = pytest.mark.skipif(not (installed("torch") and installed("onnxruntime")),
+                                   reason="the engine axis needs torch (its reference) and onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def engines_run(images, tmp_path_factory):
+    """One real engine sweep: mlp2 on eager, ort and tensorrt (not installed here, or no GPU: skipped) at
+    fp32 and int8, batches 1 and 2, on the CPU."""
+    tmp = tmp_path_factory.mktemp("engines")
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.chdir(tmp)
+        out = io.StringIO()
+        mp.setattr(sys, "stdout", out)
+        rc = single.main(["--models", "mlp2", "--engines", "eager,ort,tensorrt", "--precisions", "fp32,int8",
+                          "--batch-sizes", "1,2", "--devices", "cpu", "--max-seconds", "0.1",
+                          "--img-dir", str(images), "--model-dir", str(tmp / "models"),
+                          "--result-dir", str(tmp / "results"), "--quiet"])
+    finally:
+        mp.undo()
+    run_dir = only_run_dir(tmp / "results")
+    return rc, out.getvalue(), run_dir, json.loads((run_dir / "results.json").read_text())
+
+
+@needs_engines
+def test_an_engine_sweep_measures_each_engine_and_precision_with_its_fidelity(engines_run):
+    from tests.report.runs import schema_errors
+
+    rc, out, run_dir, doc = engines_run
+    assert rc == 0
+    assert schema_errors(doc) == []
+    ran = {(p["engine"], p["precision"]) for p in doc["points"]}
+    assert ran == {("eager", "fp32"), ("ort", "fp32"), ("ort", "int8")}
+    assert sorted(p["batch_size"] for p in doc["points"] if p["engine"] == "ort") == [1, 1, 2, 2]
+    fid = {(f["engine"], f["precision"]): f for f in doc["fidelity"]}
+    assert set(fid) == ran
+    assert fid["eager", "fp32"]["logits_mad"] == 0 and fid["ort", "fp32"]["top1_agreement"] == 1.0
+    assert fid["ort", "int8"]["calibrated_on_fidelity_images"]  # 6 images: too few for a separate subset
+    assert {f["images"] for f in fid.values()} == {6}  # the whole set of 6, in batches of the largest size
+    skipped = {(s["engine"], s["precision"]): s["reason"] for s in doc["skipped"]}
+    assert set(skipped) == {("eager", "int8"), ("tensorrt", "fp32"), ("tensorrt", "int8")}
+    report = (run_dir / "report.md").read_text()
+    assert "## Engines: speed and fidelity" in report and "| mlp2 | ort | int8 | cpu |" in report
+    assert f"Skipped tensorrt fp32 on cpu, tensorrt int8 on cpu: {skipped['tensorrt', 'fp32']}" in report
+    assert "Engines: speed and fidelity" in out
+    import matplotlib.image as mpimg
+
+    assert mpimg.imread(run_dir / "speed_fidelity.png").shape[1] >= 800
+
+
+@needs_engines
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
+def test_asking_only_for_an_engine_that_is_not_installed_is_one_line_naming_the_extra(images, monkeypatch,
+                                                                                      tmp_path, capsys):
+    bad_input(["--models", "mlp2", "--engines", "tensorrt", "--devices", "cpu", "--img-dir", str(images),
+               "--model-dir", str(tmp_path / "m")], monkeypatch, tmp_path, capsys,
+              needle="engine 'tensorrt' needs the 'tensorrt' package, which is not installed: "
+                     "pip install 'cortexbench[tensorrt]'")
+
+
+@needs_engines
+def test_asking_only_for_what_no_engine_can_run_here_is_one_line_with_the_reason(images, monkeypatch, tmp_path,
+                                                                                capsys):
+    bad_input(["--models", "mlp2", "--engines", "graphs", "--devices", "cpu", "--img-dir", str(images),
+               "--model-dir", str(tmp_path / "m")], monkeypatch, tmp_path, capsys,
+              needle="no engine x precision x device of this sweep can run here: graphs: CUDA graphs need a GPU")
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--precisions", "int8"], "'single.precisions' takes effect with 'single.engines'"),
+    (["--engines", "eager", "--backend", "torch"], "--backend and --engines do not mix"),
+    (["--engines", "eagre"], "did you mean 'eager'"),
+    (["--labels", "labels.csv"], "'single.labels' takes effect with 'single.engines'"),
+    (["--engines", "ort", "--train"], "--profile-ops and --train measure the backend sweep, not --engines"),
+])
+def test_engine_flags_that_do_not_fit_are_one_line_and_exit_2(argv, says, monkeypatch, tmp_path, capsys):
+    bad_input(["--models", "mlp2", "--devices", "cpu", *argv], monkeypatch, tmp_path, capsys, needle=says)
+
+
+@needs_engines
+def test_compare_keeps_each_engine_and_precision_apart(engines_run):
+    from cortexbench.report.compare import figures
+
+    doc = engines_run[3]
+    keys = figures(doc)
+    assert len(keys) == len(doc["points"]) == 6
+    assert "mlp2 cpu ort int8 b2" in keys
+
+
+@needs_engines
+def test_labels_add_top1_accuracy_on_the_labelled_images(images, monkeypatch, tmp_path, capsys):
+    """Labels made from the fp32 eager reference: 4 right, 1 wrong, 1 image unlabelled -> 80% for every fp32
+    engine and the reference."""
+    from cortexbench.images.dataset import load_batch
+    from cortexbench.models.export import ensure_models
+
+    models = tmp_path / "m"
+    ensure_models(["digits_cnn"], "torch", models, seed=0, progress=False)
+    spec = get_spec("digits_cnn")
+    paths = list_images(images)
+    x, bad = load_batch(paths, spec)
+    assert not bad and len(paths) == 6
+    ref = get_backend("torch").load(spec, models, "cpu")
+    top = np.argmax(ref.predict(x), 1)
+    ref.close()
+    rows = ["image,label"] + [f"{p.name},{int(t)}" for p, t in zip(paths[:4], top[:4], strict=True)]
+    rows.append(f"{paths[4].name},{(int(top[4]) + 1) % spec.num_classes}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    rc = run_single(["--models", "digits_cnn", "--engines", "eager,ort", "--batch-sizes", "2", "--devices", "cpu",
+                     "--max-seconds", "0.05", "--labels", str(tmp_path / "labels.csv"), "--img-dir", str(images),
+                     "--model-dir", str(models), "--result-dir", str(tmp_path / "r")], monkeypatch, tmp_path)
+    assert rc == 0, capsys.readouterr().err
+    run_dir = only_run_dir(tmp_path / "r")
+    doc = json.loads((run_dir / "results.json").read_text())
+    for f in doc["fidelity"]:
+        assert (f["top1_accuracy"], f["reference_top1_accuracy"], f["labelled_images"]) == (0.8, 0.8, 5), f
+    assert "top-1 accuracy" in (run_dir / "report.md").read_text()
+
+
+@needs_engines
+def test_labels_that_name_none_of_the_images_are_one_line(images, monkeypatch, tmp_path, capsys):
+    (tmp_path / "labels.csv").write_text("elsewhere.jpg,3\n")
+    bad_input(["--models", "mlp2", "--engines", "eager", "--devices", "cpu", "--labels", str(tmp_path / "labels.csv"),
+               "--batch-sizes", "16",
+               "--img-dir", str(images), "--model-dir", str(tmp_path / "m")], monkeypatch, tmp_path, capsys,
+              needle="labels none of the 16 images the engines are compared on")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cortexbench.errors import UsageError
+from cortexbench.report.single_report import point_label
 from cortexbench.report.tables import (
     console_table,
     format_percent,
@@ -142,7 +143,7 @@ def figures(doc: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     else:
         for p in doc.get("points") or []:
             lat = p.get("image_latency_s") or {}
-            key = f"{p.get('model')} {p.get('device')} b{p.get('batch_size')}"
+            key = f"{p.get('model')} {point_label(p) if p.get('device') else None} b{p.get('batch_size')}"
             out[key] = {"images_per_s": _num(p.get("throughput_images_per_s")), "mean_s": _num(lat.get("mean")),
                         "p50_s": _num(lat.get("p50")), "p90_s": _num(lat.get("p90")), "p99_s": _num(lat.get("p99")),
                         "rel_spread": _num(p.get("rel_spread"))}

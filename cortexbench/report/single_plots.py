@@ -8,6 +8,11 @@ Figures are drawn on matplotlib's Agg canvas directly (no pyplot, no display, no
     speed_comparison.png  per-image latency per model, CPU against GPU, at batch 1 and at the best batch
     batch_scaling.png     per-image latency against batch size, log-log, one line per model x device
     op_profile.png        share of time per operator type, stacked, per model/device (with --profile-ops)
+    speed_fidelity.png    per model, images/s (log) against top-1 agreement with the fp32 eager reference,
+                          one marker per engine x precision x device (with --engines)
+
+With an engine axis a point's "device" in the figures is its device, engine and precision
+(``single_report.point_label``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from cortexbench.report.single_report import point_label
 from cortexbench.report.tables import format_bytes, format_count, format_seconds
 
 DPI = 110
@@ -85,7 +91,7 @@ def plot_speed_comparison(points: Sequence[Mapping[str, Any]], path: Path, *, gp
     Without any GPU point the figure shows the CPU bars alone and its title says why.
     """
     models = list(dict.fromkeys(p["model"] for p in points))
-    devices = sorted(dict.fromkeys(p["device"] for p in points), key=lambda d: (_is_gpu(d), d))
+    devices = sorted(dict.fromkeys(point_label(p) for p in points), key=lambda d: (_is_gpu(d), d))
     series: list[tuple[str, str, list[tuple[float, int] | None]]] = []  # label, colour, (s, batch) per model
     for device in devices:
         colours = GPU_COLOURS if _is_gpu(device) else CPU_COLOURS
@@ -93,7 +99,7 @@ def plot_speed_comparison(points: Sequence[Mapping[str, Any]], path: Path, *, gp
         best: list[tuple[float, int] | None] = []
         first_bs: set[int] = set()
         for m in models:
-            mine = [p for p in points if p["model"] == m and p["device"] == device]
+            mine = [p for p in points if p["model"] == m and point_label(p) == device]
             if not mine:
                 first.append(None)
                 best.append(None)
@@ -142,11 +148,11 @@ def plot_batch_scaling(points: Sequence[Mapping[str, Any]], path: Path) -> Path:
     fig = Figure(figsize=(8.5, 5.5), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     ax.set_title("Per-image latency against batch size (log-log; CPU solid, GPU dashed)", fontsize=12)
-    keys = list(dict.fromkeys((p["model"], p["device"]) for p in points))
+    keys = list(dict.fromkeys((p["model"], point_label(p)) for p in points))
     models = list(dict.fromkeys(m for m, _ in keys))
     batch_sizes: set[int] = set()
     for model, device in keys:
-        mine = sorted((p for p in points if p["model"] == model and p["device"] == device),
+        mine = sorted((p for p in points if p["model"] == model and point_label(p) == device),
                       key=lambda p: int(p["batch_size"]))
         xs = [int(p["batch_size"]) for p in mine]
         batch_sizes.update(xs)
@@ -212,6 +218,55 @@ def plot_op_profile(profiles: Sequence[Mapping[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
+MARKERS = {"eager": "o", "graphs": "s", "compile": "D", "ort": "^", "ort-basic": "v", "ort-none": "<",
+           "openvino": "P", "tensorrt": "*"}
+PRECISION_COLOURS = {"fp32": "#4C72B0", "fp16": "#DD8452", "bf16": "#55A868", "int8": "#C44E52"}
+
+
+def plot_speed_fidelity(points: Sequence[Mapping[str, Any]], fidelity: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """Per model (a column): best images/s (log) against top-1 agreement with the reference (top row) and
+    against the logits' mean difference relative to the reference (bottom row, log; the reference itself,
+    0, at the floor).  A marker per engine (shape), precision (colour) and device (filled on the CPU,
+    hollow on a GPU)."""
+    models = list(dict.fromkeys(f["model"] for f in fidelity))
+    floor = 1e-9
+    fig = Figure(figsize=(max(9.0, 2.8 + 4.2 * len(models)), 7.5), layout="constrained")
+    fig.suptitle("Speed against fidelity to fp32 eager on the CPU (right: faster; top: up is closer, bottom: down is closer)", fontsize=12)
+    axes = fig.subplots(2, len(models), squeeze=False)
+    seen: dict[str, Any] = {}
+    for k, model in enumerate(models):
+        top, bottom = axes[0][k], axes[1][k]
+        lows = [100.0]
+        for f in (f for f in fidelity if f["model"] == model):
+            mine = [p for p in points if (p["model"], p["device"], p.get("engine"), p["precision"])
+                    == (f["model"], f["device"], f["engine"], f["precision"])]
+            if not mine:
+                continue
+            rate = max(float(p["throughput_images_per_s"]) for p in mine)
+            colour = PRECISION_COLOURS.get(f["precision"], "#8C8C8C")
+            gpu = _is_gpu(f["device"])
+            style = dict(marker=MARKERS.get(f["engine"], "X"), s=70, color=colour if not gpu else "none",
+                         edgecolors=colour, linewidths=1.5, alpha=0.85)
+            agreement = 100.0 * float(f["top1_agreement"])
+            lows.append(agreement)
+            handle = top.scatter([rate], [agreement], **style)
+            bottom.scatter([rate], [max(floor, float(f["logits_rel_mad"] or 0.0))], **style)
+            seen.setdefault(f"{f['engine']} {f['precision']} {'GPU' if gpu else 'CPU'}", handle)
+        top.set_title(model, fontsize=11)
+        top.set_ylabel("top-1 agreement (%)")
+        top.set_ylim(max(0.0, min(lows) - 5), 101.5)
+        bottom.set_yscale("log")
+        bottom.set_ylim(floor / 3, None)
+        bottom.set_ylabel("logits: mean |diff| / mean |reference|")
+        bottom.set_xlabel("images/s at the best batch size (log scale)")
+        for ax in (top, bottom):
+            ax.set_xscale("log")
+            ax.grid(which="major", alpha=0.3)
+    fig.legend(list(seen.values()), list(seen), fontsize=7, loc="outside right center",
+               title="engine precision device\n(hollow: GPU)")
+    return _save(fig, path)
+
+
 def write_plots(body: Mapping[str, Any], out_dir: Path, *, gpu_on_machine: bool) -> list[Path]:
     """All figures for one results body (``models``, ``points``, optional ``op_profile``) into ``out_dir``."""
     out_dir = Path(out_dir)
@@ -222,6 +277,8 @@ def write_plots(body: Mapping[str, Any], out_dir: Path, *, gpu_on_machine: bool)
     if points:
         written.append(plot_speed_comparison(points, out_dir / "speed_comparison.png", gpu_on_machine=gpu_on_machine))
         written.append(plot_batch_scaling(points, out_dir / "batch_scaling.png"))
+    if points and body.get("fidelity"):
+        written.append(plot_speed_fidelity(points, body["fidelity"], out_dir / "speed_fidelity.png"))
     profiles = [p for p in body.get("op_profile") or [] if p.get("op_s")]
     if profiles:
         written.append(plot_op_profile(profiles, out_dir / "op_profile.png"))

@@ -41,14 +41,25 @@ def _is_gpu(device: str) -> bool:
     return device != "cpu"
 
 
+def point_label(p: Mapping[str, Any]) -> str:
+    """What a point ran on: its device, and with an engine axis ``single --engines`` the engine and
+    precision too ('cpu ort int8')."""
+    return f"{p['device']} {p['engine']} {p['precision']}" if p.get("engine") else p["device"]
+
+
+def _variant(r: Mapping[str, Any]) -> tuple[Any, Any]:
+    """The engine and precision of a point (None, precision) without an engine axis."""
+    return r.get("engine"), r.get("precision")
+
+
 def summarise(body: dict[str, Any]) -> dict[str, Any]:
     """Add ``best`` per model and device, ``speedups`` and ``training_speedups`` to ``body`` (in place)."""
     points = body.get("points", [])
     models = body.setdefault("models", {})
     for m in models.values():
         m["best_batch_size"], m["best_throughput_images_per_s"] = {}, {}
-    for key in dict.fromkeys((p["model"], p["device"]) for p in points):
-        mine = [p for p in points if (p["model"], p["device"]) == key]
+    for key in dict.fromkeys((p["model"], point_label(p)) for p in points):
+        mine = [p for p in points if (p["model"], point_label(p)) == key]
         best = max(mine, key=lambda p: p["throughput_images_per_s"])
         entry = models.setdefault(key[0], {})
         entry.setdefault("best_batch_size", {})[key[1]] = best["batch_size"]
@@ -59,14 +70,15 @@ def summarise(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _speedups(rows: Sequence[Mapping[str, Any]], value: Any, unit: str) -> list[dict[str, Any]]:
-    """CPU time / GPU time for each model, GPU and batch size where both ran."""
-    cpu = {(r["model"], r["batch_size"]): value(r) for r in rows if r["device"] == "cpu"}
+    """CPU time / GPU time for each model, GPU and batch size (and engine and precision) where both ran."""
+    cpu = {(r["model"], r["batch_size"], _variant(r)): value(r) for r in rows if r["device"] == "cpu"}
     out = []
     for r in rows:
-        base = cpu.get((r["model"], r["batch_size"]))
+        base = cpu.get((r["model"], r["batch_size"], _variant(r)))
         if _is_gpu(r["device"]) and base is not None:
             v = value(r)
-            out.append({"model": r["model"], "batch_size": r["batch_size"], "device": r["device"],
+            extra = {"engine": r["engine"], "precision": r["precision"]} if r.get("engine") else {}
+            out.append({"model": r["model"], "batch_size": r["batch_size"], "device": r["device"], **extra,
                         f"cpu_{unit}": base, f"device_{unit}": v, "speedup": base / v if v > 0 else None})
     return out
 
@@ -74,14 +86,16 @@ def _speedups(rows: Sequence[Mapping[str, Any]], value: Any, unit: str) -> list[
 def csv_rows(body: Mapping[str, Any]) -> tuple[tuple[str, ...], list[list[Any]]]:
     """results.csv: one row per point, units in the column names."""
     rows = []
+    engines = bool(body.get("engines"))
     for p in body.get("points", []):
         b, i = p["batch_latency_s"], p["image_latency_s"]
         m = body.get("models", {}).get(p["model"], {})
         rows.append([p["model"], p["backend"], p["device"], p["precision"], p["batch_size"], p["runs"],
                      p["warmup_runs"], p["elapsed_s"], p["rel_spread"], p["stable"], b["mean"], b["p50"], b["p90"],
                      b["p99"], b["min"], b["max"], i["mean"], i["p50"], i["p90"], i["p99"],
-                     p["throughput_images_per_s"], m.get("param_count"), m.get("size_bytes")])
-    return CSV_HEADER, rows
+                     p["throughput_images_per_s"], m.get("param_count"), m.get("size_bytes"),
+                     *([p.get("engine")] if engines else [])])
+    return (*CSV_HEADER, *(("engine",) if engines else ())), rows
 
 
 def _stable(p: Mapping[str, Any]) -> str:
@@ -100,7 +114,7 @@ def points_section(body: Mapping[str, Any], wide: bool) -> Section:
         b, i = p["batch_latency_s"], p["image_latency_s"]
         image = [i["mean"], i["p50"], i["p90"], i["p99"]] if wide else [i["mean"], i["p50"], i["p99"]]
         batch = [b["mean"], b["p50"], b["p90"], b["p99"]] if wide else [b["mean"]]
-        rows.append([p["model"], p["device"], str(p["batch_size"]), *map(format_seconds, image + batch),
+        rows.append([p["model"], point_label(p), str(p["batch_size"]), *map(format_seconds, image + batch),
                      format_rate(p["throughput_images_per_s"]), str(p["runs"]), format_percent(p["rel_spread"]),
                      _stable(p)])
     text = ("Latency is the mean (and percentiles) of timed `predict` calls; per image = per batch / batch size; "
@@ -113,7 +127,7 @@ def models_section(body: Mapping[str, Any]) -> Section:
     rows = []
     for name, m in body.get("models", {}).items():
         for device, bs in m.get("best_batch_size", {}).items():
-            point = next(p for p in body["points"] if (p["model"], p["device"], p["batch_size"]) == (name, device, bs))
+            point = next(p for p in body["points"] if (p["model"], point_label(p), p["batch_size"]) == (name, device, bs))
             rows.append([name, format_count(m.get("param_count")), format_bytes(m.get("size_bytes")), device,
                          str(bs), format_rate(point["throughput_images_per_s"]),
                          format_seconds(point["image_latency_s"]["mean"])])
@@ -123,13 +137,63 @@ def models_section(body: Mapping[str, Any]) -> Section:
 
 
 def speedup_section(body: Mapping[str, Any], key: str, unit: str, title: str) -> Section | None:
-    rows = [[s["model"], str(s["batch_size"]), format_seconds(s[f"cpu_{unit}"]), s["device"],
+    rows = [[s["model"], str(s["batch_size"]), format_seconds(s[f"cpu_{unit}"]), point_label(s),
              format_seconds(s[f"device_{unit}"]), format_ratio(s["speedup"])] for s in body.get(key, [])]
     if not rows:
         return None
     what = "per image" if unit == "image_mean_s" else "per sample"
     return Section(title, ("model", "batch", f"cpu {what}", "gpu", f"gpu {what}", "speed-up"), rows, "lrrlrr",
                    "Speed-up: CPU time divided by GPU time at the same batch size.")
+
+
+def engines_section(body: Mapping[str, Any]) -> Section | None:
+    """``single --engines``: per model, engine, precision and device the best throughput and the fidelity to
+    the fp32 eager reference."""
+    fidelity = body.get("fidelity")
+    if not body.get("engines"):
+        return None
+    rows = []
+    labelled = any("top1_accuracy" in f for f in fidelity or [])
+    for f in fidelity or []:
+        mine = [p for p in body.get("points", []) if (p["model"], p["device"], p.get("engine"), p["precision"])
+                == (f["model"], f["device"], f["engine"], f["precision"])]
+        best = max(mine, key=lambda p: p["throughput_images_per_s"]) if mine else None
+        rows.append([f["model"], f["engine"], f["precision"], f["device"],
+                     format_rate(best["throughput_images_per_s"]) if best else "-",
+                     str(best["batch_size"]) if best else "-", format_percent(f["top1_agreement"]),
+                     f"{f['logits_mad']:.3g}", f"{f['logits_max_abs_diff']:.3g}", format_percent(f["logits_rel_mad"]),
+                     *([format_percent(f.get("top1_accuracy"))] if labelled else [])])
+    ref = (fidelity or [{}])[0].get("reference", "eager fp32 cpu")
+    n = (fidelity or [{}])[0].get("images", body.get("fidelity_images"))
+    text = (f"Fidelity: each engine x precision against the {ref} reference on the same {n} images: top-1 "
+            "agreement (the share of images whose top class is the same), the mean and largest absolute "
+            "difference of the logits, and the mean difference relative to the reference's mean |logit|.  "
+            "The weights are random unless model_dir holds real ones, so agreement with the reference, not "
+            "accuracy, is the measure.  Throughput: the best batch size's.")
+    calib = [f for f in fidelity or [] if f["precision"] == "int8"]
+    if calib:
+        same = any(f.get("calibrated_on_fidelity_images") for f in calib)
+        text += (f"  int8: static post-training quantisation (QDQ, per-channel int8 weights) calibrated on "
+                 f"{calib[0]['calibration_images']} images of the set"
+                 + (" (the same images as the fidelity set: too few images for a separate subset)." if same
+                    else ", not those of the fidelity set."))
+    skipped = [sk for sk in body.get("skipped", []) if sk.get("what") == "engine"]
+    by_reason: dict[str, list[str]] = {}
+    for sk in skipped:
+        combos = by_reason.setdefault(sk["reason"], [])
+        combo = f"{sk['engine']} {sk['precision']} on {sk['device']}"
+        if combo not in combos:
+            combos.append(combo)
+    for reason, combos in by_reason.items():
+        text += f"  Skipped {', '.join(combos)}: {reason.rstrip('.')}."
+    if labelled:
+        refs = {f["model"]: f for f in fidelity or [] if "top1_accuracy" in f}
+        text += ("  Top-1 accuracy: against the labels file, on the labelled images of the fidelity set (the "
+                 "reference's: " + ", ".join(f"{m} {format_percent(f.get('reference_top1_accuracy'))} of "
+                                             f"{f.get('labelled_images')}" for m, f in refs.items()) + ").")
+    header = ("model", "engine", "precision", "device", "throughput", "batch", "top-1 agreement", "logits MAD",
+              "max |diff|", "relative MAD", *(("top-1 accuracy",) if labelled else ()))
+    return Section("Engines: speed and fidelity", header, rows, "llll" + "r" * (len(header) - 4), text)
 
 
 def op_section(body: Mapping[str, Any], wide: bool) -> Section | None:
@@ -197,6 +261,9 @@ def training_section(body: Mapping[str, Any]) -> Section | None:
 
 def sections(body: Mapping[str, Any], wide: bool) -> list[Section]:
     out = [points_section(body, wide), models_section(body)]
+    engines = engines_section(body)
+    if engines is not None:
+        out.append(engines)
     speed = speedup_section(body, "speedups", "image_mean_s", "GPU speed-up over CPU (inference, per image)")
     if speed is None:
         ran = {p.get("device", "") for p in body.get("points", [])}
@@ -245,8 +312,9 @@ def markdown_report(doc: Mapping[str, Any], run_id: str, plots: Sequence[str]) -
         f"- started {doc.get('started_at')}, finished {doc.get('finished_at')}",
         f"- machine: {mach.get('cpu_model', '?')}, {mach.get('usable_cores', '?')} usable cores, "
         f"{format_bytes(mach.get('memory_bytes'))} memory; GPUs: {gpus}",
-        f"- backend {doc.get('backend')}, precision {doc.get('precision')}, devices {', '.join(doc.get('devices', []))}, "
-        f"batch sizes {', '.join(map(str, doc.get('batch_sizes', [])))}",
+        (f"- engines {', '.join(doc['engines'])}, precisions {', '.join(doc.get('precisions', []))}"
+         if doc.get("engines") else f"- backend {doc.get('backend')}, precision {doc.get('precision')}")
+        + f", devices {', '.join(doc.get('devices', []))}, batch sizes {', '.join(map(str, doc.get('batch_sizes', [])))}",
         f"- each point: {pol.get('warmup_runs')} warm-up runs, then at least {pol.get('min_runs')} timed runs until "
         f"the spread is below {format_percent(pol.get('target_rel_spread'))} or {pol.get('max_seconds')} s pass",
         f"- inputs: batches of up to {img.get('used')} distinct images, of the {img.get('available')} in "

@@ -55,7 +55,7 @@ class LoadOptions:
     """How to load a model: numeric precision, how many concurrent lanes (CUDA streams) will call it,
     and whether to capture CUDA graphs (torch on GPU only; ignored elsewhere)."""
 
-    precision: Literal["fp32", "fp16"] = "fp32"
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # bf16: torch only (single's engine axis)
     lanes: int = 1
     cuda_graphs: bool = False
 

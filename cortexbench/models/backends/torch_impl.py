@@ -216,10 +216,14 @@ class _Done:
         return self.y
 
 
-def run_net(net: nn.Module, x: torch.Tensor, fp16: bool) -> torch.Tensor:
-    """One forward: fp32 in, fp32 out, fp16 inside when ``fp16``."""
-    y = net(x.half() if fp16 else x)
+def run_net(net: nn.Module, x: torch.Tensor, fp16: bool | torch.dtype) -> torch.Tensor:
+    """One forward: fp32 in, fp32 out, fp16 inside when ``fp16`` is True (or that dtype inside: bf16)."""
+    dtype = torch.float16 if fp16 is True else (fp16 or None)
+    y = net(x.to(dtype) if dtype is not None else x)
     return y if y.dtype == torch.float32 else y.float()
+
+
+REDUCED = {"fp16": torch.float16, "bf16": torch.bfloat16}  # LoadOptions.precision -> the weights' dtype
 
 
 def capture(forward: Callable[[torch.Tensor], torch.Tensor], dev_in: torch.Tensor, stream: Any,
@@ -253,7 +257,7 @@ class TorchModel:
         self.param_count = sum(p.numel() for p in net.parameters())
         self.options = options
         self._net: nn.Module | None = net
-        self._fp16 = options.precision == "fp16"
+        self._fp16 = REDUCED.get(options.precision)
         kind, index = parse_device(device)
         self._cuda = torch.device("cuda", index) if kind == "gpu" else None
         self._graphs = bool(options.cuda_graphs and self._cuda is not None)
@@ -608,8 +612,8 @@ class TorchBackend:
             if options.precision == "fp32":
                 _ieee_fp32()
             net.to(torch.device("cuda", index))
-            if options.precision == "fp16":
-                net.half()
+        if options.precision in REDUCED:
+            net.to(REDUCED[options.precision])
         return TorchModel(spec, device, net, path, size_bytes, options)
 
     def loader(self, model_dir: Path, device: str, options: LoadOptions, tier: Tier, *,
