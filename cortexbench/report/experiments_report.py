@@ -124,7 +124,7 @@ def markdown_report(doc: Mapping[str, Any], run_id: str, plots: Sequence[str]) -
     if not doc.get("complete", True):
         lines += ["**Partial results**: the run was stopped before the end.", ""]
     lines += [f"Backend `{doc['backend']}` (inference and training), engine `{doc.get('engine') or 'none'}` "
-              f"(inference), devices {', '.join(doc['devices'])}; machine: {m.get('cpu', '?')}, "
+              f"(inference), devices {', '.join(doc['devices'])}; machine: {m.get('cpu_model', '?')}, "
               f"{m.get('usable_cores', '?')} usable cores, GPUs: {', '.join(doc.get('gpus_on_machine') or []) or 'none'}.",
               "", "`x` columns: how many times faster than the first column (the backend on the CPU).", ""]
     lines += [f"- note: {n}" for n in doc.get("notes", [])]
