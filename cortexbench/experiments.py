@@ -48,7 +48,8 @@ NAMES = ("mlp2", "mnist", "digits")
 MODELS = {"mlp2": ("mlp2",), "mnist": ("mnist_mlp", "mnist_cnn"), "digits": ("digits_cnn",)}
 MNIST_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 DIGITS_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-PROFILE_RUNS = 20  # predictions averaged per op profile
+PROFILE_S = 0.25  # each op profile averages about this many seconds of predictions,
+PROFILE_RUNS = (20, 200)  # but no fewer and no more runs than these
 KEYS = {"backend": "backend", "result_dir": "result_dir", "model_dir": "model_dir", "seed": "seed",
         "max_seconds": "single.max_seconds"}
 
@@ -299,10 +300,11 @@ def run_digits(run: Run, bar: Progress) -> None:
                 bar.advance(0, note=f"digits_cnn ops, {backend_name} on {device}, batch {bs}")
                 batch = cycle(images, bs)
                 t = measure_point(model.predict, batch, plan.policy)
-                op_s = backend.profile_ops(model, batch, PROFILE_RUNS)
+                runs = int(min(PROFILE_RUNS[1], max(PROFILE_RUNS[0], PROFILE_S / t.mean_batch_s)))
+                op_s = backend.profile_ops(model, batch, runs)
                 run.digits.append({"model": "digits_cnn", "backend": backend_name, "device": device, "batch_size": bs,
                                    "batch_s": t.mean_batch_s, "sample_s": t.mean_image_s, "op_s": op_s,
-                                   "op_total_s": sum(op_s.values()), "profile_runs": PROFILE_RUNS, **_timing(t)})
+                                   "op_total_s": sum(op_s.values()), "profile_runs": runs, **_timing(t)})
                 bar.advance(1)
         finally:
             model.close()

@@ -155,3 +155,13 @@ def test_ctrl_c_writes_partial_results_and_exits_130(model_dir, monkeypatch, tmp
     assert doc["complete"] is False
     assert [r["what"] for r in doc["mlp2"]] == ["inference", "training"]
     assert len(doc["mnist"]) == 1  # the first mnist point; the second was interrupted
+
+
+def test_python_m_cortexbench_report_renders_the_same_report_again(tiny_run, capsys):
+    from cortexbench.report import __main__ as report_main
+
+    _, _, run_dir, _ = tiny_run
+    written = (run_dir / "report.md").read_text()
+    (run_dir / "report.md").unlink()
+    assert report_main.main([str(run_dir)]) == 0
+    assert (run_dir / "report.md").read_text() == written
