@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -118,6 +119,7 @@ class Run:
                           "digits_batch_sizes": list(p.digits_batches), "train_steps": p.train_steps},
                 "policy": {"warmup_runs": p.policy.warmup_runs, "min_runs": p.policy.min_runs,
                            "max_seconds": p.policy.max_seconds, "target_rel_spread": p.policy.target_rel_spread},
+                "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),  # threads of MXNet's and torch's CPU kernels
                 "notes": list(p.notes), "models": self.models,
                 "mlp2": self.mlp2, "mnist": self.mnist, "digits": self.digits}
 

@@ -29,6 +29,13 @@ def _speedup(ref: float | None, value: float | None) -> str:
     return format_ratio(ref / value) if ref and value else "-"
 
 
+def _cell(row: Mapping[str, Any] | None, key: str) -> str:
+    """A row's seconds, marked ``*`` when its timing did not become stable (training has no such flag)."""
+    if not row:
+        return format_seconds(None)
+    return format_seconds(row.get(key)) + ("*" if row.get("stable") is False else "")
+
+
 def mlp2_table(body: Mapping[str, Any]) -> tuple[list[str], list[list[str]]] | None:
     rows = body.get("mlp2") or []
     if not rows:
@@ -42,7 +49,7 @@ def mlp2_table(body: Mapping[str, Any]) -> tuple[list[str], list[list[str]]] | N
     out = []
     for c in cols:
         i, t = infer.get(c, {}), train.get(c, {})
-        out.append([c[0], c[1], format_seconds(i.get("epoch_s")), format_seconds(i.get("row_s")),
+        out.append([c[0], c[1], _cell(i, "epoch_s"), _cell(i, "row_s"),
                     _speedup(ref_i, i.get("epoch_s")), format_seconds(t.get("epoch_s")),
                     format_seconds(t.get("row_s")), _speedup(ref_t, t.get("epoch_s")) if t else "-"])
     return header, out
@@ -52,7 +59,7 @@ def mnist_table(body: Mapping[str, Any], model: str) -> tuple[list[str], list[li
     rows = [r for r in body.get("mnist") or [] if r["model"] == model]
     if not rows:
         return None
-    infer = {(r["backend"], r["device"], r["batch_size"]): r["sample_s"] for r in rows if r["what"] == "inference"}
+    infer = {(r["backend"], r["device"], r["batch_size"]): r for r in rows if r["what"] == "inference"}
     train = {(r["device"], r["batch_size"]): r["sample_s"] for r in rows if r["what"] == "training"}
     cols = [c for c in _columns(body) if any(k[:2] == c for k in infer)]
     devices = [d for d in body["devices"] if any(k[0] == d for k in train)]
@@ -60,9 +67,10 @@ def mnist_table(body: Mapping[str, Any], model: str) -> tuple[list[str], list[li
         + [f"train {d}" for d in devices] + [f"x train {d}" for d in devices[1:]]
     out = []
     for bs in sorted({r["batch_size"] for r in rows}):
-        i = [infer.get((*c, bs)) for c in cols]
+        rs = [infer.get((*c, bs)) for c in cols]
+        i = [r["sample_s"] if r else None for r in rs]
         t = [train.get((d, bs)) for d in devices]
-        out.append([str(bs)] + [format_seconds(v) for v in i] + [_speedup(i[0], v) for v in i[1:]]
+        out.append([str(bs)] + [_cell(r, "sample_s") for r in rs] + [_speedup(i[0], v) for v in i[1:]]
                    + [format_seconds(v) for v in t] + [_speedup(t[0], v) for v in t[1:]])
     return header, out
 
@@ -85,7 +93,7 @@ def digits_tables(body: Mapping[str, Any]) -> list[tuple[str, list[str], list[li
         ops = op_types(mine)
         header = ["batch", *ops, "profiled total", "measured batch", "per sample"]
         table = [[str(r["batch_size"]), *(format_seconds(r["op_s"].get(o, 0.0)) for o in ops),
-                  format_seconds(r["op_total_s"]), format_seconds(r["batch_s"]), format_seconds(r["sample_s"])]
+                  format_seconds(r["op_total_s"]), _cell(r, "batch_s"), _cell(r, "sample_s")]
                  for r in mine]
         out.append((f"digits_cnn per operator type, {label(c)} (seconds per batch)", header, table))
     if len(cols) > 1:
@@ -125,8 +133,12 @@ def markdown_report(doc: Mapping[str, Any], run_id: str, plots: Sequence[str]) -
         lines += ["**Partial results**: the run was stopped before the end.", ""]
     lines += [f"Backend `{doc['backend']}` (inference and training), engine `{doc.get('engine') or 'none'}` "
               f"(inference), devices {', '.join(doc['devices'])}; machine: {m.get('cpu_model', '?')}, "
-              f"{m.get('usable_cores', '?')} usable cores, GPUs: {', '.join(doc.get('gpus_on_machine') or []) or 'none'}.",
-              "", "`x` columns: how many times faster than the first column (the backend on the CPU).", ""]
+              f"{m.get('usable_cores', '?')} usable cores "
+              f"(OMP_NUM_THREADS={doc.get('omp_num_threads') or 'unset'}), GPUs: {', '.join(doc.get('gpus_on_machine') or []) or 'none'}.",
+              "", "`x` columns: how many times faster than the first column (the backend on the CPU). "
+              "`*`: a timing that did not become stable (the 95% confidence half-width of its mean stayed above "
+              f"{doc['policy']['target_rel_spread']:.0%} for {doc['policy']['max_seconds']:g} s; `rel_spread` in "
+              "results.json says by how much).", ""]
     lines += [f"- note: {n}" for n in doc.get("notes", [])]
     for title, header, rows in tables(doc):
         lines += ["", f"## {title}", "", markdown_table(header, rows, "l" + "r" * (len(header) - 1)).rstrip()]
