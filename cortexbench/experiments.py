@@ -36,7 +36,14 @@ import numpy as np
 from cortexbench import machine
 from cortexbench.cli import ArgumentParser, overrides_from, parse_or_exit_code, run_main
 from cortexbench.config import Config, load_config
-from cortexbench.errors import BackendUnavailableError, ConfigError, Interrupted, UsageError, did_you_mean
+from cortexbench.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    DeviceError,
+    Interrupted,
+    UsageError,
+    did_you_mean,
+)
 from cortexbench.models.backends import get_backend
 from cortexbench.models.backends.base import Backend, LoadedModel
 from cortexbench.models.registry import get_spec
@@ -106,6 +113,7 @@ class Run:
     mnist: list[dict[str, Any]] = field(default_factory=list)
     digits: list[dict[str, Any]] = field(default_factory=list)
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    broken: dict[tuple[str, str], str] = field(default_factory=dict)  # (engine, device) that would not start
 
     def points(self) -> int:
         return len(self.mlp2) + len(self.mnist) + len(self.digits)
@@ -120,7 +128,8 @@ class Run:
                 "policy": {"warmup_runs": p.policy.warmup_runs, "min_runs": p.policy.min_runs,
                            "max_seconds": p.policy.max_seconds, "target_rel_spread": p.policy.target_rel_spread},
                 "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),  # threads of MXNet's and torch's CPU kernels
-                "notes": list(p.notes), "models": self.models,
+                "notes": list(p.notes) + [f"{b} on {d} was skipped: {why}" for (b, d), why in self.broken.items()],
+                "models": self.models,
                 "mlp2": self.mlp2, "mnist": self.mnist, "digits": self.digits}
 
 
@@ -220,8 +229,18 @@ def total_points(plan: Plan) -> int:
 # --- the experiments -----------------------------------------------------------------------------
 
 
-def _load(run: Run, name: str, backend: Backend, device: str) -> LoadedModel:
-    model = backend.load(get_spec(name), run.plan.cfg.model_dir, device)
+def _load(run: Run, name: str, backend: Backend, device: str) -> LoadedModel | None:
+    """The model on the device; None (the column skipped, and said so) when the engine cannot start there,
+    e.g. an ONNX Runtime whose CUDA provider is listed but fails to load CUDA's libraries."""
+    if (backend.name, device) in run.broken:
+        return None
+    try:
+        model = backend.load(get_spec(name), run.plan.cfg.model_dir, device)
+    except DeviceError as e:
+        if backend.name == run.plan.backend:
+            raise
+        run.broken[(backend.name, device)] = str(e)
+        return None
     run.models.setdefault(name, {}).update(param_count=model.param_count, size_bytes=model.size_bytes)
     return model
 
@@ -238,6 +257,9 @@ def run_mlp2(run: Run, bar: Progress) -> None:
     for backend_name, device in plan.columns:
         bar.advance(0, note=f"mlp2 inference epoch, {backend_name} on {device}")
         model = _load(run, "mlp2", get_backend(backend_name), device)
+        if model is None:
+            bar.advance(1)
+            continue
         try:
             def epoch(rows: np.ndarray, predict: Callable[[np.ndarray], Any] = model.predict) -> None:
                 for i in starts:
@@ -270,6 +292,9 @@ def run_mnist(run: Run, bar: Progress) -> None:
         data = images.reshape(len(images), *spec.input_shape)
         for backend_name, device in plan.columns:
             model = _load(run, name, get_backend(backend_name), device)
+            if model is None:
+                bar.advance(len(plan.mnist_batches))
+                continue
             try:
                 for bs in plan.mnist_batches:
                     bar.advance(0, note=f"{name} inference, {backend_name} on {device}, batch {bs}")
@@ -297,6 +322,9 @@ def run_digits(run: Run, bar: Progress) -> None:
     for backend_name, device in plan.columns:
         backend = get_backend(backend_name)
         model = _load(run, "digits_cnn", backend, device)
+        if model is None:
+            bar.advance(len(plan.digits_batches))
+            continue
         try:
             for bs in plan.digits_batches:
                 bar.advance(0, note=f"digits_cnn ops, {backend_name} on {device}, batch {bs}")
@@ -370,6 +398,8 @@ def _body(argv: Sequence[str], args: argparse.Namespace) -> int:
             print(f"{PROG}: the experiments stopped{saved}", file=sys.stderr)
         raise
     body = write_outputs(run, run_dir, complete=True, started_at=started_at, argv=argv)
+    for (b, d), why in run.broken.items():
+        print(f"{PROG}: note: {b} on {d} was skipped: {why}", file=sys.stderr)
     print(console_summary(body), end="")
     print(f"\nresults: {run_dir}  (report.md, results.json, plots)")
     return 0

@@ -165,3 +165,24 @@ def test_python_m_cortexbench_report_renders_the_same_report_again(tiny_run, cap
     (run_dir / "report.md").unlink()
     assert report_main.main([str(run_dir)]) == 0
     assert (run_dir / "report.md").read_text() == written
+
+
+def test_an_engine_that_cannot_start_on_a_device_is_skipped_and_said(model_dir, monkeypatch, tmp_path, capsys):
+    from cortexbench.errors import DeviceError
+    from cortexbench.models.backends import get_backend
+
+    if not installed("onnxruntime"):
+        pytest.skip("onnxruntime is not installed")
+
+    def no_cuda(*args, **kwargs):  # as ONNX Runtime whose CUDA provider is listed but cannot load CUDA
+        raise DeviceError("onnxruntime could not start its CUDA provider")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(get_backend("onnxruntime"), "load", no_cuda)
+    argv = [*TINY, "mlp2", "digits", "--model-dir", str(model_dir), "--result-dir", str(tmp_path / "results")]
+    assert experiments.main(argv) == 0
+    assert "onnxruntime on cpu was skipped: onnxruntime could not start" in capsys.readouterr().err
+    doc = json.loads((only_run_dir(tmp_path / "results") / "results.json").read_text())
+    assert {r["backend"] for r in doc["mlp2"] + doc["digits"]} == {"mxnet"}
+    assert len(doc["digits"]) == len(SIZES)
+    assert any("skipped" in n for n in doc["notes"])
