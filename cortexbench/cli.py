@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one line)
     "stream": ("cortexbench.stream", "the image stream over Ray workers: cached vs cold vs LRU, per-image latency"),
     "single": ("cortexbench.single", "the single-device sweep: models x batch sizes x devices x backend"),
+    "experiments": ("cortexbench.experiments", "the small-model experiments: mlp2 epochs, mnist against batch size, digits per op"),
     "models": ("cortexbench.models.__main__", "list models; export them with random weights to model_dir"),
     "serve": ("cortexbench.serve", "the Ray workers behind an HTTP gateway (Open Inference Protocol v2)"),
     "images": ("cortexbench.images.__main__", "make a synthetic ImageNet-like set, or fetch one from a URL list"),

@@ -11,7 +11,7 @@ CORE = ("schedule", "balancer", "residency", "worker", "driver", "driver_types",
         "process_shards", "ledger", "stats", "timing", "config", "results", "errors", "protocol", "target",
         "report.stream_summary", "report.stream_report", "report.single_report", "models.registry",
         "models.backends.base", "traces", "peak_search", "sweep", "report.render", "report.html", "report.compare",
-        "report.__main__", "models.engines", "single_engines")
+        "report.__main__", "models.engines", "single_engines", "experiments", "report.experiments_report")
 HEAVY = ("ray", "torch", "mxnet", "onnxruntime", "openvino", "fastapi", "uvicorn")
 
 

@@ -2,7 +2,7 @@
 
 ``run_markdown(doc, run_dir)`` is what a run writes as report.md and what ``python -m cortexbench.report DIR``
 renders again: for ``stream`` the stream report, then the peak search, the cost and the sweep when the run
-had them; for ``single`` its report with the plots that are in ``run_dir``.  ``draw_derived`` draws the
+had them; for ``single`` and ``experiments`` its report with the plots that are in ``run_dir``.  ``draw_derived`` draws the
 pictures that follow from results.json alone (``rate_latency.png``, the sweep's) when they are missing.
 """
 
@@ -15,7 +15,8 @@ from typing import Any
 from cortexbench.errors import UsageError
 
 SINGLE_PLOTS = ("model_size.png", "speed_comparison.png", "batch_scaling.png", "op_profile.png")
-KINDS = ("single", "stream")
+EXPERIMENTS_PLOTS = ("mnist.png", "digits_ops.png")
+KINDS = ("single", "stream", "experiments")
 
 
 def stream_markdown(results: Mapping[str, Any]) -> str:
@@ -69,4 +70,9 @@ def run_markdown(doc: Mapping[str, Any], run_dir: Path) -> str:
 
         plots = [name for name in SINGLE_PLOTS if (Path(run_dir) / name).exists()]
         return markdown_report(doc, Path(run_dir).name, plots)
-    raise UsageError(f"{run_dir}: results of kind {kind!r}; this cortexbench reports {' and '.join(KINDS)} runs")
+    if kind == "experiments":
+        from cortexbench.report.experiments_report import markdown_report as experiments_markdown
+
+        plots = [name for name in EXPERIMENTS_PLOTS if (Path(run_dir) / name).exists()]
+        return experiments_markdown(doc, Path(run_dir).name, plots)
+    raise UsageError(f"{run_dir}: results of kind {kind!r}; this cortexbench reports {', '.join(KINDS)} runs")

@@ -341,7 +341,7 @@ def test_op_type_mapping():
 
 def test_aggregate_by_type_sums_and_divides_by_runs():
     stats = ('{"Time": {"operator": {"Convolution": {"Total": 30.0}, "_sg_mkldnn_conv": {"Total": 10.0}, '
-             '"Activation": {"Total": 2.0}, "DeleteVariable": {"Total": 0}}, '
+             '"Activation": {"Total": 2.0}, "DeleteVariable": {"Total": 1.0}, "WaitForVar": {"Total": 40.0}}, '
              '"MXNET_C_API": {"MXNDArraySyncCopyToCPU": {"Total": 99.0}}}, "Unit": {"Time": "ms"}}')
     assert aggregate_by_type(stats, runs=2) == pytest.approx({"convolution": 0.02, "activation": 0.001})
 

@@ -283,6 +283,11 @@ def op_type(op: str) -> str:
     return "other"
 
 
+# The engine's bookkeeping in the "operator" table, not operators: WaitForVar is the caller waiting for a
+# result (it overlaps the operators it waits for), DeleteVariable frees arrays.
+_ENGINE_ENTRIES = ("WaitForVar", "DeleteVariable")
+
+
 def aggregate_by_type(stats_json: str, runs: int) -> dict[str, float]:
     """Seconds per run in each operator type, from ``mx.profiler.dumps(format='json')``."""
     data = json.loads(stats_json)
@@ -290,7 +295,7 @@ def aggregate_by_type(stats_json: str, runs: int) -> dict[str, float]:
     out: dict[str, float] = {}
     for op, row in data.get("Time", {}).get("operator", {}).items():
         total = float(row.get("Total", 0.0)) * scale
-        if total > 0:
+        if total > 0 and op not in _ENGINE_ENTRIES:
             kind = op_type(op)
             out[kind] = out.get(kind, 0.0) + total / runs
     return out
