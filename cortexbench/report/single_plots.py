@@ -262,9 +262,25 @@ def plot_speed_fidelity(points: Sequence[Mapping[str, Any]], fidelity: Sequence[
         for ax in (top, bottom):
             ax.set_xscale("log")
             ax.grid(which="major", alpha=0.3)
+            _readable_log_x(ax)
     fig.legend(list(seen.values()), list(seen), fontsize=7, loc="outside right center",
                title="engine precision device\n(hollow: GPU)")
     return _save(fig, path)
+
+
+def _readable_log_x(ax: Any) -> None:
+    """Plain numbers on a log x axis, at powers of ten, or for a narrow axis at a few steps between them
+    (matplotlib labels every minor tick of a narrow axis, and they run into each other)."""
+    import math
+
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    lo, hi = ax.get_xlim()
+    decades = math.log10(hi / lo) if lo > 0 and hi > lo else 3.0
+    subs = tuple(range(1, 10)) if decades < 0.5 else (1, 2, 3, 5) if decades < 2 else (1,)
+    ax.xaxis.set_major_locator(LogLocator(subs=tuple(float(k) for k in subs)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def write_plots(body: Mapping[str, Any], out_dir: Path, *, gpu_on_machine: bool) -> list[Path]:
