@@ -31,7 +31,16 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_seconds, free_port, null_setup, print_table, verdict, wait_ready, write_json
+from common import (
+    cpu_seconds,
+    free_port,
+    null_backend,
+    null_setup,
+    print_table,
+    verdict,
+    wait_ready,
+    write_json,
+)
 from http_driver import _ms, lua_script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,7 +156,7 @@ def main() -> int:
             finally:
                 rc = stop_gateway(proc)
             got["gateways"][g] = {"cortexbench_c1": cb, "wrk": wrk, "exit": rc}
-        got["ray_path_c1"] = run_stream(["--cpu-workers", "1", "--mode", "cached", "--backend", "mxnet",
+        got["ray_path_c1"] = run_stream(["--cpu-workers", "1", "--mode", "cached", "--backend", null_backend(),
                                          "--model-dir", str(model_dir)],
                                         1, args.images, work, img_dir)
         rounds.append(got)
