@@ -19,13 +19,8 @@ from safetensors.torch import save_file  # noqa: E402
 from cortexbench.errors import ConfigError, DeviceError, ModelFileError, ModelNotFoundError  # noqa: E402
 from cortexbench.models.backends import get_backend, torch_nets  # noqa: E402
 from cortexbench.models.backends.base import OP_TYPES, Backend, ExportResult, LoadedModel, LoadOptions  # noqa: E402
-from cortexbench.models.backends.torch_impl import (  # noqa: E402
-    BACKEND,
-    TorchModel,
-    attribute_events,
-    op_category,
-    read_state_dict,
-)
+from cortexbench.models.backends.torch_impl import BACKEND, TorchModel, read_state_dict  # noqa: E402
+from cortexbench.models.backends.torch_profile import attribute_events, op_category  # noqa: E402
 from cortexbench.models.registry import GROUPS, REGISTRY, ModelSpec  # noqa: E402
 
 SEED = 7
