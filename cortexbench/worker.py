@@ -9,7 +9,8 @@ over free lanes, so several images are in flight at once, each through ``process
 can queue work without waiting (torch with CUDA graphs on a GPU) take the launched path instead: the
 calling thread queues each image of the group on the next lane's stream (``begin``), then collects the
 answers (``end``), so the GPU is fed by a few threads that never wait per image.  Its inputs are
-``inputs.WorkerInputs``, its models ``resident.ResidentModels``.
+``inputs.WorkerInputs``, its models ``resident.ResidentModels`` (in cached mode with ``WorkerSpec.engine``, built
+by that engine of ``models.engines`` instead of the backend).
 
 Per image the worker measures the stages of ``ledger.WORKER_STAGES`` (defined there and in
 docs/metrics.md): ``queue`` from the group's arrival to the image's start; ``input`` and ``decode`` (0 with
