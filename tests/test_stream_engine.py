@@ -1,8 +1,9 @@
 """``stream --engine``: cached mode's models built by an engine (``models.engines``) instead of the backend.
 
-A CPU ModelWorker in cached mode with 3 lanes runs a group of images through ``ort``, ``compile`` and
-``openvino`` and answers as fp32 eager torch does (top-1 and logit sum); the engine's model is what the
-worker holds, and OpenVINO's lanes each have their own infer request.  One short run of the real command
+A CPU ModelWorker in cached mode with 3 lanes runs a group of images through ``ort``, ``ort-none``,
+``compile`` and ``openvino`` and answers as fp32 eager torch does (top-1 and logit sum); the engine's model
+(ORT: at the engine's optimisation level) is what the worker holds, and OpenVINO's lanes each have their own
+infer request.  One short run of the real command
 through Ray with ``--engine ort`` writes the engine into results.json and the report.  (The refusals, exit 2
 with one line, are test_stream_cli.py's bad inputs.)
 """
@@ -32,8 +33,8 @@ MODELS = ("digits_cnn", "mnist_cnn")
 LANES = 3
 N = 48
 # fp32 engines differ from eager by rounding: ORT and OpenVINO reorder sums, inductor fuses and vectorises
-SUM_TOL = {"ort": 1e-3, "openvino": 1e-3, "compile": 1e-2}
-HELD_TYPE = {"ort": "OnnxModel", "openvino": "OpenVinoModel", "compile": "CompiledModel"}
+SUM_TOL = {"ort": 1e-3, "ort-none": 1e-3, "openvino": 1e-3, "compile": 1e-2}
+HELD_TYPE = {"ort": "OnnxModel", "ort-none": "OnnxModel", "openvino": "OpenVinoModel", "compile": "CompiledModel"}
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def _compiler() -> str | None:
     return shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
-@pytest.mark.parametrize("engine", ["ort", "openvino", "compile"])
+@pytest.mark.parametrize("engine", ["ort", "ort-none", "openvino", "compile"])
 def test_a_cached_cpu_worker_with_an_engine_answers_as_eager_on_every_lane(engine_models, image_dir, eager, engine):
     if engines.missing(engine):
         pytest.skip(engines.missing(engine))
@@ -85,6 +86,11 @@ def test_a_cached_cpu_worker_with_an_engine_answers_as_eager_on_every_lane(engin
         got = _answers(w)
         held = {name: h.model for name, h in w.models.held.items()}
         assert {type(m).__name__ for m in held.values()} == {HELD_TYPE[engine]}  # the engine's, not the backend's
+        if engine.startswith("ort"):  # the engine's session, at its optimisation level (ort-none: the graph as is)
+            from cortexbench.models.engines.ort_engines import LEVELS
+
+            for m in held.values():
+                assert m.session.get_session_options().graph_optimization_level == LEVELS[engine]  # type: ignore[attr-defined]
         if engine == "openvino":  # warmed on every lane: a request per lane, never one shared
             for m in held.values():
                 assert sorted(m._requests) == list(range(LANES))  # type: ignore[attr-defined]
