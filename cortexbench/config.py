@@ -31,6 +31,7 @@ DispatchName = Literal["auto", "actor", "grouped", "compiled"]
 RecordsFormat = Literal["csv.gz", "none"]
 EngineName = Literal["eager", "graphs", "compile", "ort", "ort-basic", "ort-none", "openvino", "tensorrt"]
 EnginePrecision = Literal["fp32", "fp16", "bf16", "int8"]
+StreamEngine = Literal["backend", "eager", "graphs", "compile", "ort", "ort-basic", "ort-none", "openvino", "tensorrt"]
 
 DEFAULT_CONFIG = Path("config.json")
 # The repository's config.json, shipped inside the package: what a run uses when there is no ./config.json
@@ -100,6 +101,7 @@ class StreamConfig:
     peak_late_ms: float = 1.0  # a step's image is late when sent more than this after its time; 1% may be
     sweep: str = ""  # 'lru:1,2,4,8', 'concurrency:1,4,16' or 'rate:50,100': the same stream at each value (sweep.py); '' = no sweep
     gpu_hour_cost: float | None = None  # price of a worker (GPU) hour: cost per million images per mode
+    engine: StreamEngine = "backend"  # cached mode's engine (models/engines); backend = the backend's own path
 
 
 @dataclass(frozen=True)

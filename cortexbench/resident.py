@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from cortexbench.models.backends.base import (
     Backend,
     BlobLoader,
@@ -40,11 +42,14 @@ class Held:
 
 class ResidentModels:
     """See the module docstring.  ``loader``: the mode's on-demand loader (None in cached mode until a
-    model outside the list is asked for)."""
+    model outside the list is asked for).  ``engine`` (``models.engines``; "" = the backend): the engine
+    that builds cached mode's preloaded models, each built and run once on ``sample(spec)``."""
 
     def __init__(self, names: Sequence[str], backend: Backend, model_dir: Path, device: str, options: LoadOptions,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter, engine: str = "",
+                 sample: Callable[[ModelSpec], np.ndarray] | None = None) -> None:
         self.backend, self.model_dir, self.device, self.options, self.clock = backend, model_dir, device, options, clock
+        self.engine, self.sample = engine, sample
         self.residency: Residency = make_residency(parse_mode("cold"), ())
         self.held: dict[str, Held] = {}
         self.loader: ModelLoader | None = None
@@ -58,7 +63,17 @@ class ResidentModels:
         self.close()
         self.residency = make_residency(mode, tuple(s.name for s in preload))
         for spec in preload:
-            self.held[spec.name] = Held(self.backend.load(spec, self.model_dir, self.device, self.options))
+            self.held[spec.name] = Held(self._preload(spec))
+
+    def _preload(self, spec: ModelSpec) -> LoadedModel:
+        """A cached model: through the engine when there is one, else the backend's own ``load``."""
+        if not self.engine:
+            return self.backend.load(spec, self.model_dir, self.device, self.options)
+        from cortexbench.models.engines import load_engine
+
+        sample = self.sample(spec) if self.sample is not None else np.zeros((1, *spec.input_shape), np.float32)
+        return load_engine(self.engine, self.options.precision, spec, self.model_dir, self.device,
+                           np.empty((0, *spec.input_shape), np.float32), sample, lanes=self.options.lanes)
 
     def reset_counts(self) -> None:
         with self.lock:

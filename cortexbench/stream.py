@@ -38,6 +38,7 @@ STREAM_KEYS = {
     "input_shape": "stream.input_shape", "http_client": "stream.http_client", "find_peak": "stream.find_peak",
     "slo": "stream.slo", "peak_precision": "stream.peak_precision", "peak_tolerance": "stream.peak_tolerance",
     "sweep": "stream.sweep", "peak_late_ms": "stream.peak_late_ms", "gpu_hour_cost": "stream.gpu_hour_cost",
+    "engine": "stream.engine",
 }
 
 
@@ -122,6 +123,10 @@ def build_parser() -> ArgumentParser:
       help="the same stream at each value: lru:K,K (each LRU capacity, with cold, swap and cached from --mode "
            "as its ends; cache_sweep.png), concurrency:C,C (images in flight) or rate:R,R (images/s); a table "
            "and concurrency_sweep.png / rate_sweep.png [stream.sweep]")
+    a("--engine", metavar="E",
+      help="cached mode's engine: backend (the backend's own path), eager, graphs, compile, ort, ort-basic, "
+           "ort-none, openvino or tensorrt at --precision; each model built once before the run "
+           "[stream.engine]")
     a("--peak-tolerance", type=float, metavar="F",
       help="a step's measurement windows must agree within this fraction (default 0.2) [stream.peak_tolerance]")
     return p

@@ -3,8 +3,8 @@ dispatch path, drivers and one seeded schedule (``coordinator.run_stream`` runs 
 
 ``plan_stream`` plans cortexbench's own workers (one per GPU, else CPU workers), exporting missing models and
 making the default image set; ``plan_http`` plans a run against an Open Inference Protocol server (no Ray, no
-model files).  ``call_depth`` sizes the calls in flight per worker; ``check_precision`` and ``_check_gpus``
-refuse what cannot run before anything starts.
+model files).  ``call_depth`` sizes the calls in flight per worker; ``check_precision``, ``check_engine`` and
+``_check_gpus`` refuse what cannot run before anything starts.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from cortexbench import machine
 from cortexbench.config import Config
-from cortexbench.errors import ConfigError, DeviceError, ModelNotFoundError
+from cortexbench.errors import BackendUnavailableError, ConfigError, DeviceError, ModelNotFoundError
 from cortexbench.images.dataset import ensure_images
 from cortexbench.models.backends import resolve_backend
 from cortexbench.models.export import ensure_models, missing_models
@@ -44,6 +44,7 @@ class StreamPlan:
     depth: int
     schedule: Schedule
     modes: tuple[str, ...] = ()  # the passes to run; () = cfg.stream.modes
+    engine: str = "backend"  # cached mode's engine (stream.engine); backend = the backend's own path
 
     @property
     def run_modes(self) -> tuple[str, ...]:
@@ -68,6 +69,9 @@ def plan_http(cfg: Config, *, quiet: bool = False) -> StreamPlan:
     if cfg.from_flag("stream.modes") or (st.sweep and st.sweep.strip().lower().startswith("lru")):
         flag = "--mode" if cfg.from_flag("stream.modes") else "--sweep lru"
         raise ConfigError(f"{flag} does not apply with --target: what stays loaded is the server's business")
+    if st.engine != "backend":
+        raise ConfigError(f"--engine {st.engine} applies to cortexbench's own workers; an HTTP target runs its "
+                          "models its own way (leave --engine out with --target)")
     if st.inputs != "pool" or st.decode != "cpu":
         raise ConfigError("--inputs/--decode apply to cortexbench's own workers; an HTTP target gets decoded "
                           "tensors (leave them out with --target)")
@@ -127,7 +131,10 @@ def plan_stream(cfg: Config, resources: dict[str, float], *, quiet: bool = False
     cpus_each = float(math.floor(cpus_each)) if cpus_each >= 1 else cpus_each
     threads_each = max(1, int(cpus_each))
     models = expand_model_names(cfg.models)
-    if cfg.backend == "auto":
+    engine = st.engine
+    if engine != "backend":  # its framework's files; the refusals before anything is exported or started
+        backend = check_engine(cfg, gpu)
+    elif cfg.backend == "auto":
         backend = "torch" if gpu else resolve_backend("auto", ["cpu"])
     else:
         backend = resolve_backend(cfg.backend)
@@ -154,7 +161,8 @@ def plan_stream(cfg: Config, resources: dict[str, float], *, quiet: bool = False
         WorkerSpec(name=f"{'gpu' if gpu else 'cpu'}{i}", device="gpu:0" if gpu else "cpu", backend=backend,
                    model_dir=str(model_dir), models=models, images=tuple(str(p) for p in images), lanes=lanes,
                    precision=cfg.precision, cuda_graphs=gpu and backend == "torch", image_pool=st.image_pool,
-                   drop_cache=st.cold_drop_cache, cold_rebuild=st.cold_rebuild, inputs=st.inputs, decode=st.decode)
+                   drop_cache=st.cold_drop_cache, cold_rebuild=st.cold_rebuild, inputs=st.inputs, decode=st.decode,
+                   engine="" if engine == "backend" else engine)
         for i in range(n_workers))
     # auto = grouped: a worker runs several grouped calls at once (Ray's threads), so its lanes never
     # wait for the slowest image of a group; a compiled graph runs its executions one after another on
@@ -168,13 +176,48 @@ def plan_stream(cfg: Config, resources: dict[str, float], *, quiet: bool = False
     schedule = make_schedule(count=cfg.times, models=models, n_images=len(images), popularity=st.popularity,
                              weights=st.model_weights, rate=base_rate(st), duration_s=st.duration_s,
                              warmup=st.warmup, seed=cfg.seed, arrivals=st.arrivals)
-    modes: tuple[str, ...] = ()
-    if st.sweep:  # the same stream at each capacity (its ends as --mode lists them), concurrency or rate
-        from cortexbench.sweep import sweep_modes
-
-        modes = sweep_modes(st.sweep, st.modes)
     return StreamPlan(cfg, backend, models, tuple(str(p) for p in images), workers, gpu, cpus_each,
-                      threads_each, dispatch, drivers, max_group, depth, schedule, modes=modes)
+                      threads_each, dispatch, drivers, max_group, depth, schedule, modes=stream_modes(cfg),
+                      engine=engine)
+
+
+def stream_modes(cfg: Config) -> tuple[str, ...]:
+    """The passes of a sweep (the same stream at each capacity, its ends as --mode lists them, concurrency
+    or rate); () = ``stream.modes`` as they are."""
+    st = cfg.stream
+    if not st.sweep:
+        return ()
+    from cortexbench.sweep import sweep_modes
+
+    return sweep_modes(st.sweep, st.modes)
+
+
+def check_engine(cfg: Config, gpu: bool) -> str:
+    """``--engine``: the backend whose files it runs, after the refusals said before anything starts: the
+    engine's package missing, a backend named that is not its framework, a precision or device it cannot run,
+    a pass that is not cached mode (an engine builds each model once, before the run)."""
+    from cortexbench.models import engines
+    from cortexbench.sweep import split_pass
+
+    engine = cfg.stream.engine
+    why = engines.missing(engine)
+    if why:
+        raise BackendUnavailableError(why)
+    backend = engines.framework(engine)
+    if cfg.backend not in ("auto", backend):
+        raise ConfigError(f"--engine {engine} runs {backend} files, not --backend {cfg.backend}: leave "
+                          f"--backend out (or use --backend {backend})")
+    device = "gpu:0" if gpu else "cpu"
+    try:
+        engines.check(engine, cfg.precision, device)
+    except engines.EngineSkip as e:
+        raise DeviceError(f"--engine {engine} --precision {cfg.precision} on {'GPU' if gpu else 'CPU'} "
+                          f"workers: {e}") from None
+    others = [m for m in (stream_modes(cfg) or cfg.stream.modes) if parse_mode(split_pass(m)[0]).kind != "cached"]
+    if others:
+        raise ConfigError(f"--engine {engine} applies to cached mode only (the engine builds each model once, "
+                          f"before the run), and this run has {', '.join(others)}; use --mode cached")
+    return backend
 
 
 def check_precision(cfg: Config, gpu: bool) -> None:

@@ -43,7 +43,7 @@ def make_results(plan: StreamPlan, target: Target, run: StreamRun, port: int | N
                 "concurrency": cfg.stream.concurrency, "rate": cfg.stream.rate, "images": cfg.times,
                 "warmup": cfg.stream.warmup, "popularity": cfg.stream.popularity,
                 "arrivals": cfg.stream.arrivals, "metrics_port": port,
-                "backend": plan.backend, "lanes": plan.workers[0].lanes if plan.workers else None,
+                "backend": plan.backend, "engine": plan.engine, "lanes": plan.workers[0].lanes if plan.workers else None,
                 "max_group": plan.max_group, "inputs": cfg.stream.inputs, "decode": cfg.stream.decode,
                 "depth": plan.depth, "image_files": len(plan.images), "models": list(plan.models),
                 "interrupted": run.interrupted, "error": run.error},

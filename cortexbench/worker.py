@@ -9,7 +9,8 @@ over free lanes, so several images are in flight at once, each through ``process
 can queue work without waiting (torch with CUDA graphs on a GPU) take the launched path instead: the
 calling thread queues each image of the group on the next lane's stream (``begin``), then collects the
 answers (``end``), so the GPU is fed by a few threads that never wait per image.  Its inputs are
-``inputs.WorkerInputs``, its models ``resident.ResidentModels``.
+``inputs.WorkerInputs``, its models ``resident.ResidentModels`` (in cached mode with ``WorkerSpec.engine``, built
+by that engine of ``models.engines`` instead of the backend).
 
 Per image the worker measures the stages of ``ledger.WORKER_STAGES`` (defined there and in
 docs/metrics.md): ``queue`` from the group's arrival to the image's start; ``input`` and ``decode`` (0 with
@@ -113,6 +114,7 @@ class WorkerSpec:
     cold_rebuild: bool = False  # cold/swap: build the network's structure for every load, timed as 'build'
     inputs: str = "pool"  # pool: a decoded pool reused (not in cold); jpeg: every image read and decoded
     decode: str = "cpu"  # jpeg inputs on a GPU worker: cpu (OpenCV) or gpu (the backend's GPU decoder)
+    engine: str = ""  # cached mode's models built by this engine (models.engines); "" = the backend's load
 
 
 class ModelWorker:
@@ -132,7 +134,8 @@ class ModelWorker:
         self.options = LoadOptions(precision=spec.precision, lanes=max(1, spec.lanes),  # type: ignore[arg-type]
                                    cuda_graphs=spec.cuda_graphs)
         self.mode: Mode = parse_mode("cold")
-        self.models = ResidentModels(spec.models, backend, self.model_dir, spec.device, self.options, clock)
+        self.models = ResidentModels(spec.models, backend, self.model_dir, spec.device, self.options, clock,
+                                     engine=spec.engine, sample=lambda s: self.inputs.warm(s))
         self.inputs = WorkerInputs(spec.images, pool_size=spec.image_pool, inputs=spec.inputs, decode=spec.decode,
                                    device=spec.device, backend=backend, threads=self.options.lanes, name=spec.name,
                                    drop_cache=spec.drop_cache, clock=clock)
@@ -160,6 +163,9 @@ class ModelWorker:
         # 32 images/s at 5 ms, 48 at 0.5 ms).  A process-wide setting: this worker process is ours.
         sys.setswitchinterval(LOADING_SWITCH_S if kind != "cached" else
                               INPUTS_SWITCH_S if self.spec.inputs == "jpeg" else CACHED_SWITCH_S)
+        t_pool = self.clock()
+        if self.spec.engine and kind == "cached":  # an engine builds each model on one pooled input: the pool first
+            self.inputs.configure(kind, self.specs)
         t_models = self.clock()
         info: dict[str, float] = {}
         self.models.reset(self.mode, self.specs if kind == "cached" else ())
@@ -188,7 +194,7 @@ class ModelWorker:
         end = self.clock()
         sizes = {f"model_bytes.{spec.name}": float(files_size(self.backend.model_files(spec, self.model_dir)))
                  for spec in self.specs}
-        return {"models_s": t_inputs - t_models, "inputs_s": t_warm - t_inputs, "warm_s": end - t_warm,
+        return {"models_s": t_inputs - t_models, "inputs_s": t_warm - t_inputs + t_models - t_pool, "warm_s": end - t_warm,
                 "total_s": end - t0, **{f"loader_{k}": float(v) for k, v in info.items()}, **sizes}
 
     def _warm_lanes(self) -> None:

@@ -133,6 +133,8 @@ BAD = {
     "slo": ("--slo", "p99=20"),
     "slo-without-find-peak": ("--slo", "p99=20ms"),
     "sweep": ("--sweep", "lru:0,2"),
+    "engine-not-cached": ("--engine", "ort"),  # with MODES: cached, cold, lru:1
+    "engine-graphs-on-cpu": ("--engine", "graphs"),
 }
 EXPECT = {
     "unknown-model": "resnet9000",
@@ -150,6 +152,9 @@ EXPECT = {
     "slo": "--slo: 'stream.slo': 'p99=20' is not an SLO: use STAT=LIMIT with STAT mean or pQ (0 < Q < 100)",
     "slo-without-find-peak": "'stream.slo' applies to the peak search: add --find-peak",
     "sweep": "--sweep: 'stream.sweep': 'lru:0,2' is not a sweep: use lru:K,K,...",
+    "engine-not-cached": "--engine ort applies to cached mode only (the engine builds each model once, before the "
+                         "run), and this run has cold, lru:1; use --mode cached",
+    "engine-graphs-on-cpu": "--engine graphs --precision fp32 on CPU workers: graphs: CUDA graphs need a GPU",
 }
 
 

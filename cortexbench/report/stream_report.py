@@ -270,7 +270,8 @@ def _header_lines(results: Mapping[str, Any]) -> list[str]:
         f"{format_bytes(mach.get('memory_bytes'))} memory; GPUs: {gpus}",
         f"- workers: {len(workers)} ({', '.join(f'{n}× {d}' for d, n in devices.items()) or 'none'})"
         + (f" on {len(nodes)} node(s)" if nodes else "")
-        + (f", backend {run['backend']}" if run.get("backend") else ""),
+        + (f", backend {run['backend']}" if run.get("backend") else "")
+        + (f", engine {run['engine']} (cached)" if run.get("engine") not in (None, "backend") else ""),
         f"- {_int(run.get('images'))} images ({_int(run.get('warmup'))} warm-up, not counted), one random model "
         f"each at batch size 1, popularity {run.get('popularity', MISSING)}; {loop}",
         f"- models: {', '.join(map(str, models)) or MISSING}",

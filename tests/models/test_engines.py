@@ -114,16 +114,17 @@ def test_an_engine_that_is_not_installed_names_its_extra(setup):
                             "pip install 'cortexbench[tensorrt]'")
 
 
-def test_a_compiler_that_fails_is_a_skip_not_a_crash(setup, monkeypatch):
+def test_a_compiler_that_fails_is_a_skip_not_a_crash(setup):
     """torch.compile on the CPU needs a C++ compiler; one that is not there fails the first call (the
-    build's warm-up), which is a skip with the reason."""
+    build's warm-up), which is a skip with the reason.  (inductor's own ``patch``, not monkeypatch: undoing
+    monkeypatch's setattr on inductor's config deleted ``fx_graph_cache``, and every later compile failed.)"""
     import torch._inductor.config as inductor
 
     spec, model_dir, fid, calib, _ = setup
-    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/c++",))
-    monkeypatch.setattr(inductor, "fx_graph_cache", False)
-    with pytest.raises(eng.EngineSkip, match="compile fp32 failed to build or run on cpu"):
-        eng.load_engine("compile", "fp32", spec, model_dir, "cpu", calib, fid[:CHUNK + 1])
+    with inductor.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}):
+        with pytest.raises(eng.EngineSkip, match="compile fp32 failed to build or run on cpu"):
+            eng.load_engine("compile", "fp32", spec, model_dir, "cpu", calib, fid[:CHUNK + 1])
+    assert inductor.fx_graph_cache is not None  # still there
 
 
 def test_the_onnx_and_torch_files_hold_the_same_weights(setup):

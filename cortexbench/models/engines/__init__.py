@@ -91,18 +91,50 @@ def missing(engine: str) -> str | None:
     return None
 
 
+def check(engine: str, precision: str, device: str) -> None:
+    """``EngineSkip`` when ``engine`` cannot run ``precision`` on ``device`` at all: the combinations known
+    without importing a framework (``stream --engine`` says them before the run; ``load_engine`` checks
+    them first, and its build can still find more, such as a missing compiler or execution provider)."""
+    gpu = device.startswith("gpu")
+    fam = _FAMILY_OF[engine]
+    if fam == "torch":
+        if precision == "int8":
+            raise EngineSkip(f"{engine} int8: torch's int8 paths are not an engine here; int8 runs in ort and openvino")
+        if engine == "graphs" and not gpu:
+            raise EngineSkip("graphs: CUDA graphs need a GPU")
+        if precision == "fp16" and not gpu:
+            raise EngineSkip(f"{engine} fp16 on cpu: torch has no fast fp16 CPU kernels; use bf16 on the CPU")
+    elif fam == "ort":
+        if precision in ("fp16", "bf16"):
+            raise EngineSkip(f"{engine} {precision}: not offered (ONNX Runtime's CPU kernels are fp32 and int8); "
+                             f"torch runs {precision}")
+    elif fam == "openvino":
+        if gpu:
+            raise EngineSkip("openvino: runs on the CPU here (its GPU plugin is for Intel GPUs)")
+        if precision == "fp16":
+            raise EngineSkip("openvino fp16: not a CPU precision; bf16 and int8 are")
+    elif fam == "tensorrt":
+        if not gpu:
+            raise EngineSkip("tensorrt: needs a GPU")
+        if precision not in ("fp32", "fp16"):
+            raise EngineSkip(f"tensorrt {precision}: not offered (fp32 and fp16 are)")
+
+
 def load_engine(engine: str, precision: str, spec: ModelSpec, model_dir: Path, device: str,
-                calibration: np.ndarray, sample: np.ndarray) -> LoadedModel:
+                calibration: np.ndarray, sample: np.ndarray, lanes: int = 1) -> LoadedModel:
     """``spec`` on ``device`` through ``engine`` at ``precision``, built and run once on ``sample`` (so that
     a lazy compiler fails here, as an ``EngineSkip``, not in the timing).  ``calibration``: preprocessed
     images of the run's set for post-training int8 quantisation (quantised files are cached in
-    ``model_dir`` beside the originals)."""
+    ``model_dir`` beside the originals).  ``lanes``: threads that will call ``predict`` at once, each with
+    its own lane index (a stream worker's lanes: a CUDA stream each in torch, an infer request each in
+    OpenVINO)."""
     why = missing(engine)
     if why:
         raise BackendUnavailableError(why)
+    check(engine, precision, device)
     module = importlib.import_module(family(engine).module)
     try:
-        model: LoadedModel = module.load(engine, precision, spec, Path(model_dir), device, calibration)
+        model: LoadedModel = module.load(engine, precision, spec, Path(model_dir), device, calibration, lanes)
     except DeviceError as e:  # this engine's runtime cannot use the device (say onnxruntime without CUDA)
         raise EngineSkip(f"{engine} {precision} on {device}: {e}") from None
     try:
@@ -118,5 +150,5 @@ def load_engine(engine: str, precision: str, spec: ModelSpec, model_dir: Path, d
     return model
 
 
-__all__ = ["ENGINES", "PRECISIONS", "REFERENCE", "EngineName", "EnginePrecision", "EngineSkip", "family",
+__all__ = ["ENGINES", "PRECISIONS", "REFERENCE", "EngineName", "EnginePrecision", "EngineSkip", "check", "family",
            "framework", "load_engine", "missing", "runtime"]

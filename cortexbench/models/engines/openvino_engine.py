@@ -13,17 +13,20 @@ asked for, so fp32 is fp32 (the plugin's default on a CPU with bf16 units would 
   not used: its releases that install beside numpy 1.23 pull in pandas, scipy and scikit-learn.
 - fp16 is not a CPU precision: skipped.
 
-One infer request per model; OpenVINO uses every core of the machine for it (its own thread pool).
+One infer request per lane (``predict``'s ``lane``), made on a lane's first call, each used by one thread
+at a time (its lock), so a stream worker's lanes run a model at once; OpenVINO runs each request on its own
+thread pool (every core of the machine).
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
 import openvino as ov
 
-from cortexbench.models.backends.base import LoadedModel, files_size, parse_device, require_files
+from cortexbench.models.backends.base import LoadedModel, files_size, require_files
 from cortexbench.models.backends.onnx_impl import BACKEND as ONNX
 from cortexbench.models.backends.onnx_impl import file_param_count
 from cortexbench.models.engines import EngineSkip
@@ -64,31 +67,44 @@ def converted(spec: ModelSpec, onnx_file: Path, xml: Path) -> Path:
 
 
 class OpenVinoModel:
-    """A compiled OpenVINO model and its infer request."""
+    """A compiled OpenVINO model and an infer request per lane (lane 0's made now), each behind a lock."""
 
     def __init__(self, spec: ModelSpec, device: str, compiled: ov.CompiledModel, size_bytes: int, params: int) -> None:
         self.spec, self.device, self.size_bytes, self.param_count = spec, device, size_bytes, params
         self._compiled: ov.CompiledModel | None = compiled
-        self._request = compiled.create_infer_request()
+        self._lock = threading.Lock()  # guards _requests (making a lane's request)
+        self._requests: dict[int, tuple[threading.Lock, ov.InferRequest]] = {
+            0: (threading.Lock(), compiled.create_infer_request())}
         self.inference_precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+
+    def _request(self, lane: int) -> tuple[threading.Lock, ov.InferRequest]:
+        entry = self._requests.get(lane)
+        if entry is None:
+            with self._lock:
+                entry = self._requests.get(lane)
+                if entry is None:
+                    compiled = self._compiled
+                    if compiled is None:
+                        raise RuntimeError(f"model '{self.spec.name}' on {self.device} was closed")
+                    entry = self._requests[lane] = (threading.Lock(), compiled.create_infer_request())
+        return entry
 
     def predict(self, batch: np.ndarray, lane: int = 0) -> np.ndarray:
         if self._compiled is None:
             raise RuntimeError(f"model '{self.spec.name}' on {self.device} was closed")
         x = np.ascontiguousarray(batch, dtype=np.float32)
-        self._request.infer({0: x})
-        return np.array(self._request.get_output_tensor(0).data, dtype=np.float32)
+        lock, request = self._request(lane)
+        with lock:
+            request.infer({0: x})
+            return np.array(request.get_output_tensor(0).data, dtype=np.float32)
 
     def close(self) -> None:
-        self._compiled, self._request = None, None
+        with self._lock:
+            self._compiled, self._requests = None, {}
 
 
 def load(engine: str, precision: str, spec: ModelSpec, model_dir: Path, device: str,
-         calibration: np.ndarray) -> LoadedModel:
-    if parse_device(device)[0] != "cpu":
-        raise EngineSkip("openvino: runs on the CPU here (its GPU plugin is for Intel GPUs)")
-    if precision == "fp16":
-        raise EngineSkip("openvino fp16: not a CPU precision; bf16 and int8 are")
+         calibration: np.ndarray, lanes: int = 1) -> LoadedModel:
     if precision == "int8":
         from cortexbench.models.engines.ort_engines import quantized
 

@@ -73,26 +73,27 @@ def quantized(spec: ModelSpec, model_dir: Path, calibration: np.ndarray) -> Path
     return out
 
 
-def session_model(spec: ModelSpec, path: Path, device: str, level: ort.GraphOptimizationLevel) -> OnnxModel:
-    """An ``OnnxModel`` of the file ``path`` at optimisation ``level`` on ``device``."""
+def session_model(spec: ModelSpec, path: Path, device: str, level: ort.GraphOptimizationLevel,
+                  lanes: int = 1) -> OnnxModel:
+    """An ``OnnxModel`` of the file ``path`` at optimisation ``level`` on ``device``, called from ``lanes``
+    lanes (threads) at once."""
     options = ort.SessionOptions()
     options.graph_optimization_level = level
     data = path.read_bytes()
     session = BACKEND._session(data, device, options)
     meta = session.get_modelmeta().custom_metadata_map
     params = int(meta["params"]) if meta.get("params", "").isdigit() else None
-    return OnnxModel(spec, device, session, path, len(data), 1, params)
+    return OnnxModel(spec, device, session, path, len(data), lanes, params)
 
 
 def load(engine: str, precision: str, spec: ModelSpec, model_dir: Path, device: str,
-         calibration: np.ndarray) -> LoadedModel:
-    if precision in ("fp16", "bf16"):
-        raise EngineSkip(f"{engine} {precision}: not offered (ONNX Runtime's CPU kernels are fp32 and int8); "
-                         f"torch runs {precision}")
+         calibration: np.ndarray, lanes: int = 1) -> LoadedModel:
+    """(engines.check has refused fp16 and bf16; an ORT session is safe for several threads: ``lanes``
+    needs nothing.)"""
     BACKEND._providers(device)  # a GPU without the CUDA provider (DeviceError: a skip), before the quantisation
     if precision == "int8":
         path = quantized(spec, model_dir, calibration)
     else:
         (path,) = BACKEND.model_files(spec, model_dir)
         require_files(spec, [path], BACKEND.name)
-    return session_model(spec, path, device, LEVELS[engine])
+    return session_model(spec, path, device, LEVELS[engine], lanes)

@@ -21,12 +21,8 @@ PROVIDER = "TensorrtExecutionProvider"
 
 
 def load(engine: str, precision: str, spec: ModelSpec, model_dir: Path, device: str,
-         calibration: np.ndarray) -> LoadedModel:
-    kind, index = parse_device(device)
-    if kind != "gpu":
-        raise EngineSkip("tensorrt: needs a GPU")
-    if precision not in ("fp32", "fp16"):
-        raise EngineSkip(f"tensorrt {precision}: not offered (fp32 and fp16 are)")
+         calibration: np.ndarray, lanes: int = 1) -> LoadedModel:
+    _, index = parse_device(device)  # a GPU, fp32 or fp16: engines.check said so
     if PROVIDER not in ort.get_available_providers():
         raise EngineSkip(f"tensorrt: this onnxruntime {ort.__version__} has no {PROVIDER} "
                          "(install onnxruntime-gpu with the TensorRT libraries)")
@@ -41,4 +37,4 @@ def load(engine: str, precision: str, spec: ModelSpec, model_dir: Path, device: 
                                    providers=[(PROVIDER, trt), ("CUDAExecutionProvider", {"device_id": index})])
     if session.get_providers()[0] != PROVIDER:
         raise EngineSkip("tensorrt: onnxruntime could not start its TensorRT provider (libraries missing?)")
-    return OnnxModel(spec, device, session, path, len(data), 1, None)
+    return OnnxModel(spec, device, session, path, len(data), lanes, None)

@@ -20,21 +20,9 @@ import torch
 
 from cortexbench.models.backends.base import LoadedModel, LoadOptions, parse_device
 from cortexbench.models.backends.torch_impl import BACKEND, REDUCED, TorchModel
-from cortexbench.models.engines import EngineSkip
 from cortexbench.models.registry import ModelSpec
 
 COMPILE_MODE = "default"  # torch.compile's mode; 'max-autotune' tunes longer (minutes per model on 2 cores)
-
-
-def check(engine: str, precision: str, device: str) -> None:
-    """EngineSkip when ``engine`` cannot run ``precision`` on ``device``."""
-    gpu = parse_device(device)[0] == "gpu"
-    if precision == "int8":
-        raise EngineSkip(f"{engine} int8: torch's int8 paths are not an engine here; int8 runs in ort and openvino")
-    if engine == "graphs" and not gpu:
-        raise EngineSkip("graphs: CUDA graphs need a GPU")
-    if precision == "fp16" and not gpu:
-        raise EngineSkip(f"{engine} fp16 on cpu: torch has no fast fp16 CPU kernels; use bf16 on the CPU")
 
 
 class CompiledModel:
@@ -69,9 +57,8 @@ class CompiledModel:
 
 
 def load(engine: str, precision: str, spec: ModelSpec, model_dir: Path, device: str,
-         calibration: np.ndarray) -> LoadedModel:
-    check(engine, precision, device)
-    options = LoadOptions(precision=precision, cuda_graphs=engine == "graphs")  # type: ignore[arg-type]
+         calibration: np.ndarray, lanes: int = 1) -> LoadedModel:
+    options = LoadOptions(precision=precision, cuda_graphs=engine == "graphs", lanes=lanes)  # type: ignore[arg-type]
     model = BACKEND.load(spec, model_dir, device, options)
     if engine != "compile":
         return model
