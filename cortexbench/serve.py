@@ -303,6 +303,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_exposure(cfg.serve.host, token, args.insecure)
         if args.gateways < 1:
             raise UsageError(f"--gateways must be 1 or more, not {args.gateways}")
+        if cfg.stream.engine != "backend":
+            raise ConfigError(f"stream.engine is '{cfg.stream.engine}' in {cfg.path or 'the config'}: engines apply to "
+                              "python -m cortexbench.stream; serve runs the backend's own path (set it to "
+                              "'backend' or use another config)")
         return serve(cfg, token=token, gateways=args.gateways, quiet=args.quiet)
 
     return run_main(body, PROG)

@@ -218,3 +218,11 @@ def test_the_command_refuses_an_open_host_without_a_token_and_a_port_in_use(caps
     assert "unknown mode 'hot'" in capsys.readouterr().err
     assert serve_main(["--max-inflight", "0", "--models", "null"]) == 2
     assert "'serve.max_inflight' must be 1 or more" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_config_that_sets_the_stream_engine(tmp_path, capsys):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"models": ["null"], "stream": {"engine": "ort"}}))
+    assert serve_main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stream.engine is 'ort'" in err[0] and "serve runs the backend's own path" in err[0]
