@@ -186,3 +186,10 @@ def test_an_engine_that_cannot_start_on_a_device_is_skipped_and_said(model_dir, 
     assert {r["backend"] for r in doc["mlp2"] + doc["digits"]} == {"mxnet"}
     assert len(doc["digits"]) == len(SIZES)
     assert any("skipped" in n for n in doc["notes"])
+
+
+def test_results_json_meets_the_schema(tiny_run):
+    from tests.report.runs import schema_errors
+
+    _, _, _, doc = tiny_run
+    assert schema_errors(doc) == []
