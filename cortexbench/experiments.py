@@ -21,7 +21,6 @@ writes what was measured (``complete: false``) and exits 130.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import os
 import sys
@@ -40,7 +39,6 @@ from cortexbench.errors import (
     BackendUnavailableError,
     ConfigError,
     DeviceError,
-    Interrupted,
     UsageError,
     did_you_mean,
 )
@@ -365,7 +363,7 @@ def write_outputs(run: Run, run_dir: Path, *, complete: bool, started_at: dt.dat
 def _body(argv: Sequence[str], args: argparse.Namespace) -> int:
     from cortexbench.models.export import ensure_models
     from cortexbench.report.experiments_report import console_summary
-    from cortexbench.results import new_run_dir
+    from cortexbench.results import keeping_partial, new_run_dir
 
     started_at = dt.datetime.now()
     plan = make_plan(args)
@@ -377,26 +375,12 @@ def _body(argv: Sequence[str], args: argparse.Namespace) -> int:
         print(f"{PROG}: note: {note}", file=sys.stderr)
     run = Run(plan)
     run_dir = new_run_dir(plan.cfg.result_dir, "experiments")
-    try:
-        with Progress("experiments", total=total_points(plan), unit="points", enabled=not quiet) as bar:
-            for name in plan.names:
-                RUNNERS[name](run, bar)
-    except BaseException as e:
-        saved = ""
-        if run.points():
-            try:
-                write_outputs(run, run_dir, complete=False, started_at=started_at, argv=argv)
-                saved = f"; what was measured is in {run_dir}"
-            except Exception as write_error:  # the original error matters more than this one
-                saved = f"; partial results could not be written ({write_error})"
-        else:  # nothing measured: leave no empty run directory behind
-            with contextlib.suppress(OSError):
-                run_dir.rmdir()
-        if isinstance(e, KeyboardInterrupt):
-            raise Interrupted(f"interrupted after {run.points()} of {total_points(plan)} points{saved}") from None
-        if saved:
-            print(f"{PROG}: the experiments stopped{saved}", file=sys.stderr)
-        raise
+    with keeping_partial(run_dir, run.points, prog=PROG, total=total_points(plan), what="experiments",
+                         write_partial=lambda: write_outputs(run, run_dir, complete=False, started_at=started_at,
+                                                             argv=argv)), \
+            Progress("experiments", total=total_points(plan), unit="points", enabled=not quiet) as bar:
+        for name in plan.names:
+            RUNNERS[name](run, bar)
     body = write_outputs(run, run_dir, complete=True, started_at=started_at, argv=argv)
     for (b, d), why in run.broken.items():
         print(f"{PROG}: note: {b} on {d} was skipped: {why}", file=sys.stderr)

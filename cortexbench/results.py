@@ -14,6 +14,7 @@ file of another ``schema_version`` with a message that says what to do.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import datetime as dt
@@ -25,14 +26,14 @@ import math
 import os
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
-from cortexbench.errors import ConfigError, CortexbenchError, UsageError
+from cortexbench.errors import ConfigError, CortexbenchError, Interrupted, UsageError
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
@@ -66,6 +67,33 @@ def new_run_dir(result_dir: Path, kind: str, now: dt.datetime | None = None) -> 
 
 
 # --- atomic writers -----------------------------------------------------------------------------
+
+
+@contextmanager
+def keeping_partial(run_dir: Path, measured: Callable[[], int], write_partial: Callable[[], object], *, prog: str,
+                    total: int, what: str = "sweep") -> Iterator[None]:
+    """Around a sweep (``single``, ``experiments``): when it stops on an error or Ctrl-C, what was measured
+    (``measured()`` points) is written by ``write_partial`` and said on stderr; with nothing measured the
+    empty run directory is removed.  Ctrl-C becomes ``Interrupted``; any other error goes on up."""
+    try:
+        yield
+    except BaseException as e:
+        saved = ""
+        n = measured()
+        if n:
+            try:
+                write_partial()
+                saved = f"; what was measured is in {run_dir}"
+            except Exception as write_error:  # the original error matters more than this one
+                saved = f"; partial results could not be written ({write_error})"
+        else:  # nothing measured: leave no empty run directory behind
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+        if isinstance(e, KeyboardInterrupt):
+            raise Interrupted(f"interrupted after {n} of {total} points{saved}") from None
+        if saved:
+            print(f"{prog}: the {what} stopped{saved}", file=sys.stderr)
+        raise
 
 
 @contextmanager

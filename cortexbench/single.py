@@ -19,7 +19,6 @@ missing model files are exported with random weights and a small synthetic image
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import sys
 from collections.abc import Sequence
@@ -40,7 +39,7 @@ from cortexbench.cli import (
     run_main,
 )
 from cortexbench.config import Config, load_config
-from cortexbench.errors import BackendUnavailableError, ConfigError, DatasetError, DeviceError, Interrupted
+from cortexbench.errors import BackendUnavailableError, ConfigError, DatasetError, DeviceError
 from cortexbench.models.backends import get_backend, resolve_backend
 from cortexbench.models.backends.base import Backend, LoadOptions
 from cortexbench.models.engines import framework
@@ -279,7 +278,7 @@ def write_outputs(sweep: Sweep, run_dir: Path, *, complete: bool, started_at: dt
 def _body(argv: Sequence[str], args: argparse.Namespace) -> int:
     from cortexbench.images.dataset import ensure_images
     from cortexbench.models.export import ensure_models
-    from cortexbench.results import new_run_dir
+    from cortexbench.results import keeping_partial, new_run_dir
 
     started_at = dt.datetime.now()
     plan = make_plan(args)
@@ -308,28 +307,14 @@ def _body(argv: Sequence[str], args: argparse.Namespace) -> int:
     run_dir = new_run_dir(cfg.result_dir, "single")
     n_points = len(plan.models) * len(plan.devices) * len(plan.batch_sizes) * max(1, len(plan.engines) * len(plan.precisions))
     total = n_points * (2 if cfg.single.train else 1)
-    try:
-        with Progress("single", total=total, unit="points", enabled=not quiet) as bar:
-            if plan.engines:
-                run_engines(sweep, inputs, bar)
-            else:
-                run_sweep(sweep, backend, inputs, bar)
-    except BaseException as e:
-        saved = ""
-        if sweep.points:
-            try:
-                write_outputs(sweep, run_dir, complete=False, started_at=started_at, argv=argv)
-                saved = f"; what was measured is in {run_dir}"
-            except Exception as write_error:  # the original error matters more than this one
-                saved = f"; partial results could not be written ({write_error})"
-        else:  # nothing measured: leave no empty run directory behind
-            with contextlib.suppress(OSError):
-                run_dir.rmdir()
-        if isinstance(e, KeyboardInterrupt):
-            raise Interrupted(f"interrupted after {len(sweep.points)} of {n_points} points{saved}") from None
-        if saved:
-            print(f"{PROG}: the sweep stopped{saved}", file=sys.stderr)
-        raise
+    with keeping_partial(run_dir, lambda: len(sweep.points), prog=PROG, total=n_points,
+                         write_partial=lambda: write_outputs(sweep, run_dir, complete=False, started_at=started_at,
+                                                             argv=argv)), \
+            Progress("single", total=total, unit="points", enabled=not quiet) as bar:
+        if plan.engines:
+            run_engines(sweep, inputs, bar)
+        else:
+            run_sweep(sweep, backend, inputs, bar)
     body = write_outputs(sweep, run_dir, complete=True, started_at=started_at, argv=argv)
     print(console_summary(body), end="")
     print(f"\nresults: {run_dir}  (report.md, results.json, results.csv, plots)")
