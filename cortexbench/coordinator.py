@@ -21,6 +21,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -307,8 +308,8 @@ def run_stream(cfg: Config, *, quiet: bool = False, argv: list[str] | None = Non
                   "python -m cortexbench.stream --gpus 8 --models imagenet --images 100000 "
                   "--mode cached,swap,cold,lru:2 (add --address auto to join a cluster)")
         if server is not None and cfg.stream.linger_s > 0 and not run.interrupted and not run.error:
-            say(f"metrics stay up for {cfg.stream.linger_s:g} s (--linger; Ctrl-C or SIGTERM ends it)")
-            if _linger(cfg.stream.linger_s):
+            if _linger(cfg.stream.linger_s, say,
+                       f"metrics stay up for {cfg.stream.linger_s:g} s (--linger; Ctrl-C or SIGTERM ends it)"):
                 say("linger ended early; the results are complete")
         if run.error and not run.interrupted:
             raise WorkerError(f"{run.error}; partial results in {run_dir}")
@@ -340,12 +341,14 @@ def _end_linger(signum: int, frame: object) -> None:
     raise _LingerOver
 
 
-def _linger(seconds: float) -> bool:
+def _linger(seconds: float, say: Callable[[str], None], announce: str) -> bool:
     """Keep the metrics endpoint up for ``seconds`` after a finished run; Ctrl-C or SIGTERM (Kubernetes
     ending the pod) ends the wait and the command exits 0: the results are written and complete.
+    ``announce`` is said only once the handler is in place, so a SIGTERM sent on seeing it is never lost.
     Whether it ended early."""
     old = _set_sigterm(_end_linger)
     try:
+        say(announce)
         time.sleep(seconds)
         return False
     except (_LingerOver, KeyboardInterrupt):
