@@ -4,13 +4,16 @@ with N gateway processes (``--gateways N``); and, in the same rounds, the Ray pa
 (the same null model through ``cortexbench.stream`` without the gateway) for the gateway's added latency.
 
     python bench/gateway.py [--rounds 3] [--seconds 4] [--concurrency 1,8,32] [--gateways 1,2] [--images 1000]
+                            [--channels socket,ray]
 
 Each round: for each gateway count, start ``serve --models null --cpu-workers 1`` (one CPU worker, its Ray
 actor), drive it with cortexbench's HTTP target at C=1 (``stream --target``: closed loop), then with wrk
 (Debian's package, one thread, the exact binary v2 request cortexbench sends: the null model's 3x224x224 FP32
 input, 602 KB a request) at each C, and stop it (SIGTERM); then the Ray path at C=1 (``stream --models null
 --concurrency 1``, its default dispatch), with no gateway running.  Target (issue #13): the gateway adds at
-most 1 ms p50 over the Ray path at concurrency 1.  Prints the tables (median of the rounds and the spread),
+most 1 ms p50 over the Ray path at concurrency 1.  ``--channels`` names how the gateway reaches its worker
+(``serve --channel``: ``socket``, the default, a Unix socket into the worker's process; ``ray``, a Ray actor
+call), each measured in every round, side by side.  Prints the tables (median of the rounds and the spread),
 writes gateway.json.  (Not bench/http.py: run as a script, that name would hide the standard library's http
 package.)
 """
@@ -49,11 +52,13 @@ ENV = {**os.environ, "RAY_AUTH_MODE": "disabled",
        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
 
 
-def start_gateway(model_dir: Path, img_dir: Path, work: Path, gateways: int) -> tuple[subprocess.Popen[bytes], str]:
+def start_gateway(model_dir: Path, img_dir: Path, work: Path, gateways: int,
+                  channel: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "cortexbench.serve", "--models", "null", "--cpu-workers", "1",
                              "--model-dir", str(model_dir), "--img-dir", str(img_dir), "--port", str(port),
-                             "--quiet", "--max-inflight", "1024", "--gateways", str(gateways)], cwd=work, env=ENV)
+                             "--quiet", "--max-inflight", "1024", "--gateways", str(gateways), "--channel", channel],
+                            cwd=work, env=ENV)
     url = f"http://127.0.0.1:{port}"
     wait_ready(proc, url, 180, "the gateway")
     return proc, url
@@ -132,6 +137,7 @@ def main() -> int:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--gateways", default="1,2")
     ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--channels", default="socket,ray")
     ap.add_argument("--out", default="gateway.json")
     args = ap.parse_args()
     if not shutil.which("wrk"):
@@ -143,19 +149,21 @@ def main() -> int:
     script = lua_script(body, headers, work / "request.lua")
     conc = [int(v) for v in args.concurrency.split(",")]
     counts = [int(v) for v in args.gateways.split(",")]
+    channels = args.channels.split(",")
+    variants = [(g, ch) for g in counts for ch in channels]
     rounds: list[dict[str, Any]] = []
     for r in range(args.rounds):
         print(f"round {r + 1}/{args.rounds} ...", file=sys.stderr, flush=True)
         got: dict[str, Any] = {"gateways": {}}
-        for g in counts:
-            proc, url = start_gateway(model_dir, img_dir, work, g)
+        for g, ch in variants:
+            proc, url = start_gateway(model_dir, img_dir, work, g, ch)
             try:
                 pids = gateway_pids(proc, g)
                 cb = run_stream(["--target", url], 1, args.images, work, img_dir)
                 wrk = {c: run_wrk(url, c, args.seconds, script, pids) for c in conc}
             finally:
                 rc = stop_gateway(proc)
-            got["gateways"][g] = {"cortexbench_c1": cb, "wrk": wrk, "exit": rc}
+            got["gateways"][f"{g}:{ch}"] = {"cortexbench_c1": cb, "wrk": wrk, "exit": rc}
         got["ray_path_c1"] = run_stream(["--cpu-workers", "1", "--mode", "cached", "--backend", null_backend(),
                                          "--model-dir", str(model_dir)],
                                         1, args.images, work, img_dir)
@@ -167,7 +175,8 @@ def main() -> int:
     out: dict[str, Any] = {"cores": os.cpu_count(), "rounds": rounds, "summary": {}}
     ray_p50 = pick(lambda x: x["ray_path_c1"]["p50_ms"])
     rows = []
-    for g in counts:
+    for gc in variants:
+        g = f"{gc[0]}:{gc[1]}"
         cb_p50 = pick(lambda x, g=g: x["gateways"][g]["cortexbench_c1"]["p50_ms"])
         added = pick(lambda x, g=g: x["gateways"][g]["cortexbench_c1"]["p50_ms"] - x["ray_path_c1"]["p50_ms"])
         wrk_added = pick(lambda x, g=g: x["gateways"][g]["wrk"][1]["p50_ms"] - x["ray_path_c1"]["p50_ms"]) \
@@ -177,18 +186,18 @@ def main() -> int:
                              "wrk": {c: {k: pick(lambda x, g=g, c=c, k=k: x["gateways"][g]["wrk"][c][k])
                                          for k in ("req_per_s", "p50_ms", "p99_ms", "gateway_cores",
                                                    "req_per_s_per_core")} for c in conc}}
-        rows.append([g, ray_p50["median"], cb_p50["median"], f"{added['median']:.2f} ({added['min']:.2f}..{added['max']:.2f})",
+        rows.append([gc[0], gc[1], ray_p50["median"], cb_p50["median"], f"{added['median']:.2f} ({added['min']:.2f}..{added['max']:.2f})",
                      f"{wrk_added['median']:.2f} ({wrk_added['min']:.2f}..{wrk_added['max']:.2f})",
                      verdict(added["median"] <= 1.0)])
     out["summary"]["ray_path_c1_p50_ms"] = ray_p50
     print_table(f"the gateway's added p50 at C=1 (median of {args.rounds} rounds, min..max)",
-                ["gateways", "Ray path p50 ms", "gateway p50 ms (cortexbench)", "added ms (cortexbench)",
+                ["gateways", "channel", "Ray path p50 ms", "gateway p50 ms (cortexbench)", "added ms (cortexbench)",
                  "added ms (wrk)", "target <= 1 ms"], rows)
     print_table("wrk against the gateway (null model, 1 CPU worker), median of the rounds",
-                ["gateways", "C", "req/s", "p50 ms", "p99 ms", "gateway cores", "req/s per gateway core"],
-                [[g, c, *(out["summary"][g]["wrk"][c][k]["median"] for k in
-                          ("req_per_s", "p50_ms", "p99_ms", "gateway_cores", "req_per_s_per_core"))]
-                 for g in counts for c in conc])
+                ["gateways", "channel", "C", "req/s", "p50 ms", "p99 ms", "gateway cores", "req/s per gateway core"],
+                [[g, ch, c, *(out["summary"][f"{g}:{ch}"]["wrk"][c][k]["median"] for k in
+                              ("req_per_s", "p50_ms", "p99_ms", "gateway_cores", "req_per_s_per_core"))]
+                 for g, ch in variants for c in conc])
     write_json(Path(args.out), out)
     return 0
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -134,6 +135,8 @@ class WorkerActor:
                 pass
         self.worker = ModelWorker(spec)
         self._slots: Any = None  # the gateway's shared-memory slots, mapped on first use
+        self._channel: Any = None  # the gateway's direct channel (gateway.channel), opened on first ask
+        self._channel_lock = threading.Lock()
 
     def check(self) -> None:
         self.worker.check()
@@ -163,6 +166,19 @@ class WorkerActor:
             self._slots = SlotReader()
         path, _, length = slot.decode().rpartition(" ")
         return self.worker.run_tensor(self._slots.view(path, int(length)))
+
+    def open_channel(self) -> Any:
+        """Listen for a gateway on this machine (``gateway.channel``): its address and token (once per
+        process; asked again, the same)."""
+        from cortexbench.gateway.channel import INLINE, ChannelServer
+
+        def handle(kind: int, payload: bytes) -> bytes:
+            return self.worker.run_tensor(payload) if kind == INLINE else self.infer_tensor_shm(payload)
+
+        with self._channel_lock:
+            if self._channel is None:
+                self._channel = ChannelServer(handle)
+            return self._channel.address
 
     def state(self) -> WorkerState:
         return self.worker.state()
@@ -249,6 +265,10 @@ class RayTarget:
             raise WorkerError(f"worker {name} did not answer within {timeout_s:g} s") from None
         finally:
             timer.cancel()
+
+    def open_channels(self, indices: Sequence[int], timeout_s: float = 60.0) -> list[Any]:
+        """Each worker's direct channel for a gateway on its machine (``WorkerActor.open_channel``)."""
+        return list(get([ADAPTER.call(self.actors[i], "open_channel") for i in indices], timeout_s))
 
     async def recover_worker(self, index: int, mode: str) -> None:
         """Wait for Ray to restart worker ``index`` and set its mode again (``recover_actor``)."""

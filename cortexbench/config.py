@@ -32,6 +32,7 @@ RecordsFormat = Literal["csv.gz", "none"]
 EngineName = Literal["eager", "graphs", "compile", "ort", "ort-basic", "ort-none", "openvino", "tensorrt"]
 EnginePrecision = Literal["fp32", "fp16", "bf16", "int8"]
 StreamEngine = Literal["backend", "eager", "graphs", "compile", "ort", "ort-basic", "ort-none", "openvino", "tensorrt"]
+ChannelName = Literal["socket", "ray"]
 
 DEFAULT_CONFIG = Path("config.json")
 # The repository's config.json, shipped inside the package: what a run uses when there is no ./config.json
@@ -118,6 +119,7 @@ class ServeConfig:
     call_timeout_s: float = 60.0  # a worker that does not answer within this: 503
     drain_timeout_s: float = 10.0  # on SIGTERM, how long in-flight requests may take to finish
     retry_after_s: int = 1  # the Retry-After of a 503
+    channel: ChannelName = "socket"  # a worker on the gateway's machine: over a Unix socket, or a Ray actor call
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ SERVE_KEYS = {
     **COMMON_KEYS, "gpus": "gpu_num", "cpu_workers": "stream.cpu_workers", "lanes": "stream.lanes",
     "image_pool": "stream.image_pool", "mode": "serve.mode", "host": "serve.host", "port": "serve.port",
     "balancer": "serve.balancer", "max_inflight": "serve.max_inflight", "max_body_bytes": "serve.max_body_bytes",
-    "call_timeout": "serve.call_timeout_s", "drain_timeout": "serve.drain_timeout_s",
+    "call_timeout": "serve.call_timeout_s", "drain_timeout": "serve.drain_timeout_s", "channel": "serve.channel",
 }
 
 
@@ -70,6 +70,8 @@ def build_parser() -> ArgumentParser:
     a("--max-body-bytes", type=int, metavar="N", help="larger bodies get 413 [serve.max_body_bytes]")
     a("--call-timeout", type=float, metavar="S", help="a worker call not answered by then: 503 [serve.call_timeout_s]")
     a("--drain-timeout", type=float, metavar="S", help="on SIGTERM, time for in-flight requests [serve.drain_timeout_s]")
+    a("--channel", metavar="C", help="to a worker on this machine: socket (a Unix socket into its process) or ray "
+                                     "(a Ray actor call) [serve.channel]")
     a("--gateways", type=int, default=1, metavar="N",
       help="gateway processes sharing the port (SO_REUSEPORT), each with its own /metrics port (default 1)")
     a("--token", metavar="T", help=f"bearer token required on inference calls (or ${TOKEN_ENV})")
@@ -119,7 +121,8 @@ def slot_prefix() -> str:
 
 def build_gateway(target: Any, cfg: Config, models: Sequence[Any], host_label: str, prefix: str) -> Any:
     """The ``Gateway`` over ``target``'s workers; requests for workers on this process's machine travel in
-    shared memory (``gateway/shm.py``, one slot per request in flight)."""
+    shared memory (``gateway/shm.py``, one slot per request in flight) and, with ``serve.channel`` socket,
+    over the worker's direct channel (``gateway/channel.py``) rather than a Ray actor call."""
     import numpy as np
 
     from cortexbench import cluster
@@ -131,7 +134,7 @@ def build_gateway(target: Any, cfg: Config, models: Sequence[Any], host_label: s
     here = cluster.node_id()
     slots = SharedSlots(max(tensor_request_size(np.empty((1, *m.input_shape), np.float32)) for m in models),
                         sv.max_inflight, prefix)
-    caller = RayCaller(target, sv.mode, slots, [n == here for n in target.node_ids])
+    caller = RayCaller(target, sv.mode, slots, [n == here for n in target.node_ids], channel=sv.channel == "socket")
     gateway = Gateway(caller, models, mode=sv.mode, balancer=sv.balancer, max_inflight=sv.max_inflight,
                       call_timeout_s=sv.call_timeout_s, seed=cfg.seed, host=host_label)
     gateway.ready = True

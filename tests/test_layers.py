@@ -32,5 +32,5 @@ def test_the_http_target_and_its_driver_shards_need_no_ray():
 
 
 def test_the_gateway_reaches_ray_only_through_cluster_and_fastapi_only_in_its_app():
-    assert _loaded_after(("gateway.v2", "gateway.pool", "serve")) == []
+    assert _loaded_after(("gateway.v2", "gateway.pool", "gateway.channel", "gateway.shm", "serve")) == []
     assert "ray" not in _loaded_after(("gateway.app",))

@@ -226,3 +226,65 @@ def test_serve_refuses_a_config_that_sets_the_stream_engine(tmp_path, capsys):
     assert serve_main(["--config", str(cfg)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "stream.engine is 'ort'" in err[0] and "serve runs the backend's own path" in err[0]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_local_worker_is_reached_over_its_channel_and_reopened_after_it_is_killed(ray_session, model_dir, image_dir):
+    """``serve.channel`` socket on real Ray actors: a worker on this machine answers over its Unix socket
+    (never the actor call), the same answer as the actor call; once its process is killed the next call is
+    WorkerLostError, and after Ray restarts it the gateway reaches the new process over a new channel."""
+    import asyncio
+
+    import numpy as np
+
+    from cortexbench import cluster
+    from cortexbench.errors import WorkerLostError
+    from cortexbench.gateway.pool import RayCaller
+    from cortexbench.gateway.shm import SharedSlots
+    from cortexbench.images.dataset import list_images
+    from cortexbench.protocol import decode_tensor_result
+    from cortexbench.worker import WorkerSpec
+
+    spec = WorkerSpec(name="ch0", device="cpu", backend="mxnet", model_dir=str(model_dir), models=("null", "mnist_cnn"),
+                      images=tuple(str(p) for p in list_images(image_dir)), lanes=1, image_pool=4)
+    target = cluster.start_workers([spec], gpu=False, cpus_each=0.5, threads_each=1)
+    x = np.random.default_rng(0).random((1, 1, 28, 28), np.float32)
+    try:
+        target.set_mode("cached")
+        by_ray = RayCaller(target, "cached", SharedSlots(1 << 20, 4), [True])
+        expected = decode_tensor_result(asyncio.run(by_ray.call(0, 0, 1, x, 30.0)))[1]
+        by_ray.close()
+        caller = RayCaller(target, "cached", SharedSlots(1 << 20, 4), [True], channel=True)
+        actor_calls: list[int] = []
+        real = target.infer_tensor
+
+        async def counted(*args):
+            actor_calls.append(1)
+            return await real(*args)
+
+        target.infer_tensor = counted  # type: ignore[method-assign]
+        first = caller.channels[0].address
+
+        async def run() -> list[np.ndarray]:
+            outs = [await caller.call(0, 1, 1, x, 30.0)]
+            target.kill(0)
+            deadline = time.monotonic() + 60
+            while True:  # ray.kill returns before the process is gone: the channel says when it is
+                assert time.monotonic() < deadline, "the killed worker still answers on its channel"
+                try:
+                    await caller.call(0, 2, 1, x, 30.0)
+                except WorkerLostError:
+                    break
+            await caller.recover(0)
+            outs.append(await caller.call(0, 3, 1, x, 30.0))
+            return [decode_tensor_result(o)[1] for o in outs]
+
+        outs = asyncio.run(run())
+        assert actor_calls == []  # every request went over the channel
+        assert caller.channels[0] is not None and caller.channels[0].address.name != first.name  # the new process's
+        for y in outs:
+            assert np.array_equal(y, expected)
+        caller.close()
+    finally:
+        target.close()

@@ -17,7 +17,9 @@ the body, the call there and back).  They are recorded on the event loop's next 
 its way, so the client does not wait for the bookkeeping.
 
 ``RayCaller`` sends a request for a worker on the gateway's machine through a shared-memory slot
-(``gateway.shm``): the call carries the slot's path, not the tensor.
+(``gateway.shm``): the call carries the slot's path, not the tensor; and, with ``channel`` (``serve.channel
+= "socket"``, the default), the call goes over the worker's direct channel (``gateway.channel``, a Unix
+socket into its process) rather than as a Ray actor call.
 
 Plain Python: the workers are reached through a ``TensorCaller`` (``RayCaller`` over ``cluster.RayTarget``,
 ``LocalCaller`` for ``ModelWorker``s in this process).
@@ -37,6 +39,7 @@ import numpy as np
 
 from cortexbench.balancer import make_balancer
 from cortexbench.errors import WorkerError, WorkerLostError
+from cortexbench.gateway.channel import INLINE, SLOT, WorkerChannel
 from cortexbench.gateway.shm import SharedSlots
 from cortexbench.gateway.v2 import ModelInfo
 from cortexbench.ledger import OUTCOMES, WORKER_STAGES
@@ -76,23 +79,35 @@ class RayCaller:
     go with the call."""
 
     def __init__(self, target: Any, mode: str, slots: SharedSlots | None = None,
-                 local: Sequence[bool] = ()) -> None:
+                 local: Sequence[bool] = (), channel: bool = False) -> None:
         self.target = target
         self.mode = mode
         self.names = [w.name for w in target.workers]
         self.slots = slots
         self.local = list(local) or [False] * len(self.names)
+        self.channel = channel
+        self.channels: list[WorkerChannel | None] = [None] * len(self.names)
+        if channel:
+            mine = [i for i, here in enumerate(self.local) if here]
+            for i, address in zip(mine, target.open_channels(mine), strict=True):
+                self.channels[i] = WorkerChannel(address, self.names[i])
 
     async def call(self, index: int, item: int, model_idx: int, x: np.ndarray, timeout_s: float) -> bytes:
         slot = self.slots.acquire() if self.slots is not None and self.local[index] else None
+        channel = self.channels[index]
         if slot is None or tensor_request_size(x) > slot.size:
             if slot is not None:
                 self.slots.release(slot)  # type: ignore[union-attr]
             data = encode_tensor_request(item, model_idx, x)
+            if channel is not None:
+                return await channel.call(INLINE, data, timeout_s)
             return await self.target.infer_tensor(index, data, timeout_s)  # type: ignore[no-any-return]
         n = write_tensor_request(memoryview(slot.buf), item, model_idx, x)
         try:
-            out = await self.target.infer_tensor(index, (slot.path, n), timeout_s)
+            if channel is not None:
+                out = await channel.call(SLOT, f"{slot.path} {n}".encode(), timeout_s)
+            else:
+                out = await self.target.infer_tensor(index, (slot.path, n), timeout_s)
         except BaseException:
             self.slots.retire(slot)  # type: ignore[union-attr]  # the worker may still read it
             raise
@@ -100,11 +115,23 @@ class RayCaller:
         return out  # type: ignore[no-any-return]
 
     def close(self) -> None:
+        for channel in self.channels:
+            if channel is not None:
+                channel.close()
         if self.slots is not None:
             self.slots.close()
 
     async def recover(self, index: int) -> None:
         await self.target.recover_worker(index, self.mode)
+        if self.channels[index] is not None:  # a restarted worker listens anew
+            self.channels[index].close()  # type: ignore[union-attr]
+            self.channels[index] = None  # the actor call, until (unless) the new channel opens
+            loop = asyncio.get_running_loop()
+            try:
+                address = (await loop.run_in_executor(None, self.target.open_channels, [index]))[0]
+            except Exception:
+                return
+            self.channels[index] = WorkerChannel(address, self.names[index])
 
 
 class LocalCaller:
