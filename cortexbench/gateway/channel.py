@@ -40,7 +40,7 @@ HEAD = struct.Struct("<BI")
 SLOT, INLINE = 0, 1  # request kinds
 ANSWER, FAILED = 0, 1  # answer kinds
 TOKEN_BYTES = 16
-MAX_CONNECTIONS = 256  # a worker serves at most this many connections at once (the gateway opens fewer)
+MAX_CONNECTIONS = 1024  # a worker serves at most this many connections at once (a gateway opens 64 at most)
 
 
 class RemoteError(Exception):
