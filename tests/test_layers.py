@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 CORE = ("schedule", "balancer", "residency", "worker", "driver", "driver_types", "pacing", "tally",
-        "process_shards", "ledger", "stats", "timing", "config", "results", "errors", "protocol", "target",
+        "process_shards", "ledger", "stats", "timing", "config", "config_checks", "results", "errors", "protocol", "target",
         "report.stream_summary", "report.stream_report", "report.single_report", "models.registry",
         "models.backends.base", "traces", "peak_search", "sweep", "report.render", "report.html", "report.compare",
         "report.__main__", "models.engines", "single_engines", "experiments", "report.experiments_report")
