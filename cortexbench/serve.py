@@ -228,6 +228,7 @@ def serve(cfg: Config, *, token: str | None, gateways: int = 1, quiet: bool = Fa
         stopped: list[str] = []
         host, port = sock.getsockname()[:2]
         fast = "uvloop+httptools" if _installed("uvloop") and _installed("httptools") else "asyncio+h11"
+        fast += "; workers here over a Unix socket" if sv.channel == "socket" else "; workers over Ray actor calls"
         tokens = "token required on inference calls" if token else "no token"
         if gateways > 1:
             replicas = cluster.start_gateways(GatewayReplica, gateways, target, cfg, models, token, platform,
