@@ -26,6 +26,7 @@ import ray.exceptions
 
 from cortexbench.driver_types import DriverResult
 from cortexbench.errors import CortexbenchError, WorkerError, WorkerLostError
+from cortexbench.gateway.channel import expire
 from cortexbench.protocol import WorkerState
 from cortexbench.target import FoldFn, HandleOptions, ShardJob, WorkerInfo
 from cortexbench.worker import ModelWorker, WorkerSpec
@@ -255,7 +256,7 @@ class RayTarget:
         # the answer handed to the loop from Ray's thread (as ray_handles.ActorHandle does), and a timer for
         # the timeout: no task and no wait_for per request (0.1-0.3 ms a request on the 2-core machine)
         ref.future().add_done_callback(lambda f: _to_loop(loop, fut, f))
-        timer = loop.call_later(timeout_s, _expire, fut)
+        timer = loop.call_later(timeout_s, expire, fut)
         try:
             return await fut
         except LOST as e:
@@ -309,11 +310,6 @@ def _settle(fut: asyncio.Future[Any], done: Any) -> None:
         fut.set_result(done.result())
     else:
         fut.set_exception(unwrap(err))
-
-
-def _expire(fut: asyncio.Future[Any]) -> None:
-    if not fut.done():
-        fut.set_exception(asyncio.TimeoutError())
 
 
 def start_workers(specs: Sequence[WorkerSpec], *, gpu: bool, cpus_each: float, threads_each: int,

@@ -33,6 +33,7 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from cortexbench.errors import WorkerError, WorkerLostError
 
@@ -205,7 +206,7 @@ class WorkerChannel:
         conn.waiter = fut
         assert conn.transport is not None
         conn.transport.writelines([HEAD.pack(kind, len(payload)), payload])
-        timer = loop.call_later(timeout_s, _expire, fut)
+        timer = loop.call_later(timeout_s, expire, fut)
         try:
             out = await fut
         except ConnectionResetError:
@@ -286,6 +287,7 @@ class WorkerChannel:
         self._idle.clear()
 
 
-def _expire(fut: asyncio.Future[bytes]) -> None:
+def expire(fut: asyncio.Future[Any]) -> None:
+    """A call's deadline passed: its future raises asyncio.TimeoutError (no task or wait_for per call)."""
     if not fut.done():
         fut.set_exception(asyncio.TimeoutError())
