@@ -170,7 +170,7 @@ class WorkerActor:
 
     def open_channel(self) -> Any:
         """Listen for a gateway on this machine (``gateway.channel``): its address and token (once per
-        process; asked again, the same)."""
+        process; asked again, the same); None where it cannot listen (the gateway keeps the actor call)."""
         from cortexbench.gateway.channel import INLINE, ChannelServer
 
         def handle(kind: int, payload: bytes) -> bytes:
@@ -178,7 +178,10 @@ class WorkerActor:
 
         with self._channel_lock:
             if self._channel is None:
-                self._channel = ChannelServer(handle)
+                try:
+                    self._channel = ChannelServer(handle)
+                except OSError:
+                    return None
             return self._channel.address
 
     def state(self) -> WorkerState:

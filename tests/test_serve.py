@@ -495,3 +495,17 @@ def test_ray_caller_sends_a_local_workers_requests_through_shared_memory(workers
         assert caller.slots.slots == 0  # the slot of the failed call was retired, not reused
     finally:
         caller.close()
+
+
+def test_a_worker_that_cannot_open_its_channel_is_reached_by_the_actor_call(workers):
+    """``WorkerActor.open_channel`` answers None where it cannot listen: that worker keeps the call."""
+    target = TwinTarget(workers)
+    target.open_channels = lambda indices: [None] * len(indices)
+    caller = RayCaller(target, "cached", SharedSlots(1 << 20, 4), [True, False], channel=True)
+    x = np.random.default_rng(0).random((1, 1, 28, 28), np.float32)
+    try:
+        assert caller.channels == [None, None]
+        decode_tensor_result(asyncio.run(caller.call(0, 0, 1, x, 5.0)))
+        assert target.got == ["slot"]
+    finally:
+        caller.close()

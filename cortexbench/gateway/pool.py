@@ -90,7 +90,7 @@ class RayCaller:
         if channel:
             mine = [i for i, here in enumerate(self.local) if here]
             for i, address in zip(mine, target.open_channels(mine), strict=True):
-                self.channels[i] = WorkerChannel(address, self.names[i])
+                self.channels[i] = WorkerChannel(address, self.names[i]) if address is not None else None
 
     async def call(self, index: int, item: int, model_idx: int, x: np.ndarray, timeout_s: float) -> bytes:
         slot = self.slots.acquire() if self.slots is not None and self.local[index] else None
@@ -131,7 +131,7 @@ class RayCaller:
                 address = (await loop.run_in_executor(None, self.target.open_channels, [index]))[0]
             except Exception:
                 return
-            self.channels[index] = WorkerChannel(address, self.names[index])
+            self.channels[index] = WorkerChannel(address, self.names[index]) if address is not None else None
 
 
 class LocalCaller:
